@@ -1,0 +1,17 @@
+# An index of the README's commands.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+# CPU-only machine elsewhere: make install-cpu TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_INDEX ?=
+
+.PHONY: install install-cpu test demo bench bench-gpu
+
+install:            ## GPU or default machine: torch from PyPI, plus the test/bench tools
+	$(PYTHON) -m pip install -r requirements-dev.txt
+
+install-cpu:        ## pin the CPU torch first (fast where it is on disk), then the rest
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_INDEX)
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
+
+test:               ## the math check and everything else; a few minutes on 2 cores
+	$(PYTHON) -m pytest -q test_ddpm.py
