@@ -15,10 +15,20 @@ index 0 already means one step of noise and x_0 (the data) has no index of its o
 
 It imports torch, numpy and the standard library only, so it can be copied alone.
 """
+import argparse
 import dataclasses
+import functools
+import glob
+import hashlib
+import json
 import math
 import os
+import pickle
+import random
+import signal
 import sys
+import tarfile
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -724,3 +734,162 @@ def load_model(path, device="cpu", use_ema=True):
     model, diffusion = create_model_and_diffusion(config)
     model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
     return model.to(device).eval(), diffusion, config
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Data: uint8 NHWC arrays in memory, scaled to [-1, 1] per batch as the official tpu_utils does
+# ------------------------------------------------------------------------------------------------
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+DIGITS_NUM_TRAIN = 1500  # digits split: images 0..1499 train, 1500..1796 (297 images) the held-out test set
+
+
+def cache_dir():
+    """Where downloads live: $DDPM_CACHE, else ~/.cache/ddpm."""
+    return os.environ.get("DDPM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ddpm")
+
+
+def _md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_cifar10(split="train"):
+    """CIFAR-10 as uint8 [N, 32, 32, 3] (50,000 train / 10,000 test), from the official python archive.
+
+    The archive is downloaded once into cache_dir() and its md5 checked on every load, so a machine
+    without network works as soon as the file is there. The pickles are read with numpy alone.
+    """
+    path = os.path.join(cache_dir(), "cifar-10-python.tar.gz")
+    if not os.path.isfile(path):
+        import urllib.request
+        os.makedirs(cache_dir(), exist_ok=True)
+        print(f"downloading {CIFAR10_URL} to {path}", file=sys.stderr)
+        try:
+            urllib.request.urlretrieve(CIFAR10_URL, path + ".part")
+        except OSError as e:
+            raise RuntimeError(f"cannot download CIFAR-10 ({e}); without network, copy cifar-10-python.tar.gz "
+                               f"from {CIFAR10_URL} into {cache_dir()} (or set DDPM_CACHE)") from None
+        os.replace(path + ".part", path)
+    if _md5(path) != CIFAR10_MD5:
+        raise ValueError(f"{path} has the wrong md5 (corrupt or truncated download); delete it and run again "
+                         f"to download it afresh, or copy in a good cifar-10-python.tar.gz")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    with tarfile.open(path, "r:gz") as tar:
+        # The md5 above pins the official file, so unpickling it is safe.
+        batches = [pickle.load(tar.extractfile(f"cifar-10-batches-py/{n}"), encoding="bytes")[b"data"]
+                   for n in names]
+    return np.concatenate(batches).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()  # NCHW rows -> NHWC
+
+
+def load_digits(split="train"):
+    """scikit-learn's bundled 8x8 digits (1,797 images, 0..16) as uint8 [N, 8, 8, 1] scaled to 0..255.
+    The split is fixed: the first 1,500 images train, the last 297 (other writers) are held out as 'test'."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise ImportError("--data digits needs scikit-learn: pip install scikit-learn") from None
+    x = np.round(sklearn_digits().images * (255 / 16)).astype(np.uint8)[..., None]
+    return x[:DIGITS_NUM_TRAIN] if split == "train" else x[DIGITS_NUM_TRAIN:]
+
+
+def _resize(x, resolution):
+    """Center-crop uint8 [N, H, W, C] images to a square and resize them (bicubic, antialiased)."""
+    H, W = x.shape[1:3]
+    s = min(H, W)
+    x = torch.from_numpy(np.array(x[:, (H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s]))  # a copy
+    x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(resolution, resolution), mode="bicubic", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def load_image_folder(path, resolution=None, resize=False):
+    """Every image under `path` (sorted, recursively) as uint8 [N, H, W, C]: C=1 if all are grayscale,
+    else 3. Images of mixed sizes need resize=True, which center-crops and resizes them to `resolution`."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise ImportError("--data FOLDER needs Pillow: pip install pillow") from None
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
+    if not files:
+        raise ValueError(f"folder {path!r} holds no images; point --data at a folder of .png/.jpg files")
+    images = []
+    for f in _progress(files, len(files), "reading images", len(files) > 1000):
+        try:
+            with Image.open(f) as im:
+                images.append(im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"))
+        except (UnidentifiedImageError, OSError):
+            raise ValueError(f"{f} is not an image Pillow can read; remove it from {path}") from None
+    mode = "L" if all(im.mode == "L" for im in images) else "RGB"
+    arrays = [np.asarray(im.convert(mode)).reshape(im.height, im.width, -1) for im in images]
+    sizes = sorted({a.shape[:2] for a in arrays})
+    if resize and resolution and sizes != [(resolution, resolution)]:
+        arrays = [_resize(a[None], resolution)[0] for a in arrays]
+    elif len(sizes) > 1:
+        raise ValueError(f"the images in {path!r} have mixed sizes ({sizes[0]} ... {sizes[-1]}); pass --resize "
+                         f"to center-crop and resize them to the model's resolution")
+    return np.stack(arrays)
+
+
+def load_data(source, split="train", *, resolution=None, in_channels=None, resize=False):
+    """Images as a uint8 numpy array [N, H, W, C] from `source`:
+    'cifar10' | 'digits' | a folder of images | a .npy/.npz file of uint8 NHWC (or NHW) images.
+
+    split: 'train' or 'test' for cifar10 and digits; a folder or an array is one split, returned whole
+    whichever split is asked, so point `source` at the images you mean. `resolution` and `in_channels`,
+    when given, are checked against the model; resize=True center-crops and resizes instead of refusing.
+    A .npy is memory-mapped, so arrays larger than memory work for training.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+    if source == "cifar10":
+        x = load_cifar10(split)
+    elif source == "digits":
+        x = load_digits(split)
+    elif not os.path.exists(source):
+        raise FileNotFoundError(f"--data {source!r} is not 'cifar10' or 'digits' and no such file or folder "
+                                f"exists; pass a dataset name, a folder of images, or a .npy/.npz file")
+    elif os.path.isdir(source):
+        x = load_image_folder(source, resolution, resize)
+    elif source.endswith(".npy"):
+        x = np.load(source, mmap_mode="r")
+    elif source.endswith(".npz"):
+        with np.load(source) as f:
+            keys = list(f.keys())
+            if "arr_0" not in keys and len(keys) != 1:
+                raise ValueError(f"{source} holds arrays {keys}; save the images under the key 'arr_0'")
+            x = f["arr_0" if "arr_0" in keys else keys[0]]
+    else:
+        raise ValueError(f"--data {source!r} is a file but not .npy/.npz; pass a folder of images, or save "
+                         f"the images as a uint8 NHWC array with numpy.save")
+    if x.ndim == 3:
+        x = x[..., None]  # NHW grayscale -> NHW1
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"{source} holds a {x.dtype} array of shape {x.shape}; it must be uint8 images "
+                         f"[N, H, W, C] with C = 1 or 3 (pixel values 0..255)")
+    if resolution and x.shape[1:3] != (resolution, resolution):
+        if not resize:
+            raise ValueError(f"{source} holds {x.shape[1]}x{x.shape[2]} images but the model is {resolution}x"
+                             f"{resolution}; pass --resize to center-crop and resize them, or set --model.resolution")
+        x = _resize(x, resolution)
+    if in_channels and x.shape[-1] != in_channels:
+        kind = {1: "grayscale", 3: "RGB"}
+        raise ValueError(f"{source} holds {kind[x.shape[-1]]} images but the model takes {kind.get(in_channels, in_channels)}"
+                         f" (in_channels={in_channels}); set --model.in-channels {x.shape[-1]} or convert the images")
+    return x
+
+
+def normalize_data(x):
+    """uint8 images [N, H, W, C] (numpy or tensor) -> float32 tensor [N, C, H, W] in [-1, 1]: x/127.5 - 1."""
+    x = x if torch.is_tensor(x) else torch.from_numpy(np.array(x))  # a copy: memmaps are read-only
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def unnormalize_data(x):
+    """float images [N, C, H, W] in [-1, 1] -> uint8 numpy [N, H, W, C]: (x+1)*127.5, clipped to
+    [0, 255] and truncated, as the official image dumps do (so it is not an exact inverse of normalize_data:
+    float rounding can turn a pixel v into v - 1)."""
+    return ((x.detach().float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
