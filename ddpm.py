@@ -74,6 +74,9 @@ def get_beta_schedule(name, num_timesteps):
         raise ValueError(f"num_timesteps must be a positive int, got {T!r}")
     scale = 1000 / T
     beta_start, beta_end = 1e-4 * scale, 0.02 * scale
+    if name in ("linear", "quad", "warmup10", "warmup50", "const") and beta_end > 1:
+        raise ValueError(f"the {name!r} schedule scaled by 1000/T ends at beta = {beta_end:g} > 1 for T={T}; "
+                         f"use num_timesteps >= 20 or the 'cosine' schedule")
     if name == "linear":
         betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
     elif name == "quad":
@@ -188,6 +191,8 @@ class GaussianDiffusion:
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.log_betas = np.log(betas)
         # q(x_{t-1} | x_t, x_0), Eqs. 6-7. beta~ at index 0 is 0, so its log is taken from index 1.
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_log_variance_clipped = np.log(
@@ -195,22 +200,26 @@ class GaussianDiffusion:
             else np.maximum(self.posterior_variance, 1e-20))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
-        self._buffers = {}  # (id(array), device, dtype) -> tensor, so each buffer is copied once per device
+        # Sigma_theta = beta_t ('fixedlarge'), except beta~ at index 0 for a better decoder likelihood
+        self.fixedlarge_variance = np.append(self.posterior_variance[1], betas[1:]) if T > 1 else betas
+        self.fixedlarge_log_variance = np.log(self.fixedlarge_variance)
+        self._buffers = {}  # id(array), device, dtype -> (array, tensor): each buffer is copied once per device
 
     def _extract(self, arr, t, x):
-        """arr[t] for a float64 numpy buffer arr [T] and indices t [N], shaped [N, 1, ..., 1] like x."""
+        """arr[t] for a float64 numpy buffer arr [T] (an attribute of self) and indices t [N], as a tensor
+        shaped [N, 1, ..., 1] like x: float32, or float64 for float64 x."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         key = (id(arr), x.device, dtype)
-        if key not in self._buffers:
-            self._buffers[key] = torch.as_tensor(arr, dtype=dtype).to(x.device)
-        return self._buffers[key][t].reshape(-1, *([1] * (x.dim() - 1)))
+        if key not in self._buffers:  # holding arr keeps its id from being reused
+            self._buffers[key] = (arr, torch.as_tensor(arr, dtype=dtype).to(x.device))
+        return self._buffers[key][1][t].reshape(-1, *([1] * (x.dim() - 1)))
 
     # --- forward process q ------------------------------------------------------------------------
 
     def q_mean_variance(self, x_start, t):
         """Mean, variance and log-variance of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), Eq. 4."""
         mean = self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = self._extract(1.0 - self.alphas_cumprod, t, x_start)
+        variance = self._extract(self.one_minus_alphas_cumprod, t, x_start)
         log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start)
         return mean, variance, log_variance
 
@@ -244,8 +253,8 @@ class GaussianDiffusion:
 
     def predict_start_from_prev(self, x_t, t, x_prev):
         """x_0 from the posterior mean mu~(x_t, x_0) = coef1 x_0 + coef2 x_t, solved for x_0."""
-        return (self._extract(1.0 / self.posterior_mean_coef1, t, x_t) * x_prev
-                - self._extract(self.posterior_mean_coef2 / self.posterior_mean_coef1, t, x_t) * x_t)
+        return ((x_prev - self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
+                / self._extract(self.posterior_mean_coef1, t, x_t))
 
     # --- reverse process p_theta ------------------------------------------------------------------
 
@@ -267,16 +276,14 @@ class GaussianDiffusion:
             else:  # improved-diffusion: interpolate in log space between beta~_t and beta_t
                 frac = (model_var_values + 1) / 2
                 min_log = self._extract(self.posterior_log_variance_clipped, t, x)
-                max_log = self._extract(np.log(self.betas), t, x)
+                max_log = self._extract(self.log_betas, t, x)
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
         else:
             assert model_output.shape == x.shape, f"model returned {tuple(model_output.shape)}, expected {tuple(x.shape)}"
-            if self.model_var_type == "fixedlarge":  # sigma^2 = beta_t, but beta~ at index 0 for a better L_0
-                variance = np.append(self.posterior_variance[1], self.betas[1:]) if self.num_timesteps > 1 else self.betas
-            else:  # fixedsmall: sigma^2 = beta~_t
-                variance = self.posterior_variance
-            log_variance = self.posterior_log_variance_clipped if self.model_var_type == "fixedsmall" else np.log(variance)
+            variance, log_variance = ((self.fixedlarge_variance, self.fixedlarge_log_variance)
+                                      if self.model_var_type == "fixedlarge"
+                                      else (self.posterior_variance, self.posterior_log_variance_clipped))
             model_variance = self._extract(variance, t, x) * torch.ones_like(x)
             model_log_variance = self._extract(log_variance, t, x) * torch.ones_like(x)
 
@@ -372,7 +379,7 @@ class GaussianDiffusion:
         'xstart_mse' [N, T] (x_0 estimate vs x_0) and 'mse' [N, T] (eps estimate vs the noise)}.
         """
         N, T = x_start.shape[0], self.num_timesteps
-        vb, xstart_mse, mse = (torch.zeros(N, T, device=x_start.device) for _ in range(3))
+        vb, xstart_mse, mse = (torch.zeros(N, T, device=x_start.device, dtype=x_start.dtype) for _ in range(3))
         for i in _progress(range(T - 1, -1, -1), T, "bpd", progress):
             t = torch.full((N,), i, dtype=torch.long, device=x_start.device)
             noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
@@ -549,7 +556,7 @@ class UNet(nn.Module):
     def forward(self, x, t):
         assert x.shape[1:] == (self.in_channels, self.resolution, self.resolution), \
             f"UNet expects [N, {self.in_channels}, {self.resolution}, {self.resolution}], got {tuple(x.shape)}"
-        temb = get_timestep_embedding(t, self.ch)
+        temb = get_timestep_embedding(t, self.ch).to(x.dtype)
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
 
         hs = [self.conv_in(x)]

@@ -391,7 +391,9 @@ def load_inception(path=None, device="cpu"):
         warnings.warn(f"{path} is not the standard {INCEPTION_FILENAME} (sha256 {digest[:12]}..., expected "
                       f"{INCEPTION_SHA256[:12]}...): FID and IS from it cannot be compared with published ones")
     try:
-        network = torch.jit.load(path, map_location=device).eval()
+        with warnings.catch_warnings():  # torch 2.10+ deprecates TorchScript; the standard network exists only as one
+            warnings.simplefilter("ignore", DeprecationWarning)
+            network = torch.jit.load(path, map_location=device).eval()
     except RuntimeError as e:
         raise ValueError(f"{path} is not a TorchScript file ({str(e).splitlines()[0]}); use the .pt from "
                          f"{INCEPTION_URL}, not the StyleGAN3 .pkl") from None

@@ -1,29 +1,562 @@
+"""The math check for ddpm.py, then everything else.
+
+Each test computes a quantity a second, independent way (a closed form, a loop, torch.distributions,
+Monte Carlo, the reference values in official-ddpm.md) and compares with a stated tolerance.
+Run with `make test` (python -m pytest -q test_ddpm.py).
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
+
+import ddpm
+
+CI = settings(max_examples=25, deadline=None)  # sized for 2 CPU cores; every property is cheap per example
+
+
+def diffusion_for(T=1000, schedule="linear", **kw):
+    return ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule(schedule, T), **kw)
+
+
+def tiny_unet(out_ch=1, **kw):
+    """A ~100k-parameter U-Net with the official structure, for 8x8 single-channel inputs."""
+    return ddpm.UNet(**{**dict(ch=32, out_ch=out_ch, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                               dropout=0.0, in_channels=1, resolution=8), **kw})
+
+
+random_betas = arrays(np.float64, st.integers(1, 30), elements=st.floats(1e-5, 0.999))  # any valid schedule
+
+# ---- 1. schedules and buffers ----
+
+
+def test_linear_schedule_and_buffers_match_the_official_reference_values():
+    """Every buffer of the linear T=1000 schedule equals official-ddpm.md's float64 values."""
+    d = diffusion_for()
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)  # both float64: rounding only
+    close(d.betas[[0, 1, 999]], [1e-4, 1.1991991991991993e-4, 0.02])
+    close(d.alphas_cumprod[[0, 1, 499, 999]], [0.9999, 0.9997800920720721, 0.07858724288177824, 4.035829765375676e-05])
+    close(d.sqrt_alphas_cumprod[999], 0.006352818087570016)
+    close(d.sqrt_one_minus_alphas_cumprod[999], 0.99997982064757)
+    close(d.sqrt_recip_alphas_cumprod[999], 157.41045725150062)
+    close(d.sqrt_recipm1_alphas_cumprod[999], 157.40728081040757)
+    assert d.posterior_variance[0] == 0
+    close(d.posterior_variance[[1, 2, 999]], [5.4531876613021935e-05, 8.548911523090944e-05, 0.01999998352656061])
+    close(d.posterior_log_variance_clipped[[0, 1, 999]], [-9.81672513529567, -9.81672513529567, -3.912023829100455])
+    close(d.posterior_mean_coef1[[0, 1, 999]], [1.0000000000001101, 0.5452914995102903, 1.2835148717224682e-4])
+    close(d.posterior_mean_coef2[[0, 1, 999]], [0.0, 0.4547084989905303, 0.9899486782675173])
+
+
+def test_schedules_follow_their_definitions():
+    """Each named schedule equals its formula, written here as a loop, and stays in (0, 1]."""
+    T = 100
+    s = 1000 / T
+    lin = [1e-4 * s + i * (0.02 * s - 1e-4 * s) / (T - 1) for i in range(T)]
+    quad = [((1e-4 * s) ** 0.5 + i * ((0.02 * s) ** 0.5 - (1e-4 * s) ** 0.5) / (T - 1)) ** 2 for i in range(T)]
+    abar = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+    expected = {"linear": lin, "quad": quad, "const": [0.02 * s] * T, "jsd": [1 / (T - i) for i in range(T)],
+                "warmup10": list(np.linspace(1e-4 * s, 0.02 * s, 10)) + [0.02 * s] * 90,
+                "warmup50": list(np.linspace(1e-4 * s, 0.02 * s, 50)) + [0.02 * s] * 50,
+                "cosine": [min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)]}
+    assert set(expected) == set(ddpm.BETA_SCHEDULES)
+    for name, values in expected.items():
+        betas = ddpm.get_beta_schedule(name, T)
+        assert betas.dtype == np.float64 and ((betas > 0) & (betas <= 1)).all()
+        np.testing.assert_allclose(betas, values, rtol=1e-12, err_msg=name)  # float64 rounding only
+    cos = ddpm.get_beta_schedule("cosine", 1000)
+    assert abs(cos[0] - 4.128e-5) < 1e-8 and cos[-1] == 0.999  # improved-diffusion's values (4 digits given)
+    np.testing.assert_allclose(ddpm.get_beta_schedule("linear", 1000)[[0, -1]], [1e-4, 0.02], rtol=1e-15)
+
+
+def test_bad_schedule_and_diffusion_options_raise_with_the_valid_choices():
+    """Unknown names list the valid ones; mse with a learned variance points to hybrid."""
+    with pytest.raises(ValueError, match="cosine"):
+        ddpm.get_beta_schedule("sigmoid", 10)
+    with pytest.raises(ValueError, match="xprev"):
+        diffusion_for(25, model_mean_type="v")
+    with pytest.raises(ValueError, match="hybrid"):
+        diffusion_for(25, model_var_type="learned", loss_type="mse")
+    with pytest.raises(ValueError, match="mse"):
+        diffusion_for(25, model_var_type="fixedsmall", loss_type="hybrid")
+    with pytest.raises(AssertionError):
+        ddpm.GaussianDiffusion(betas=np.array([0.1, 1.5]))
+
+
+# ---- 2. the forward process ----
+
+
+@CI
+@given(random_betas, st.data())
+def test_closed_form_q_equals_composing_single_steps(betas, data):
+    """q(x_t|x_0) in closed form equals t+1 steps of q(x_s|x_{s-1}) = N(sqrt(1-b_s) x, b_s) composed exactly."""
+    d = ddpm.GaussianDiffusion(betas=betas)
+    t = data.draw(st.integers(0, len(betas) - 1))
+    x0 = torch.tensor([[-1.0, -0.3, 0.0, 0.7, 1.0]], dtype=torch.float64)
+    mean, var = x0.clone(), torch.zeros_like(x0)
+    for s in range(t + 1):  # each step scales the mean by sqrt(1-b) and the variance by (1-b), then adds b
+        mean, var = math.sqrt(1 - betas[s]) * mean, (1 - betas[s]) * var + betas[s]
+    q_mean, q_var, q_logvar = d.q_mean_variance(x0, torch.tensor([t]))
+    torch.testing.assert_close(q_mean, mean, rtol=1e-10, atol=1e-12)  # float64: only rounding separates them
+    torch.testing.assert_close(q_var.expand_as(var), var, rtol=1e-10, atol=1e-12)
+    # log(1 - abar) loses relative precision where abar ~ 1 (tiny betas): compare in float64 with room for that
+    torch.testing.assert_close(q_logvar.expand_as(var), torch.log(var), rtol=1e-7, atol=1e-9)
+
+
+@CI
+@given(random_betas, st.data())
+def test_variance_is_preserved_exactly(betas, data):
+    """For data of unit variance, Var[x_t] = abar_t * 1 + (1 - abar_t) = 1 at every t (the paper's Sec. 2)."""
+    d = ddpm.GaussianDiffusion(betas=betas)
+    t = torch.tensor([data.draw(st.integers(0, len(betas) - 1))])
+    x = torch.ones(1, 1, dtype=torch.float64)
+    mean_coef = d.q_mean_variance(x, t)[0]  # sqrt(abar_t) * 1
+    assert abs(float(mean_coef ** 2 + d.q_mean_variance(x, t)[1]) - 1.0) < 1e-12
+
+
+def test_variance_is_preserved_empirically():
+    """q_sample of unit-variance data keeps unit variance at t = 0, 100, 500, 999 (Monte Carlo)."""
+    d = diffusion_for()
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    x0 = torch.randn(n, 1, generator=g).sign()  # +-1: unit variance, far from Gaussian
+    for i in (0, 100, 500, 999):
+        xt = d.q_sample(x0, torch.full((n,), i), noise=torch.randn(n, 1, generator=g))
+        # the standard error of a sample variance is sqrt(2/n) ~ 0.003 for a near-Gaussian; 5 sigma
+        assert abs(xt.var().item() - 1) < 0.016, i
+
+
+# ---- 3. the posterior and the parameterisations ----
+
+
+@CI
+@given(random_betas, st.data())
+def test_posterior_is_the_bayes_product_by_precision_weighting(betas, data):
+    """q(x_{t-1}|x_t,x_0) is proportional to q(x_t|x_{t-1}) q(x_{t-1}|x_0): precisions add, means weight."""
+    if len(betas) < 2:
+        betas = np.append(betas, 0.5)
+    d = ddpm.GaussianDiffusion(betas=betas)
+    i = data.draw(st.integers(1, len(betas) - 1))
+    t = torch.tensor([i])
+    x0 = torch.tensor([[-0.8, 0.1, 1.0]], dtype=torch.float64)
+    xt = torch.tensor([[0.5, -2.0, 0.3]], dtype=torch.float64)
+    abar_prev = np.prod(1 - betas[:i])                       # q(x_{t-1}|x_0) = N(sqrt(abar_prev) x0, 1 - abar_prev)
+    a = 1 - betas[i]                                          # q(x_t|x_{t-1}) = N(sqrt(a) x_{t-1}, beta)
+    precision = 1 / (1 - abar_prev) + a / betas[i]
+    mean = (math.sqrt(abar_prev) * x0 / (1 - abar_prev) + math.sqrt(a) * xt / betas[i]) / precision
+    p_mean, p_var, p_logvar = d.q_posterior_mean_variance(x0, xt, t)
+    torch.testing.assert_close(p_mean, mean, rtol=1e-8, atol=1e-10)  # two float64 routes; cancellation only
+    assert abs(float(p_var) - 1 / precision) <= 1e-9 * (1 / precision)
+    assert abs(float(p_logvar) - math.log(1 / precision)) < 1e-8
+
+
+def test_posterior_at_index_0_is_the_data_and_the_log_variance_reuses_index_1():
+    """With abar_prev = 1 the posterior collapses onto x_0 (coef1 = 1, coef2 = 0, beta~ = 0)."""
+    d = diffusion_for(25)
+    x0, xt = torch.rand(2, 3) * 2 - 1, torch.randn(2, 3)
+    mean, var, logvar = d.q_posterior_mean_variance(x0, xt, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(mean, x0)  # float32 coef1 rounds to exactly 1.0
+    assert (var == 0).all()
+    assert torch.allclose(logvar, torch.tensor(math.log(d.posterior_variance[1])))
+
+
+@CI
+@given(st.integers(0, 999), st.sampled_from([torch.float32, torch.float64]))
+def test_eps_xstart_xprev_conversions_round_trip(i, dtype):
+    """eps -> x_0 -> eps and x_0 -> mu~ -> x_0 return what went in."""
+    d = diffusion_for()
+    g = torch.Generator().manual_seed(i)
+    x0, eps = torch.rand(2, 4, generator=g, dtype=dtype) * 2 - 1, torch.randn(2, 4, generator=g, dtype=dtype)
+    t = torch.full((2,), i)
+    xt = d.q_sample(x0, t, noise=eps)
+    back = d.predict_start_from_noise(xt, t, eps)
+    # 1/sqrt(abar) reaches 157 at t=999, so float32 errors in x_t are amplified by ~157
+    tol = 1e-9 if dtype == torch.float64 else 2e-4 * float(d.sqrt_recip_alphas_cumprod[i])
+    assert (back - x0).abs().max() < tol
+    assert (d.predict_noise_from_start(xt, t, x0) - eps).abs().max() < tol * (10 if i < 5 else 1)
+    if i > 0:  # at index 0 mu~ = x_0 exactly, fine; coef1 is tiny at large t, so solve only where well-posed
+        mu = d.q_posterior_mean_variance(x0, xt, t)[0]
+        err = (d.predict_start_from_prev(xt, t, mu) - x0).abs().max()
+        assert err < (1e-8 if dtype == torch.float64 else 1e-6) / float(d.posterior_mean_coef1[i])
+
+
+def eps_model_from(fn):
+    """Wrap a function of (x, t) as a 'model' for GaussianDiffusion."""
+    return lambda x, t: fn(x, t)
+
+
+def test_unclipped_eps_mean_is_algorithm_2():
+    """clip_denoised=False gives Algorithm 2's x_{t-1} = (x_t - b/sqrt(1-abar) eps)/sqrt(a) + sigma z."""
+    d = diffusion_for()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    z = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2, 500, 998, 999])
+    out = d.p_sample(lambda x_, t_: eps, x, t, noise=z, clip_denoised=False)
+    b = torch.tensor(d.betas)[t].reshape(-1, 1, 1, 1)
+    abar = torch.tensor(d.alphas_cumprod)[t].reshape(-1, 1, 1, 1)
+    sigma2 = torch.where(t == 0, torch.tensor(d.posterior_variance[1]), torch.tensor(d.betas)[t]).reshape(-1, 1, 1, 1)
+    expected = (x - b / torch.sqrt(1 - abar) * eps) / torch.sqrt(1 - b) + (t > 0).reshape(-1, 1, 1, 1) * sigma2.sqrt() * z
+    torch.testing.assert_close(out["sample"], expected, rtol=1e-9, atol=1e-9)  # float64 algebraic identity
+
+
+def test_clipped_sampling_clips_x0_then_takes_the_posterior_mean():
+    """With clipping (the official default), the mean is mu~(clip(x0_hat), x_t), not Algorithm 2's."""
+    d = diffusion_for()
+    x = torch.full((1, 1, 2, 2), 3.0, dtype=torch.float64)
+    t = torch.tensor([900])
+    out = d.p_mean_variance(lambda x_, t_: torch.zeros_like(x_), x, t, clip_denoised=True)
+    assert (out["pred_xstart"] == 1).all()  # x0_hat = sqrt(1/abar) * 3 >> 1, clipped
+    torch.testing.assert_close(out["mean"], d.q_posterior_mean_variance(torch.ones_like(x), x, t)[0])
+    unclipped = d.p_mean_variance(lambda x_, t_: torch.zeros_like(x_), x, t, clip_denoised=False)["mean"]
+    assert (unclipped - out["mean"]).abs().min() > 0.01  # coef1 * (x0_hat - 1) ~ 0.05 here
+
+
+def test_variances_of_every_type():
+    """fixedlarge is beta (beta~[1] at index 0), fixedsmall beta~, learned exp(output), learned_range interpolates."""
+    T = 25
+    x = torch.zeros(T, 1, 1, 1, dtype=torch.float64)
+    t = torch.arange(T)
+    betas = ddpm.get_beta_schedule("linear", T)
+    small = diffusion_for(T).posterior_variance
+    for var_type, expected in (("fixedlarge", np.append(small[1], betas[1:])), ("fixedsmall", np.append(small[1], small[1:]))):
+        d = diffusion_for(T, model_var_type=var_type)
+        out = d.p_mean_variance(lambda x_, t_: torch.zeros_like(x_), x, t)
+        np.testing.assert_allclose(out["log_variance"].flatten(), np.log(expected), rtol=1e-12)  # float64 throughout
+    v = torch.linspace(-1, 1, T, dtype=torch.float64).reshape(T, 1, 1, 1)
+    d = diffusion_for(T, model_var_type="learned", loss_type="kl")
+    out = d.p_mean_variance(lambda x_, t_: torch.cat([torch.zeros_like(x_), v], 1), x, t)
+    torch.testing.assert_close(out["log_variance"], v)
+    d = diffusion_for(T, model_var_type="learned_range", loss_type="kl")
+    out = d.p_mean_variance(lambda x_, t_: torch.cat([torch.zeros_like(x_), v], 1), x, t)
+    frac = (v.flatten() + 1) / 2
+    expected = frac * np.log(betas) + (1 - frac) * torch.tensor(d.posterior_log_variance_clipped)
+    torch.testing.assert_close(out["log_variance"].flatten(), expected)
+    assert out["log_variance"][0] == d.posterior_log_variance_clipped[0] and out["log_variance"][-1] == np.log(betas[-1])
+
+
+def test_fixedlarge_reference_log_variances():
+    """fixedlarge's log sigma^2 at indices 0 and 1 are the spec's -9.8167 and log beta_1 = -9.0287."""
+    d = diffusion_for()
+    x = torch.zeros(2, 1, dtype=torch.float64)
+    out = d.p_mean_variance(lambda x_, t_: torch.zeros_like(x_), x, torch.tensor([0, 1]))
+    np.testing.assert_allclose(out["log_variance"].flatten(), [-9.81672513529567, -9.028686371949341], rtol=1e-12)
+
+
+# ---- 4. the bound's terms ----
+
+
+def test_normal_kl_reference_values_and_torch_distributions():
+    """normal_kl gives the spec's values and equals torch.distributions' closed form."""
+    z = torch.tensor(0.0, dtype=torch.float64)
+    assert float(ddpm.normal_kl(z, z, z, z)) == 0
+    assert float(ddpm.normal_kl(z + 1, z, z, z)) == 0.5
+    assert abs(float(ddpm.normal_kl(z, torch.log(z + 0.5), z + 1, z)) - 0.5965735902799727) < 1e-15
+
+
+@CI
+@given(arrays(np.float64, (4, 4), elements=st.floats(-3, 3)))
+def test_normal_kl_is_the_gaussian_kl_and_nonnegative(a):
+    """KL(N1||N2) matches torch.distributions, is >= 0, and is 0 exactly when the Gaussians are equal."""
+    m1, lv1, m2, lv2 = map(torch.tensor, a)
+    kl = ddpm.normal_kl(m1, lv1, m2, lv2)
+    N = torch.distributions.Normal
+    ref = torch.distributions.kl_divergence(N(m1, torch.exp(0.5 * lv1)), N(m2, torch.exp(0.5 * lv2)))
+    torch.testing.assert_close(kl, ref, rtol=1e-9, atol=1e-12)  # two float64 closed forms
+    assert (kl >= -1e-12).all()
+    assert ddpm.normal_kl(m1, lv1, m1, lv1).abs().max() < 1e-15  # -1 + lv - lv + 1 rounds to within 2 ulp of 0
+    differ = ((m1 - m2).abs() > 1e-6) | ((lv1 - lv2).abs() > 1e-6)  # below that, float64 rounding can give 0
+    assert (kl[differ] > 0).all()
+
+
+def test_decoder_reference_values():
+    """discretized_gaussian_log_likelihood gives the spec's nats, including the 1e-12 clamp."""
+    ls = torch.tensor(-4.908362567647835, dtype=torch.float64)
+    cases = [((0, 0), -0.90501811), ((1, 1), -0.35344121), ((-1, -1), -0.35344121), ((0, 0.01), -1.73937760),
+             ((1, 0.99), -1.58314074), ((-1, -0.9), -27.63102112)]
+    for (x, m), nats in cases:
+        got = ddpm.discretized_gaussian_log_likelihood(torch.tensor([x], dtype=torch.float64),
+                                                       torch.tensor([m], dtype=torch.float64), ls)
+        assert abs(float(got) - nats) < 1e-7, (x, m)  # the spec prints 8 decimals
+    for x, nats in ((0, -5.7670574736), (0.5, -5.8925726456), (1, -1.8340951623), (-1, -1.8340951623)):
+        got = ddpm.discretized_gaussian_log_likelihood(torch.tensor([x], dtype=torch.float64),
+                                                       torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+        assert abs(float(got) - nats) < 1e-9
+
+
+@CI
+@given(st.floats(-1.2, 1.2), st.floats(-7, 1))
+def test_decoder_probabilities_over_the_256_bins_sum_to_one(mean, log_scale):
+    """The 256 bins of the discretised Gaussian cover the real line, so their probabilities sum to 1."""
+    x = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    logp = ddpm.discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), torch.full_like(x, log_scale))
+    # the CDF telescopes to 1; each bin's 1e-12 floor can add at most 256e-12
+    assert abs(float(logp.exp().sum()) - 1) < 1e-9
+
+
+def test_prior_term_is_about_1e_5_bits_per_dim():
+    """L_T for the linear schedule is the spec's 5.9e-10, 7.28e-6, 2.91e-5 bits/dim at x_0^2 = 0, 0.25, 1."""
+    d = diffusion_for()
+    x = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64).reshape(3, 1, 1, 1)
+    np.testing.assert_allclose(d.prior_bpd(x).numpy(), [5.9e-10, 7.28e-6, 2.91e-5], rtol=0.01)  # spec: 2-3 digits
+
+
+def test_true_bound_weights_the_squared_eps_error():
+    """For eps-prediction with sigma^2 = beta, L_{t-1} - (its minimum) = b^2/(2 sigma^2 a (1-abar)) * ||eps - eps_hat||^2,
+    the paper's Eq. 12 weight: 0.2727 at index 1 and 0.0102 at index 999 (the spec's values)."""
+    d = diffusion_for()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    eps, err = torch.randn(2, *x0.shape, generator=g, dtype=torch.float64)
+    weights = {}
+    for i in (1, 500, 999):
+        t = torch.full((2,), i)
+        xt = d.q_sample(x0, t, noise=eps)
+        kl = lambda e: d.vb_terms_bpd(lambda x_, t_: e, x0, xt, t, clip_denoised=False)["output"]
+        b, a, abar = d.betas[i], 1 - d.betas[i], d.alphas_cumprod[i]
+        w = b ** 2 / (2 * b * a * (1 - abar))
+        weights[i] = w
+        expected = w * ddpm.mean_flat(err ** 2) / math.log(2)
+        torch.testing.assert_close(kl(eps + err) - kl(eps), expected, rtol=1e-8, atol=1e-10)
+    assert abs(weights[1] - 0.2727) < 1e-4 and abs(weights[999] - 0.0102) < 1e-4
+
+
+def test_bound_terms_are_nonnegative_and_the_decoder_at_index_0():
+    """vb_terms_bpd is a KL (>= 0) for t > 0 and the decoder's -log p(x_0|x_1) at index 0."""
+    d = diffusion_for(25)
+    x0 = (torch.randint(0, 256, (20, 1, 4, 4)) / 127.5 - 1).double()
+    t = torch.arange(20)
+    xt = d.q_sample(x0, t)
+    model = lambda x_, t_: torch.randn_like(x_)
+    out = d.vb_terms_bpd(model, x0, xt, t)["output"]
+    assert (out[1:] >= 0).all() and torch.isfinite(out).all()
+    torch.manual_seed(1)
+    m = d.p_mean_variance(lambda x_, t_: torch.zeros_like(x_), xt[:1], t[:1])
+    dec = -ddpm.mean_flat(ddpm.discretized_gaussian_log_likelihood(x0[:1], m["mean"], 0.5 * m["log_variance"])) / math.log(2)
+    torch.testing.assert_close(d.vb_terms_bpd(lambda x_, t_: torch.zeros_like(x_), x0[:1], xt[:1], t[:1])["output"], dec)
+
+
+def test_training_losses_for_every_table_2_parameterisation():
+    """mse targets eps / x_0 / mu~; kl is one bound term; hybrid adds T/1000 of the bound through the variance only."""
+    T = 25
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 1, 2, 2, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(4, 1, 2, 2, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 3, 6, 9])
+    zero = lambda x_, t_: torch.zeros_like(x_)
+    for mean_type in ddpm.MODEL_MEAN_TYPES:
+        d = diffusion_for(T, model_mean_type=mean_type)
+        xt = d.q_sample(x0, t, noise=noise)
+        target = {"eps": noise, "xstart": x0, "xprev": d.q_posterior_mean_variance(x0, xt, t)[0]}[mean_type]
+        torch.testing.assert_close(d.training_losses(zero, x0, t, noise=noise)["loss"], ddpm.mean_flat(target ** 2))
+        dk = diffusion_for(T, model_mean_type=mean_type, loss_type="kl")
+        kl = dk.training_losses(zero, x0, t, noise=noise)["loss"]
+        torch.testing.assert_close(kl, dk.vb_terms_bpd(zero, x0, xt, t, clip_denoised=False)["output"])
+    # hybrid: the vb term's gradient reaches the variance channels only
+    d = diffusion_for(T, model_var_type="learned_range", loss_type="hybrid")
+    out = torch.zeros(4, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    terms = d.training_losses(lambda x_, t_: out, x0, t, noise=noise)
+    grad_mean, grad_var = torch.autograd.grad(terms["vb"].sum(), out)[0].split(1, dim=1)
+    assert (grad_mean == 0).all() and grad_var.abs().sum() > 0
+    torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
+    torch.testing.assert_close(terms["mse"], ddpm.mean_flat(noise ** 2))
+
+
+def test_calc_bpd_loop_total_is_prior_plus_terms():
+    """total_bpd = prior_bpd + the sum of the T terms, each term matching vb_terms_bpd at the same noise."""
+    T = 25
+    d = diffusion_for(T)
+    model = tiny_unet().double().eval()
+    x0 = (torch.randint(0, 256, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)) / 127.5 - 1).double()
+    out = d.calc_bpd_loop(model, x0, generator=torch.Generator().manual_seed(1))
+    assert out["vb"].shape == out["mse"].shape == out["xstart_mse"].shape == (2, T)
+    torch.testing.assert_close(out["total_bpd"], out["vb"].sum(1) + out["prior_bpd"])
+    torch.testing.assert_close(out["prior_bpd"], d.prior_bpd(x0))
+    assert (out["vb"][:, 1:] >= 0).all()
+    # term 5 recomputed with the same noise: the loop draws noise for i = T-1, ..., 0 in order
+    g = torch.Generator().manual_seed(1)
+    for i in range(T - 1, -1, -1):
+        noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
+        if i == 5:
+            break
+    t = torch.full((2,), 5)
+    with torch.no_grad():
+        ref = d.vb_terms_bpd(model, x0, d.q_sample(x0, t, noise=noise), t)
+    torch.testing.assert_close(out["vb"][:, 5], ref["output"])
+    torch.testing.assert_close(out["xstart_mse"][:, 5], ddpm.mean_flat((ref["pred_xstart"] - x0) ** 2))
+
+
+def test_sampling_loop_shapes_range_and_determinism():
+    """p_sample_loop returns [N,C,H,W] in [-1,1] with clipping, the same for the same generator seed,
+    and its progressive form ends where the loop ends."""
+    d = diffusion_for(25)
+    model = tiny_unet().eval()
+    a = d.p_sample_loop(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    b = d.p_sample_loop(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 1, 8, 8) and a.abs().max() <= 1 and torch.equal(a, b)
+    steps = list(d.p_sample_loop_progressive(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)))
+    assert [s["t"] for s in steps] == list(range(24, -1, -1))
+    assert torch.equal(steps[-1]["sample"], a) and torch.equal(steps[-1]["sample"], steps[-1]["pred_xstart"])
+
+
+def test_diffusion_follows_the_input_dtype():
+    """float64 inputs give float64 outputs (buffers cast at gather), float32 stays float32."""
+    d = diffusion_for(25)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.zeros(2, 1, 2, 2, dtype=dtype)
+        t = torch.tensor([0, 9])
+        assert d.q_sample(x, t).dtype == dtype
+        assert d.p_sample(lambda x_, t_: torch.zeros_like(x_), x, t)["sample"].dtype == dtype
+
+
+# ---- 5. the U-Net ----
+
+
+def test_unet_parameter_counts_match_the_paper():
+    """35,746,307 parameters for CIFAR-10 (35,749,766 with 6 output channels) and 113,673,219 at 256x256."""
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(ddpm.UNet()) == 35_746_307
+    assert count(ddpm.UNet(out_ch=6)) == 35_749_766
+    assert count(ddpm.UNet(ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0, resolution=256)) == 113_673_219
+    cifar = ddpm.UNet()
+    assert sum(isinstance(m, ddpm.ResnetBlock) for m in cifar.modules()) == 22
+    assert sum(isinstance(m, ddpm.AttnBlock) for m in cifar.modules()) == 6
+
+
+def test_unet_uses_the_official_variable_names():
+    """The state dict follows the official layout, so released weights load key for key."""
+    keys = set(ddpm.UNet().state_dict())
+    for k in ("temb.dense.0.weight", "temb.dense.1.bias", "conv_in.weight", "down.0.block.0.norm1.weight",
+              "down.1.attn.0.q.weight", "down.1.attn.1.proj_out.bias", "down.0.downsample.conv.weight",
+              "down.1.block.0.nin_shortcut.weight", "mid.block_1.conv1.weight", "mid.attn_1.k.weight",
+              "mid.block_2.temb_proj.weight", "up.3.block.2.conv2.weight", "up.1.attn.2.v.weight",
+              "up.3.upsample.conv.weight", "norm_out.weight", "conv_out.bias"):
+        assert k in keys, k
+    assert not any(k.startswith("down.3.downsample") or k.startswith("up.0.upsample") for k in keys)
+
+
+def test_timestep_embedding_reference_values():
+    """The sinusoidal embedding is sin-first with frequencies exp(-k ln 1e4/(half-1)): the spec's values."""
+    e = ddpm.get_timestep_embedding(torch.tensor([1, 0]), 128)
+    for i, v in ((0, 0.841471), (63, 1.0e-4), (64, 0.5403023), (127, 1.0)):
+        assert abs(float(e[0, i]) - v) < 1e-6  # the spec's printed precision
+    assert (e[1, :64] == 0).all() and (e[1, 64:] == 1).all()
+    assert ddpm.get_timestep_embedding(torch.tensor([3]), 7).shape == (1, 7)
+
+
+def test_unet_initialisation_matches_the_official_scales():
+    """Weights are U(+-sqrt(3 scale / fan_avg)): 0.07134 for conv_in, 0.05103 for 3x3 128->128, ~7e-7 for conv_out."""
+    m = ddpm.UNet()
+    assert m.conv_in.weight.abs().max() <= 0.07134 and m.conv_in.weight.abs().max() > 0.07
+    w = m.down[0].block[0].conv1.weight
+    assert 0.050 < w.abs().max() <= 0.051031 and abs(w.std().item() - 0.05103 / math.sqrt(3)) < 1e-3
+    assert m.conv_out.weight.abs().max() < 7.2e-7 and (m.conv_out.bias == 0).all()
+    assert m.down[1].attn[0].proj_out.weight.abs().max() < 1e-5
+    assert m.norm_out.eps == 1e-6 and m.norm_out.num_groups == 32
+
+
+def test_unet_output_shape_and_near_zero_output_at_init_so_l_simple_starts_at_one():
+    """The output has the input's shape (2C for learned variances), is ~0 at init, and L_simple ~ E[eps^2] = 1."""
+    torch.manual_seed(0)
+    m = ddpm.UNet(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16).eval()
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    t = torch.randint(0, 1000, (8,))
+    with torch.no_grad():
+        out = m(x, t)
+        assert out.shape == x.shape and out.abs().max() < 1e-4
+        assert ddpm.UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=16,
+                         out_ch=6)(x, t).shape == (8, 6, 16, 16)
+        loss = diffusion_for().training_losses(m, x, t)["loss"].mean()
+    assert abs(loss.item() - 1) < 0.05  # mean of 8*768 squared normals: std ~ 0.02
+
+
+def test_unet_rejects_a_wrong_input_size_with_the_expected_one():
+    """A wrong image size names the expected shape."""
+    with pytest.raises(AssertionError, match=r"\[N, 1, 8, 8\]"):
+        tiny_unet()(torch.zeros(1, 1, 16, 16), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ddpm.UNet(ch=48)
+
+
+def test_a_tiny_model_overfits_one_batch():
+    """Algorithm 1 on one fixed batch drives L_simple well below its initial value of ~1."""
+    torch.manual_seed(0)
+    d = diffusion_for(25)
+    model = tiny_unet()
+    x0 = torch.rand(16, 1, 8, 8) * 2 - 1
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for step in range(150):
+        t = torch.randint(0, 25, (16,))
+        loss = d.training_losses(model, x0, t)["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[:5]) > 0.8 and np.mean(losses[-20:]) < 0.35, (losses[:5], losses[-20:])
+
+
+# ---- 6. config and checkpoints ----
+
+
+def test_presets_round_trip_and_reject_unknown_fields():
+    """Every preset survives to_dict/from_dict; unknown presets, sections and fields raise with valid names."""
+    for name in ddpm.PRESETS:
+        c = ddpm.get_preset(name)
+        assert ddpm.Config.from_dict(c.to_dict()) == c and c.preset == name
+    with pytest.raises(ValueError, match="digits"):
+        ddpm.get_preset("mnist")
+    with pytest.raises(ValueError, match="ch_mult"):
+        ddpm.Config.from_dict({"model": {"chmult": [1]}})
+    with pytest.raises(ValueError, match="section"):
+        ddpm.Config.from_dict({"optim": {}})
+    c = ddpm.get_preset("cifar10")
+    assert (c.diffusion.model_var_type, c.diffusion.loss_type, c.train.ema_decay, c.model.dropout) == \
+           ("fixedlarge", "mse", 0.9999, 0.1)
+    assert ddpm.get_preset("celebahq256").diffusion.model_var_type == "fixedsmall"
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    """save_checkpoint + load_model gives back the EMA weights and the config; a truncated file is a clear error."""
+    c = ddpm.get_preset("digits")
+    c.model.ch, c.model.ch_mult, c.model.num_res_blocks, c.diffusion.num_timesteps = 32, (1, 2), 1, 25
+    model, _ = ddpm.create_model_and_diffusion(c)
+    ema = {k: v + 1 for k, v in model.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    ddpm.save_checkpoint(path, {"config": c.to_dict(), "step": 3, "model": model.state_dict(), "ema": ema})
+    assert torch.load(path, weights_only=True)["step"] == 3
+    loaded, diffusion, config = ddpm.load_model(path)
+    assert config == c and diffusion.num_timesteps == 25 and not loaded.training
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ema.items())
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated"):
+        ddpm.load_model(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ddpm.load_model(tmp_path / "nope.pt")
 
 # ---- evaluate.py ----
 # Fréchet distance and IS against closed forms, the Inception feature path with a TorchScript stand-in,
 # the resumable NLL against calc_bpd_loop, the CLI end to end on a tiny digits model, and bad input.
-import json as _json
-import os as _os
-import warnings as _warnings
+import json
+import os
+import warnings
 
-import numpy as _np
-import pytest as _pytest
-import torch as _torch
-import torch.nn as _nn
-import torch.nn.functional as _F
+import torch.nn as nn
+import torch.nn.functional as F
 
-import ddpm as _ddpm
 import evaluate
 
 
 def _random_cov(rng, d, rank=None):
     a = rng.standard_normal((d, rank or d))
-    return a @ a.T / (rank or d) + (0 if rank else 0.1 * _np.eye(d))
+    return a @ a.T / (rank or d) + (0 if rank else 0.1 * np.eye(d))
 
 
 def test_frechet_identical_statistics_is_zero():
     """Identical statistics are at Fréchet distance 0."""
-    rng = _np.random.default_rng(0)
+    rng = np.random.default_rng(0)
     mu, sigma = rng.standard_normal(8), _random_cov(rng, 8)
     # sqrtm(sigma^2) == sigma up to float64 round-off on a well-conditioned 8x8 matrix
     assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
@@ -31,98 +564,98 @@ def test_frechet_identical_statistics_is_zero():
 
 def test_frechet_mean_shift_is_squared_norm():
     """Equal covariances and a pure mean shift give ||mu1 - mu2||^2."""
-    rng = _np.random.default_rng(1)
+    rng = np.random.default_rng(1)
     mu1, mu2, sigma = rng.standard_normal(6), rng.standard_normal(6), _random_cov(rng, 6)
     expected = float(((mu1 - mu2) ** 2).sum())
-    assert evaluate.frechet_distance(mu1, sigma, mu2, sigma) == _pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert evaluate.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 
 def test_frechet_diagonal_covariances_scalar_formula():
     """Diagonal covariances give sum_i (mu1_i - mu2_i)^2 + (sqrt(s1_i) - sqrt(s2_i))^2."""
-    rng = _np.random.default_rng(2)
+    rng = np.random.default_rng(2)
     mu1, mu2 = rng.standard_normal(5), rng.standard_normal(5)
     s1, s2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
-    expected = float(((mu1 - mu2) ** 2).sum() + ((_np.sqrt(s1) - _np.sqrt(s2)) ** 2).sum())
-    got = evaluate.frechet_distance(mu1, _np.diag(s1), mu2, _np.diag(s2))
-    assert got == _pytest.approx(expected, rel=1e-9)  # float64 throughout: round-off only
+    expected = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum())
+    got = evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+    assert got == pytest.approx(expected, rel=1e-9)  # float64 throughout: round-off only
 
 
 def test_frechet_symmetric_and_matches_eigenvalue_route():
     """d(a, b) = d(b, a), and Tr sqrt(S1 S2) equals the sum of the square roots of the eigenvalues of
     sqrt(S1) S2 sqrt(S1), an independent way to compute the same trace."""
-    rng = _np.random.default_rng(3)
+    rng = np.random.default_rng(3)
     mu1, mu2, s1, s2 = rng.standard_normal(7), rng.standard_normal(7), _random_cov(rng, 7), _random_cov(rng, 7)
     ab, ba = evaluate.frechet_distance(mu1, s1, mu2, s2), evaluate.frechet_distance(mu2, s2, mu1, s1)
-    w, v = _np.linalg.eigh(s1)
-    root1 = (v * _np.sqrt(w)) @ v.T
-    tr = _np.sqrt(_np.clip(_np.linalg.eigvalsh(root1 @ s2 @ root1), 0, None)).sum()
-    expected = float(((mu1 - mu2) ** 2).sum() + _np.trace(s1) + _np.trace(s2) - 2 * tr)
-    assert ab == _pytest.approx(ba, rel=1e-9) and ab == _pytest.approx(expected, rel=1e-8)  # two float64 routes
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(w)) @ v.T
+    tr = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0, None)).sum()
+    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr)
+    assert ab == pytest.approx(ba, rel=1e-9) and ab == pytest.approx(expected, rel=1e-8)  # two float64 routes
 
 
 def test_frechet_singular_covariances_stay_finite():
     """Rank-deficient covariances (fewer samples than features, or zero) give a finite distance, and the
     eps offset for an exactly singular product shifts it by no more than ~D * eps."""
-    rng = _np.random.default_rng(4)
-    low = evaluate.frechet_distance(_np.zeros(16), _random_cov(rng, 16, rank=3), _np.ones(16), _random_cov(rng, 16, rank=3))
-    assert _np.isfinite(low) and low > 0
-    with _pytest.warns(UserWarning, match="singular"):
-        got = evaluate.frechet_distance(_np.zeros(4), _np.zeros((4, 4)), _np.ones(4), _np.zeros((4, 4)))
-    assert got == _pytest.approx(4.0, abs=1e-4)  # ||mu||^2 = 4; the 1e-6 * I offset changes it by ~8e-6
+    rng = np.random.default_rng(4)
+    low = evaluate.frechet_distance(np.zeros(16), _random_cov(rng, 16, rank=3), np.ones(16), _random_cov(rng, 16, rank=3))
+    assert np.isfinite(low) and low > 0
+    with pytest.warns(UserWarning, match="singular"):
+        got = evaluate.frechet_distance(np.zeros(4), np.zeros((4, 4)), np.ones(4), np.zeros((4, 4)))
+    assert got == pytest.approx(4.0, abs=1e-4)  # ||mu||^2 = 4; the 1e-6 * I offset changes it by ~8e-6
 
 
 def test_frechet_rejects_mismatched_shapes():
     """Statistics of different sizes raise instead of broadcasting."""
-    with _pytest.raises(ValueError, match="shape"):
-        evaluate.frechet_distance(_np.zeros(3), _np.eye(3), _np.zeros(4), _np.eye(4))
+    with pytest.raises(ValueError, match="shape"):
+        evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 def test_inception_score_bounds():
     """Identical predictions give IS 1; one-hot predictions spread uniformly over K classes give IS K."""
-    rng = _np.random.default_rng(5)
-    p = rng.dirichlet(_np.ones(7))
-    mean, std = evaluate.inception_score(_np.tile(p, (50, 1)), num_splits=10)
-    assert mean == _pytest.approx(1.0, abs=1e-12) and std == _pytest.approx(0.0, abs=1e-12)  # KL(p || p) = 0 exactly
+    rng = np.random.default_rng(5)
+    p = rng.dirichlet(np.ones(7))
+    mean, std = evaluate.inception_score(np.tile(p, (50, 1)), num_splits=10)
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)  # KL(p || p) = 0 exactly
     K = 5
-    onehot = _np.eye(K)[_np.arange(10 * 4 * K) % K]  # every split holds each class 4 times
+    onehot = np.eye(K)[np.arange(10 * 4 * K) % K]  # every split holds each class 4 times
     mean, std = evaluate.inception_score(onehot, num_splits=10)
-    assert mean == _pytest.approx(K, rel=1e-12) and std == _pytest.approx(0.0, abs=1e-9)  # exp(log K)
-    with _pytest.raises(ValueError, match="probability"):
+    assert mean == pytest.approx(K, rel=1e-12) and std == pytest.approx(0.0, abs=1e-9)  # exp(log K)
+    with pytest.raises(ValueError, match="probability"):
         evaluate.inception_score(rng.standard_normal((20, 3)))  # logits, not probabilities
 
 
-class _InceptionStandIn(_nn.Module):
+class _InceptionStandIn(nn.Module):
     """A tiny network with the call signature of inception-2015-12-05.pt: uint8-range images [N, 3, H, W] of
     any size, resized inside (to 16x16 here, 299x299 there), scaled as (x - 128) / 128; 2048-d (here 12-d)
     features with return_features=True, else a softmax over the classes, without the output bias when asked."""
 
     def __init__(self):
         super().__init__()
-        self.layers = _nn.Sequential(_nn.Conv2d(3, 12, 3, stride=2), _nn.ReLU(), _nn.AdaptiveAvgPool2d(1))
-        self.output = _nn.Linear(12, 10)
-        _nn.init.normal_(self.output.bias, std=3.0)  # a large bias, so no_output_bias visibly matters
+        self.layers = nn.Sequential(nn.Conv2d(3, 12, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.output = nn.Linear(12, 10)
+        nn.init.normal_(self.output.bias, std=3.0)  # a large bias, so no_output_bias visibly matters
 
-    def forward(self, img: _torch.Tensor, return_features: bool = False, use_fp16: bool = False,
-                no_output_bias: bool = False) -> _torch.Tensor:
+    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
         batch_size, channels, height, width = img.shape
         assert channels == 3
-        x = _F.interpolate(img.to(_torch.float32), size=(16, 16), mode="bilinear", align_corners=False)
+        x = F.interpolate(img.to(torch.float32), size=(16, 16), mode="bilinear", align_corners=False)
         features = self.layers((x - 128.0) / 128.0).reshape(batch_size, -1)
         if return_features:
             return features
         if no_output_bias:
-            logits = _F.linear(features, self.output.weight, None)
+            logits = F.linear(features, self.output.weight, None)
         else:
             logits = self.output(features)
-        return _F.softmax(logits, 1)
+        return F.softmax(logits, 1)
 
 
-@_pytest.fixture
+@pytest.fixture
 def inception_standin(tmp_path):
-    _torch.manual_seed(0)
-    with _warnings.catch_warnings():
-        _warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.10+ deprecates TorchScript; the real file is one
-        net = _torch.jit.script(_InceptionStandIn().eval())
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.10+ deprecates TorchScript; the real file is one
+        net = torch.jit.script(_InceptionStandIn().eval())
     path = str(tmp_path / "inception-standin.pt")
     net.save(path)
     return net, path
@@ -137,13 +670,13 @@ def test_inception_feature_path_end_to_end(tmp_path, capsys, inception_standin):
     """fid-stats, fid and is through the CLI equal the statistics, distance and score computed from the
     stand-in's outputs on the whole NCHW batch at once (layout, grayscale repeat, batching, no_output_bias)."""
     net, path = inception_standin
-    rng = _np.random.default_rng(6)
-    ref = rng.integers(0, 256, (40, 8, 8, 3), dtype=_np.uint8)
-    samples = _np.clip(ref.astype(int) + rng.integers(-60, 60, ref.shape), 0, 255).astype(_np.uint8)
-    _np.save(tmp_path / "ref.npy", ref)
-    _np.savez(tmp_path / "samples.npz", arr_0=samples)  # the layout `ddpm.py sample` writes
-    with _warnings.catch_warnings():
-        _warnings.simplefilter("ignore")  # the stand-in's sha256 is not the real network's: expected warning
+    rng = np.random.default_rng(6)
+    ref = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    samples = np.clip(ref.astype(int) + rng.integers(-60, 60, ref.shape), 0, 255).astype(np.uint8)
+    np.save(tmp_path / "ref.npy", ref)
+    np.savez(tmp_path / "samples.npz", arr_0=samples)  # the layout `ddpm.py sample` writes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the stand-in's sha256 is not the real network's: expected warning
         stats = str(tmp_path / "stats.npz")
         _run_cli(capsys, ["fid-stats", "--data", str(tmp_path / "ref.npy"), "--out", stats, "--inception", path,
                           "--batch-size", "7", "--device", "cpu", "--no-progress"])
@@ -153,27 +686,27 @@ def test_inception_feature_path_end_to_end(tmp_path, capsys, inception_standin):
                                         "--inception", path, "--device", "cpu", "--no-progress"])
         (is_mean, is_std), is_out = _run_cli(capsys, ["is", str(tmp_path / "samples.npz"), "--inception", path,
                                                       "--splits", "4", "--device", "cpu", "--no-progress"])
-    with _torch.no_grad():
-        nchw = lambda a: _torch.from_numpy(a).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)
         f_ref, f_smp = (net(nchw(a), return_features=True).double().numpy() for a in (ref, samples))
         probs = net(nchw(samples), no_output_bias=True).double().numpy()
         probs_bias = net(nchw(samples)).double().numpy()
     mu, sigma, info = evaluate.load_fid_stats(stats)
     # float32 network outputs accumulated in float64: batch-size-dependent round-off only
-    assert _np.allclose(mu, f_ref.mean(0), atol=1e-6) and _np.allclose(sigma, _np.cov(f_ref, rowvar=False), atol=1e-6)
+    assert np.allclose(mu, f_ref.mean(0), atol=1e-6) and np.allclose(sigma, np.cov(f_ref, rowvar=False), atol=1e-6)
     assert info["num_images"] == 40
-    expected = evaluate.frechet_distance(f_smp.mean(0), _np.cov(f_smp, rowvar=False), f_ref.mean(0), _np.cov(f_ref, rowvar=False))
-    assert fid == _pytest.approx(expected, rel=1e-5) and fid_data == _pytest.approx(expected, rel=1e-5) and fid > 0
-    assert (is_mean, is_std) == _pytest.approx(evaluate.inception_score(probs, 4), rel=1e-5)
+    expected = evaluate.frechet_distance(f_smp.mean(0), np.cov(f_smp, rowvar=False), f_ref.mean(0), np.cov(f_ref, rowvar=False))
+    assert fid == pytest.approx(expected, rel=1e-5) and fid_data == pytest.approx(expected, rel=1e-5) and fid > 0
+    assert (is_mean, is_std) == pytest.approx(evaluate.inception_score(probs, 4), rel=1e-5)
     got = evaluate.inception_outputs(net, samples, what="probs", batch_size=16, progress=False)
-    assert _np.allclose(got, probs, atol=1e-6) and not _np.allclose(got, probs_bias, atol=1e-2)  # bias left out
+    assert np.allclose(got, probs, atol=1e-6) and not np.allclose(got, probs_bias, atol=1e-2)  # bias left out
     assert "40 samples" in out and "stats.npz (40 images of" in out and "40 samples" in is_out
     # Grayscale images are repeated to 3 channels, as StyleGAN2-ADA does.
     gray = ref[..., :1]
     got = evaluate.inception_outputs(net, gray, batch_size=9, progress=False)
-    with _torch.no_grad():
-        want = net(nchw(_np.repeat(gray, 3, axis=-1)), return_features=True).double().numpy()
-    assert _np.allclose(got, want, atol=1e-6)
+    with torch.no_grad():
+        want = net(nchw(np.repeat(gray, 3, axis=-1)), return_features=True).double().numpy()
+    assert np.allclose(got, want, atol=1e-6)
 
 
 def test_inception_download_checks_sha256(tmp_path, inception_standin):
@@ -181,82 +714,82 @@ def test_inception_download_checks_sha256(tmp_path, inception_standin):
     a cached file that changed is refused; a missing --inception file raises."""
     _, path = inception_standin
     digest = evaluate.sha256_file(path)
-    url = "file://" + _os.path.abspath(path)
-    with _pytest.raises(ValueError, match="sha256"):
+    url = "file://" + os.path.abspath(path)
+    with pytest.raises(ValueError, match="sha256"):
         evaluate.download_inception(url, str(tmp_path / "cache"), sha256="0" * 64)
-    assert not _os.path.exists(tmp_path / "cache" / evaluate.INCEPTION_FILENAME)
+    assert not os.path.exists(tmp_path / "cache" / evaluate.INCEPTION_FILENAME)
     cached = evaluate.download_inception(url, str(tmp_path / "cache"), sha256=digest)
     assert evaluate.sha256_file(cached) == digest
-    with _pytest.raises(ValueError, match="sha256"):
+    with pytest.raises(ValueError, match="sha256"):
         evaluate.download_inception(url, str(tmp_path / "cache"))  # the cached stand-in is not the real network
-    with _pytest.raises(RuntimeError, match="--inception PATH"):
+    with pytest.raises(RuntimeError, match="--inception PATH"):
         evaluate.download_inception("file:///nonexistent/inception.pt", str(tmp_path / "offline"))
-    with _pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         evaluate.load_inception(str(tmp_path / "missing.pt"))
-    with _pytest.warns(UserWarning, match="not the standard"):
+    with pytest.warns(UserWarning, match="not the standard"):
         evaluate.load_inception(path)
 
 
 def test_inception_bad_input(tmp_path, inception_standin):
     """Samples of the wrong dtype or shape and statistics files without mu/sigma raise a clear error."""
     net, _ = inception_standin
-    with _pytest.raises(ValueError, match="uint8"):
-        evaluate.inception_outputs(net, _np.zeros((4, 8, 8, 3), _np.float32), progress=False)
-    with _pytest.raises(ValueError, match="uint8"):
-        evaluate.inception_outputs(net, _np.zeros((4, 3, 8, 8), _np.uint8), progress=False)  # NCHW, not NHWC
-    _np.savez(tmp_path / "floats.npz", arr_0=_np.zeros((4, 8, 8, 3), _np.float32))
-    with _pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(ValueError, match="uint8"):
+        evaluate.inception_outputs(net, np.zeros((4, 8, 8, 3), np.float32), progress=False)
+    with pytest.raises(ValueError, match="uint8"):
+        evaluate.inception_outputs(net, np.zeros((4, 3, 8, 8), np.uint8), progress=False)  # NCHW, not NHWC
+    np.savez(tmp_path / "floats.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
         evaluate.load_images(str(tmp_path / "floats.npz"))
-    _np.savez(tmp_path / "bad_stats.npz", m=_np.zeros(3), s=_np.eye(3))
-    with _pytest.raises(ValueError, match="mu"):
+    np.savez(tmp_path / "bad_stats.npz", m=np.zeros(3), s=np.eye(3))
+    with pytest.raises(ValueError, match="mu"):
         evaluate.load_fid_stats(str(tmp_path / "bad_stats.npz"))
-    with _pytest.raises(ValueError, match="mu"):
+    with pytest.raises(ValueError, match="mu"):
         evaluate.is_stats_file(str(tmp_path / "bad_stats.npz"))
-    _np.savez(tmp_path / "half_stats.npz", mu=_np.zeros(3))
-    with _pytest.raises(ValueError, match="mu"):
+    np.savez(tmp_path / "half_stats.npz", mu=np.zeros(3))
+    with pytest.raises(ValueError, match="mu"):
         evaluate.is_stats_file(str(tmp_path / "half_stats.npz"))
-    with _pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError):
         evaluate.load_fid_stats(str(tmp_path / "nope.npz"))
 
 
 def _tiny_model_checkpoint(path, T=25, seed=0):
     """The digits preset at ch=32, one resblock per level and T=25 (the smallest linear schedule with every
     beta < 1 is T > 20, since betas end at 0.02 * 1000 / T), with random weights: a checkpoint of `ddpm.py train`."""
-    config = _ddpm.get_preset("digits")
+    config = ddpm.get_preset("digits")
     config.model.ch, config.model.ch_mult, config.model.num_res_blocks = 32, (1, 2), 1
     config.diffusion.num_timesteps = T
-    _torch.manual_seed(seed)
-    model, diffusion = _ddpm.create_model_and_diffusion(config)
+    torch.manual_seed(seed)
+    model, diffusion = ddpm.create_model_and_diffusion(config)
     # A larger output scale than the init's ~0, so the bound terms are not all equal.
-    _torch.nn.init.normal_(model.conv_out.weight, std=0.05)
-    _ddpm.save_checkpoint(path, {"config": config.to_dict(), "step": 0, "model": model.state_dict(),
+    torch.nn.init.normal_(model.conv_out.weight, std=0.05)
+    ddpm.save_checkpoint(path, {"config": config.to_dict(), "step": 0, "model": model.state_dict(),
                                  "ema": model.state_dict()})
-    return _ddpm.load_model(path)
+    return ddpm.load_model(path)
 
 
 def test_nll_agrees_with_calc_bpd_loop(tmp_path):
     """evaluate_nll equals calc_bpd_loop called directly with batch b's generator seeded seed + b, and its
     rate + distortion + prior parts add up to the total bound for every example."""
     model, diffusion, _ = _tiny_model_checkpoint(str(tmp_path / "ckpt.pt"))
-    x = _ddpm.normalize_data(_ddpm.load_data("digits", "test")[:5])
+    x = ddpm.normalize_data(ddpm.load_data("digits", "test")[:5])
     got = evaluate.evaluate_nll(model, diffusion, x, batch_size=3, seed=7, progress=False)
     for b, sl in enumerate((slice(0, 3), slice(3, 5))):
-        want = diffusion.calc_bpd_loop(model, x[sl], generator=_torch.Generator().manual_seed(7 + b))
+        want = diffusion.calc_bpd_loop(model, x[sl], generator=torch.Generator().manual_seed(7 + b))
         for k in evaluate.NLL_KEYS:
-            assert _np.array_equal(got[k][sl], want[k].numpy()), k  # the same computation, bit for bit
+            assert np.array_equal(got[k][sl], want[k].numpy()), k  # the same computation, bit for bit
     s = evaluate.nll_summary(got)
     # float64 sums of float32 terms: round-off ~1e-6 relative
-    assert s["rate_bpd"][0] + s["distortion_bpd"][0] == _pytest.approx(s["total_bpd"][0], rel=1e-5)
+    assert s["rate_bpd"][0] + s["distortion_bpd"][0] == pytest.approx(s["total_bpd"][0], rel=1e-5)
     per_example = got["vb"][:, 1:].sum(1) + got["prior_bpd"] + got["vb"][:, 0]
-    assert _np.allclose(per_example, got["total_bpd"], rtol=1e-5)
+    assert np.allclose(per_example, got["total_bpd"], rtol=1e-5)
     # The rate-distortion curve against a loop over paper times t = 1..T (independent of the cumsum).
     T = diffusion.num_timesteps
     rate, rmse = evaluate.rate_distortion(got["vb"], got["prior_bpd"], got["xstart_mse"])
     for t in (1, 2, T // 2, T):
-        loop = _np.mean([got["prior_bpd"][n] + sum(got["vb"][n, s] for s in range(t, T)) for n in range(5)])
-        assert rate[t - 1] == _pytest.approx(loop, rel=1e-6)
-        assert rmse[t - 1] == _pytest.approx(127.5 * _np.sqrt(got["xstart_mse"][:, t - 1].mean()), rel=1e-6)
-    assert rate[0] == _pytest.approx(s["rate_bpd"][0], rel=1e-6) and rmse[0] == _pytest.approx(s["xstart_rmse"])
+        loop = np.mean([got["prior_bpd"][n] + sum(got["vb"][n, s] for s in range(t, T)) for n in range(5)])
+        assert rate[t - 1] == pytest.approx(loop, rel=1e-6)
+        assert rmse[t - 1] == pytest.approx(127.5 * np.sqrt(got["xstart_mse"][:, t - 1].mean()), rel=1e-6)
+    assert rate[0] == pytest.approx(s["rate_bpd"][0], rel=1e-6) and rmse[0] == pytest.approx(s["xstart_rmse"])
     rows = evaluate.table4_rows(rate, rmse)
     assert [r[0] for r in rows] == [25, 23, 20, 18, 15, 13, 10, 8, 5, 3] and rows[0][1] == 1 and rows[-1][1] == 23
 
@@ -265,7 +798,7 @@ def test_nll_resume_equals_uninterrupted(tmp_path, monkeypatch):
     """An evaluation interrupted after one batch and rerun gives the same arrays as an uninterrupted one,
     recomputing only the missing batches; a rerun with another batch size refuses to mix results."""
     model, diffusion, _ = _tiny_model_checkpoint(str(tmp_path / "ckpt.pt"))
-    x = _ddpm.normalize_data(_ddpm.load_data("digits", "test")[:5])
+    x = ddpm.normalize_data(ddpm.load_data("digits", "test")[:5])
     full = evaluate.evaluate_nll(model, diffusion, x, batch_size=2, seed=3, out_dir=str(tmp_path / "a"), progress=False)
 
     calls, real = [], diffusion.calc_bpd_loop
@@ -277,17 +810,17 @@ def test_nll_resume_equals_uninterrupted(tmp_path, monkeypatch):
         return real(*args, **kwargs)
     resuming = False
     monkeypatch.setattr(diffusion, "calc_bpd_loop", interrupted)
-    with _pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(RuntimeError, match="simulated crash"):
         evaluate.evaluate_nll(model, diffusion, x, batch_size=2, seed=3, out_dir=str(tmp_path / "b"), progress=False)
-    assert sorted(f for f in _os.listdir(tmp_path / "b") if f.startswith("batch")) == ["batch-00000.npz"]
+    assert sorted(f for f in os.listdir(tmp_path / "b") if f.startswith("batch")) == ["batch-00000.npz"]
     calls.clear()
     resuming = True
     resumed = evaluate.evaluate_nll(model, diffusion, x, batch_size=2, seed=3, out_dir=str(tmp_path / "b"),
                                     progress=False)
     assert len(calls) == 2  # batches 1 and 2 only; batch 0 came from disk
     for k in evaluate.NLL_KEYS:
-        assert _np.array_equal(full[k], resumed[k]), k
-    with _pytest.raises(ValueError, match="batch_size"):
+        assert np.array_equal(full[k], resumed[k]), k
+    with pytest.raises(ValueError, match="batch_size"):
         evaluate.evaluate_nll(model, diffusion, x, batch_size=3, seed=3, out_dir=str(tmp_path / "b"), progress=False)
 
 
@@ -301,31 +834,31 @@ def test_nll_cli_end_to_end(tmp_path, capsys):
                                          "--device", "cpu", "--no-progress"])
     for word in ("NLL (the bound)", "prior L_T", "rate", "distortion L_0", "x0 RMSE", "Table 4"):
         assert word in printed
-    with _np.load(_os.path.join(out, "nll-test.npz")) as f:
+    with np.load(os.path.join(out, "nll-test.npz")) as f:
         assert f["vb"].shape == (4, 25) and f["total_bpd"].shape == (4,)
-        assert summary["total_bpd"][0] == _pytest.approx(f["total_bpd"].astype(_np.float64).mean())
-    with open(_os.path.join(out, "nll-test-table4.csv")) as f:
+        assert summary["total_bpd"][0] == pytest.approx(f["total_bpd"].astype(np.float64).mean())
+    with open(os.path.join(out, "nll-test-table4.csv")) as f:
         lines = f.read().splitlines()
     assert lines[0].startswith("reverse_time") and len(lines) == 11 and lines[1].startswith("25,1,")
-    assert float(lines[1].split(",")[2]) == _pytest.approx(summary["rate_bpd"][0], abs=1e-5)  # 5 decimals in the CSV
-    with open(_os.path.join(out, "nll-test.json")) as f:
-        assert _json.load(f)["num_examples"] == 4
+    assert float(lines[1].split(",")[2]) == pytest.approx(summary["rate_bpd"][0], abs=1e-5)  # 5 decimals in the CSV
+    with open(os.path.join(out, "nll-test.json")) as f:
+        assert json.load(f)["num_examples"] == 4
 
 
 def test_figures_cli(tmp_path, capsys):
     """`evaluate.py figures` writes Figures 6-8 as PNGs of the expected grid sizes, and the loss curve from
     metrics.jsonl when matplotlib is installed."""
-    PIL = _pytest.importorskip("PIL.Image")
+    PIL = pytest.importorskip("PIL.Image")
     _tiny_model_checkpoint(str(tmp_path / "ckpt.pt"))
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step in range(0, 50, 10):
-            f.write(_json.dumps({"step": step, "loss": 1.0 / (step + 1), "lr": 1e-3}) + "\n")
+            f.write(json.dumps({"step": step, "loss": 1.0 / (step + 1), "lr": 1e-3}) + "\n")
         f.write('{"step": 50, "lo')  # a half-written line of a running job is skipped
     out = str(tmp_path / "fig")
     paths, _ = _run_cli(capsys, ["figures", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "2", "--frames", "4",
                                  "--samples-per-latent", "3", "--data", "digits", "--out", out, "--device", "cpu"])
     scale, tile = 8, 8 + 2  # 8x8 digits enlarged 8x; each tile has a 2-pixel border
-    sizes = {_os.path.basename(p): PIL.open(p).size for p in paths}
+    sizes = {os.path.basename(p): PIL.open(p).size for p in paths}
     assert sizes["fig6-progressive.png"] == ((4 * tile + 2) * scale, (2 * tile + 2) * scale)
     assert sizes["fig7-shared-latents.png"] == ((5 * tile + 2) * scale, (4 * tile + 2) * scale)  # x0, xt, 3 samples
     assert sizes["fig8-interpolation.png"] == ((13 * tile + 2) * scale, (2 * tile + 2) * scale)  # x0, 11 lambdas, x0'
