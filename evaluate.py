@@ -29,7 +29,6 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 import torch
-import torch.nn.functional as F
 
 import ddpm
 
@@ -316,7 +315,8 @@ def cmd_nll(args):
     plotted = plot_rate_distortion(stem + "-rate-distortion.png", rate, rmse)
 
     (m, s), (pm, _), (rm, rs), (dm, ds) = (summary[k] for k in ("total_bpd", "prior_bpd", "rate_bpd", "distortion_bpd"))
-    print(f"  NLL (the bound)      {m:.4f} ± {s:.4f} bits/dim   (mean ± standard error over {summary['num_examples']} images)")
+    print(f"  NLL (the bound)      {m:.4f} ± {s:.4f} bits/dim   (mean ± standard error, "
+          f"{summary['num_examples']} images)")
     print(f"  prior L_T            {pm:.3g} bits/dim")
     print(f"  rate L_1 + ... + L_T {rm:.4f} ± {rs:.4f} bits/dim")
     print(f"  distortion L_0       {dm:.4f} ± {ds:.4f} bits/dim")
@@ -361,7 +361,7 @@ def download_inception(url=INCEPTION_URL, cache=None, sha256=INCEPTION_SHA256):
                                  f"fetch {INCEPTION_FILENAME} by hand and pass --inception PATH")
             os.replace(tmp, path)
         except (urllib.error.URLError, OSError) as e:
-            raise RuntimeError(f"cannot download the Inception network ({e}); on a machine with internet access "
+            raise ConnectionError(f"cannot download the Inception network ({e}); on a machine with internet access "
                                f"fetch {url} and pass --inception PATH, or copy it to {path}") from None
         finally:
             if os.path.exists(tmp):
@@ -749,11 +749,12 @@ def cmd_figures(args):
 # ------------------------------------------------------------------------------------------------
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="evaluate.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("nll", help="the bound in bits/dim, rate, distortion and Table 4 (Table 1's NLL column)")
+    p = sub.add_parser("nll", allow_abbrev=False,
+                       help="the bound in bits/dim, rate, distortion and Table 4 (Table 1's NLL column)")
     add_model_args(p)
     p.add_argument("--data", default="cifar10", help="cifar10 | digits | a folder | a .npy/.npz (default: %(default)s)")
     p.add_argument("--split", default="test", choices=("train", "test"), help="'train' gives Table 1's (train) column")
@@ -770,20 +771,21 @@ def build_parser():
         p.add_argument("--device", default=default_device())
         p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("fid", help="FID of samples against reference statistics or a data set")
+    p = sub.add_parser("fid", allow_abbrev=False, help="FID of samples against reference statistics or a data set")
     p.add_argument("samples", help="a .npz of uint8 NHWC samples (ddpm.py sample) or a folder of PNGs")
     p.add_argument("--ref", required=True, help="a fid-stats .npz (mu, sigma) or a data set: cifar10, a folder, ...")
     p.add_argument("--ref-split", default="train", choices=("train", "test"), help="the paper: train")
     inception_args(p)
     p.set_defaults(func=cmd_fid)
 
-    p = sub.add_parser("is", help="Inception Score of samples (10 splits)")
+    p = sub.add_parser("is", allow_abbrev=False, help="Inception Score of samples (10 splits)")
     p.add_argument("samples", help="a .npz of uint8 NHWC samples (ddpm.py sample) or a folder of PNGs")
     p.add_argument("--splits", type=int, default=10)
     inception_args(p)
     p.set_defaults(func=cmd_is)
 
-    p = sub.add_parser("fid-stats", help="reference mu/sigma of a data set, in pytorch-fid/TTUR's .npz layout")
+    p = sub.add_parser("fid-stats", allow_abbrev=False,
+                       help="reference mu/sigma of a data set, in pytorch-fid/TTUR's .npz layout")
     p.add_argument("--data", default="cifar10")
     p.add_argument("--split", default="train", choices=("train", "test"))
     p.add_argument("--max-examples", type=int)
@@ -791,7 +793,7 @@ def build_parser():
     inception_args(p)
     p.set_defaults(func=cmd_fid_stats)
 
-    p = sub.add_parser("figures", help="Figures 6, 7, 8 and the training loss curve as PNGs")
+    p = sub.add_parser("figures", allow_abbrev=False, help="Figures 6, 7, 8 and the training loss curve as PNGs")
     add_model_args(p)
     p.add_argument("--n", type=int, default=8, help="rows of Figures 6 and 8")
     p.add_argument("--frames", type=int, default=10, help="x0 estimates per row of Figure 6")
@@ -811,7 +813,10 @@ def main(argv=None):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError, ConnectionError) as e:  # bad input: one sentence
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -597,7 +597,8 @@ def test_frechet_singular_covariances_stay_finite():
     """Rank-deficient covariances (fewer samples than features, or zero) give a finite distance, and the
     eps offset for an exactly singular product shifts it by no more than ~D * eps."""
     rng = np.random.default_rng(4)
-    low = evaluate.frechet_distance(np.zeros(16), _random_cov(rng, 16, rank=3), np.ones(16), _random_cov(rng, 16, rank=3))
+    s1, s2 = _random_cov(rng, 16, rank=3), _random_cov(rng, 16, rank=3)
+    low = evaluate.frechet_distance(np.zeros(16), s1, np.ones(16), s2)
     assert np.isfinite(low) and low > 0
     with pytest.warns(UserWarning, match="singular"):
         got = evaluate.frechet_distance(np.zeros(4), np.zeros((4, 4)), np.ones(4), np.zeros((4, 4)))
@@ -686,6 +687,12 @@ def test_inception_feature_path_end_to_end(tmp_path, capsys, inception_standin):
                                         "--inception", path, "--device", "cpu", "--no-progress"])
         (is_mean, is_std), is_out = _run_cli(capsys, ["is", str(tmp_path / "samples.npz"), "--inception", path,
                                                       "--splits", "4", "--device", "cpu", "--no-progress"])
+        PIL = pytest.importorskip("PIL.Image")
+        os.makedirs(tmp_path / "pngs")
+        for i, image in enumerate(samples):
+            PIL.fromarray(image).save(tmp_path / "pngs" / f"{i:03d}.png")
+        is_pngs, _ = _run_cli(capsys, ["is", str(tmp_path / "pngs"), "--inception", path, "--splits", "4",
+                                       "--device", "cpu", "--no-progress"])
     with torch.no_grad():
         nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)
         f_ref, f_smp = (net(nchw(a), return_features=True).double().numpy() for a in (ref, samples))
@@ -695,9 +702,10 @@ def test_inception_feature_path_end_to_end(tmp_path, capsys, inception_standin):
     # float32 network outputs accumulated in float64: batch-size-dependent round-off only
     assert np.allclose(mu, f_ref.mean(0), atol=1e-6) and np.allclose(sigma, np.cov(f_ref, rowvar=False), atol=1e-6)
     assert info["num_images"] == 40
-    expected = evaluate.frechet_distance(f_smp.mean(0), np.cov(f_smp, rowvar=False), f_ref.mean(0), np.cov(f_ref, rowvar=False))
+    expected = evaluate.frechet_distance(*evaluate.feature_statistics(f_smp), f_ref.mean(0), np.cov(f_ref, rowvar=False))
     assert fid == pytest.approx(expected, rel=1e-5) and fid_data == pytest.approx(expected, rel=1e-5) and fid > 0
     assert (is_mean, is_std) == pytest.approx(evaluate.inception_score(probs, 4), rel=1e-5)
+    assert is_pngs == pytest.approx((is_mean, is_std), rel=1e-9)  # PNG is lossless: the same images, same order
     got = evaluate.inception_outputs(net, samples, what="probs", batch_size=16, progress=False)
     assert np.allclose(got, probs, atol=1e-6) and not np.allclose(got, probs_bias, atol=1e-2)  # bias left out
     assert "40 samples" in out and "stats.npz (40 images of" in out and "40 samples" in is_out
@@ -722,7 +730,7 @@ def test_inception_download_checks_sha256(tmp_path, inception_standin):
     assert evaluate.sha256_file(cached) == digest
     with pytest.raises(ValueError, match="sha256"):
         evaluate.download_inception(url, str(tmp_path / "cache"))  # the cached stand-in is not the real network
-    with pytest.raises(RuntimeError, match="--inception PATH"):
+    with pytest.raises(ConnectionError, match="--inception PATH"):
         evaluate.download_inception("file:///nonexistent/inception.pt", str(tmp_path / "offline"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         evaluate.load_inception(str(tmp_path / "missing.pt"))
