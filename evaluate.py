@@ -1,11 +1,11 @@
 """The paper's Table 1 for any ddpm checkpoint: NLL in bits/dim (with rate, distortion and Table 4),
 FID and IS with the standard TF-compatible Inception, and the paper's figures.
 
-    python evaluate.py nll --checkpoint runs/cifar10/ckpt-800000.pt --data cifar10 --split test
+    python evaluate.py nll --checkpoint runs/cifar10/ckpt-0800000.pt --data cifar10 --split test
     python evaluate.py fid-stats --data cifar10 --split train          # reference mu/sigma, once
     python evaluate.py fid samples.npz --ref runs/eval/fid_stats_cifar10_train.npz
     python evaluate.py is samples.npz
-    python evaluate.py figures --checkpoint runs/cifar10/ckpt-800000.pt
+    python evaluate.py figures --checkpoint runs/cifar10/ckpt-0800000.pt
 
 `--weights PATH` replaces `--checkpoint PATH` for the authors' released models (ddpm.load_pretrained).
 It imports ddpm.py, torch, numpy and scipy; matplotlib (plots) and Pillow (PNGs) only where used.
@@ -125,9 +125,12 @@ def load_model_from_args(args, device):
 
 
 def model_name(args):
-    """A short name for output folders: the checkpoint or weights file name without its extension."""
-    path = (args.checkpoint or args.weights).rstrip("/\\")
-    return os.path.splitext(os.path.basename(path))[0]
+    """A name for output folders: <run folder>-<checkpoint name> (runs/cifar10/ckpt-0800000.pt ->
+    cifar10-ckpt-0800000), or the name of the --weights file or folder."""
+    if args.checkpoint:
+        path = os.path.abspath(args.checkpoint)
+        return f"{os.path.basename(os.path.dirname(path))}-{os.path.splitext(os.path.basename(path))[0]}"
+    return os.path.splitext(os.path.basename(args.weights.rstrip("/\\")))[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,8 +364,8 @@ def download_inception(url=INCEPTION_URL, cache=None, sha256=INCEPTION_SHA256):
                                  f"fetch {INCEPTION_FILENAME} by hand and pass --inception PATH")
             os.replace(tmp, path)
         except (urllib.error.URLError, OSError) as e:
-            raise ConnectionError(f"cannot download the Inception network ({e}); on a machine with internet access "
-                               f"fetch {url} and pass --inception PATH, or copy it to {path}") from None
+            raise ConnectionError(f"cannot download the Inception network ({e}); on a machine with internet "
+                                  f"access fetch {url} and pass --inception PATH, or copy it to {path}") from None
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -409,7 +412,7 @@ def load_images(source, split="train"):
 @torch.no_grad()
 def inception_outputs(network, images, *, what="features", batch_size=200, device="cpu", progress=True):
     """Run the Inception network over uint8 images [N, H, W, C] (C = 1 is repeated to 3, as StyleGAN2-ADA
-    does) and return float64 [N, D]: the pool features (what='features', D = 2048 for the real network)
+    does) and return float32 [N, D]: the pool features (what='features', D = 2048 for the real network)
     or the class probabilities from the logits without bias (what='probs', D = 1008)."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -424,7 +427,7 @@ def inception_outputs(network, images, *, what="features", batch_size=200, devic
         x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).to(device).permute(0, 3, 1, 2)
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
-        outputs.append(network(x, **kwargs).double().cpu().numpy())
+        outputs.append(network(x, **kwargs).float().cpu().numpy())
         bar.update(len(x))
     bar.close()
     return np.concatenate(outputs)
@@ -435,11 +438,17 @@ def inception_outputs(network, images, *, what="features", batch_size=200, devic
 # ------------------------------------------------------------------------------------------------
 
 def feature_statistics(features):
-    """(mu [D], sigma [D, D]) of features [N, D], with the unbiased covariance as pytorch-fid and TTUR use."""
-    features = np.asarray(features, dtype=np.float64)
+    """(mu [D], sigma [D, D]) in float64 of features [N, D], with the unbiased covariance (np.cov's), as
+    pytorch-fid and TTUR use. Summed in float64 chunks: 50,000 x 2048 features are never copied whole."""
+    features = np.asarray(features)
     if features.ndim != 2 or len(features) < 2:
         raise ValueError(f"need features [N >= 2, D], got shape {features.shape}")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+    mu = features.mean(axis=0, dtype=np.float64)
+    sigma = np.zeros((features.shape[1], features.shape[1]))
+    for s in range(0, len(features), 10_000):
+        centered = features[s:s + 10_000].astype(np.float64) - mu
+        sigma += centered.T @ centered
+    return mu, sigma / (len(features) - 1)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):

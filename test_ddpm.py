@@ -611,6 +611,15 @@ def test_frechet_rejects_mismatched_shapes():
         evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
+def test_feature_statistics_are_the_mean_and_np_cov():
+    """feature_statistics, summed in 10,000-row chunks, equals np.mean and the unbiased np.cov."""
+    features = np.random.default_rng(8).standard_normal((25_000, 3)).astype(np.float32) * [1, 2, 3] + 5
+    mu, sigma = evaluate.feature_statistics(features)
+    # both in float64 from the same float32 values; only summation order differs
+    np.testing.assert_allclose(mu, features.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(features.astype(np.float64), rowvar=False), rtol=1e-10)
+
+
 def test_inception_score_bounds():
     """Identical predictions give IS 1; one-hot predictions spread uniformly over K classes give IS K."""
     rng = np.random.default_rng(5)
