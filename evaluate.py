@@ -709,6 +709,8 @@ def cmd_figures(args):
     device = torch.device(args.device)
     model, diffusion, config = load_model_from_args(args, device)
     T, C, R = diffusion.num_timesteps, config.model.in_channels, config.model.resolution
+    if args.interp_t is not None and not 1 <= args.interp_t <= T:
+        raise ValueError(f"--interp-t must be a paper timestep 1..{T}, got {args.interp_t}")
     out = args.out or os.path.join("runs", "eval", model_name(args))
     os.makedirs(out, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -734,7 +736,7 @@ def cmd_figures(args):
     save_png(os.path.join(out, "fig7-shared-latents.png"), image_grid(rows), scale)
     written.append("fig7-shared-latents.png")
 
-    t = max(0, T // 2 - 1)  # the paper interpolates at t = 500 of 1000
+    t = (args.interp_t or max(1, T // 2)) - 1  # the paper interpolates 256x256 images at t = 500 of 1000
     rows = torch.stack([torch.cat([sources[2 * k][None], interpolate(model, diffusion, sources[2 * k],
                                                                      sources[2 * k + 1], t, 11, generator),
                                    sources[2 * k + 1][None]]) for k in range(args.n)])
@@ -807,6 +809,8 @@ def build_parser():
     p.add_argument("--n", type=int, default=8, help="rows of Figures 6 and 8")
     p.add_argument("--frames", type=int, default=10, help="x0 estimates per row of Figure 6")
     p.add_argument("--samples-per-latent", type=int, default=6, help="draws from p(x0|xt) per row of Figure 7")
+    p.add_argument("--interp-t", type=int, help="paper t (1..T) of Figure 8's latents (default: T/2, the paper's "
+                   "500; small images keep their identity only at smaller t, the paper's Figure 9)")
     p.add_argument("--data", help="source images for Figures 7-8 (default: fresh samples)")
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--metrics", help="metrics.jsonl for the loss curve (default: next to --checkpoint)")

@@ -1239,7 +1239,8 @@ def test_figures_cli(tmp_path, capsys):
         f.write('{"step": 50, "lo')  # a half-written line of a running job is skipped
     out = str(tmp_path / "fig")
     paths, _ = _run_cli(capsys, ["figures", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "2", "--frames", "4",
-                                 "--samples-per-latent", "3", "--data", "digits", "--out", out, "--device", "cpu"])
+                                 "--samples-per-latent", "3", "--data", "digits", "--interp-t", "5", "--out", out,
+                                 "--device", "cpu"])
     scale, tile = 8, 8 + 2  # 8x8 digits enlarged 8x; each tile has a 2-pixel border
     sizes = {os.path.basename(p): PIL.open(p).size for p in paths}
     assert sizes["fig6-progressive.png"] == ((4 * tile + 2) * scale, (2 * tile + 2) * scale)
@@ -1250,3 +1251,5 @@ def test_figures_cli(tmp_path, capsys):
         assert "loss.png" in sizes
     except ImportError:
         assert "loss.png" not in sizes
+    with pytest.raises(SystemExit, match="interp-t"):
+        evaluate.main(["figures", "--checkpoint", str(tmp_path / "ckpt.pt"), "--interp-t", "26", "--device", "cpu"])
