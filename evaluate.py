@@ -344,10 +344,15 @@ INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrain
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 
 
+def cache_dir():
+    """Where downloads live, as for ddpm.py's CIFAR-10 archive: $DDPM_CACHE, else ~/.cache/ddpm."""
+    return os.environ.get("DDPM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ddpm")
+
+
 def download_inception(url=INCEPTION_URL, cache=None, sha256=INCEPTION_SHA256):
-    """The path of the Inception network in the cache folder (ddpm.cache_dir()), downloaded once and checked
+    """The path of the Inception network in the cache folder (cache_dir()), downloaded once and checked
     against `sha256` each time, so a corrupt or substituted file is refused before it produces a number."""
-    cache = cache or ddpm.cache_dir()
+    cache = cache or cache_dir()
     path = os.path.join(cache, INCEPTION_FILENAME)
     if not os.path.exists(path):
         os.makedirs(cache, exist_ok=True)
@@ -557,25 +562,27 @@ def cmd_fid_stats(args):
 
 
 def cmd_fid(args):
+    # Read and check every input before the long Inception passes.
     samples = load_images(args.samples)
-    network, digest = load_inception(args.inception, args.device)
     if is_stats_file(args.ref):
         mu_ref, sigma_ref, info = load_fid_stats(args.ref)
-        ref_desc = args.ref + (f" ({info['num_images']:,} images of {info.get('source', '?')})"
-                               if "num_images" in info else "")
-        if info.get("inception_sha256", digest) != digest:
-            print(f"WARNING: {args.ref} was computed with another Inception network; this FID is meaningless",
-                  file=sys.stderr)
+        ref, ref_desc = None, args.ref + (f" ({info['num_images']:,} images of {info.get('source', '?')})"
+                                          if "num_images" in info else "")
     else:
-        ref = load_images(args.ref, args.ref_split)
+        ref, info = load_images(args.ref, args.ref_split), {}
+        ref_desc = f"{args.ref} {args.ref_split} ({len(ref):,} images)"
         if ref.shape[1:3] != samples.shape[1:3]:
             print(f"WARNING: samples are {samples.shape[1]}x{samples.shape[2]} but the reference is "
                   f"{ref.shape[1]}x{ref.shape[2]}", file=sys.stderr)
-        mu_ref, sigma_ref = feature_statistics(inception_outputs(network, ref, batch_size=args.batch_size,
-                                                                 device=args.device, progress=not args.no_progress))
-        ref_desc = f"{args.ref} {args.ref_split} ({len(ref):,} images)"
-    mu, sigma = feature_statistics(inception_outputs(network, samples, batch_size=args.batch_size,
-                                                     device=args.device, progress=not args.no_progress))
+    network, digest = load_inception(args.inception, args.device)
+    if info.get("inception_sha256", digest) != digest:
+        print(f"WARNING: {args.ref} was computed with another Inception network; this FID is meaningless",
+              file=sys.stderr)
+    run = lambda images: feature_statistics(inception_outputs(network, images, batch_size=args.batch_size,
+                                                              device=args.device, progress=not args.no_progress))
+    if ref is not None:
+        mu_ref, sigma_ref = run(ref)
+    mu, sigma = run(samples)
     fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
     print(f"FID {fid:.4f}: {len(samples):,} samples from {args.samples} against {ref_desc}")
     print(f"  protocol of {PAPER_PROTOCOL}")
@@ -822,6 +829,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *_args, **_kwargs: f"WARNING: {message}\n"  # one line, no source
     for name in ("batch_size", "max_examples", "n", "frames", "samples_per_latent", "splits"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

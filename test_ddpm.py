@@ -1009,6 +1009,7 @@ class _InceptionStandIn(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(nn.Conv2d(3, 12, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
         self.output = nn.Linear(12, 10)
+        nn.init.normal_(self.output.weight, std=3.0)  # predictions that vary between images
         nn.init.normal_(self.output.bias, std=3.0)  # a large bias, so no_output_bias visibly matters
 
     def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
@@ -1092,7 +1093,7 @@ def test_inception_feature_path_end_to_end(tmp_path, capsys, inception_standin):
     assert np.allclose(got, want, atol=1e-6)
 
 
-def test_inception_download_checks_sha256(tmp_path, inception_standin):
+def test_inception_download_checks_sha256(tmp_path, monkeypatch, inception_standin):
     """A download with the right sha256 is cached and loads; a wrong one is refused and nothing is kept;
     a cached file that changed is refused; a missing --inception file raises."""
     _, path = inception_standin
@@ -1105,8 +1106,9 @@ def test_inception_download_checks_sha256(tmp_path, inception_standin):
     assert evaluate.sha256_file(cached) == digest
     with pytest.raises(ValueError, match="sha256"):
         evaluate.download_inception(url, str(tmp_path / "cache"))  # the cached stand-in is not the real network
-    with pytest.raises(ConnectionError, match="--inception PATH"):
-        evaluate.download_inception("file:///nonexistent/inception.pt", str(tmp_path / "offline"))
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "offline"))  # offline and nothing cached: say where to put it
+    with pytest.raises(ConnectionError, match=f"--inception PATH, or copy it to {tmp_path / 'offline'}"):
+        evaluate.download_inception("file:///nonexistent/inception.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         evaluate.load_inception(str(tmp_path / "missing.pt"))
     with pytest.warns(UserWarning, match="not the standard"):
@@ -1133,6 +1135,11 @@ def test_inception_bad_input(tmp_path, inception_standin):
         evaluate.is_stats_file(str(tmp_path / "half_stats.npz"))
     with pytest.raises(FileNotFoundError):
         evaluate.load_fid_stats(str(tmp_path / "nope.npz"))
+    # Through the CLI: one sentence, before any network is loaded (--inception names no file at all).
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit, match="error: .*no 'mu'/'sigma'"):
+        evaluate.main(["fid", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "bad_stats.npz"),
+                       "--inception", str(tmp_path / "nope.pt")])
 
 
 def _tiny_model_checkpoint(path, T=25, seed=0):
