@@ -188,12 +188,12 @@ class GaussianDiffusion:
             else np.maximum(self.posterior_variance, 1e-20))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
-        self._buffers = {}  # (id(array), device, dtype) -> tensor, so each buffer is copied once per device
+        self._buffers = {}  # (array bytes, device, dtype) -> tensor, so each buffer is copied once per device
 
     def _extract(self, arr, t, x):
         """arr[t] for a float64 numpy buffer arr [T] and indices t [N], shaped [N, 1, ..., 1] like x."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        key = (id(arr), x.device, dtype)
+        key = (arr.tobytes(), x.device, dtype)  # by content: a freed temporary's id() is reused by the next one
         if key not in self._buffers:
             self._buffers[key] = torch.as_tensor(arr, dtype=dtype).to(x.device)
         return self._buffers[key][t].reshape(-1, *([1] * (x.dim() - 1)))

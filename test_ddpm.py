@@ -209,3 +209,15 @@ def test_p_sample_equals_diffusers_ddpm_scheduler_at_every_t(variance_type):
     assert ours_var0.item() == pytest.approx(5.4531876613021935e-05, rel=1e-6)  # float32 cast of the float64 value
     diffusers_var0 = {"fixed_large": 1e-4, "fixed_small": 1e-20}[variance_type]
     assert scheduler._get_variance(0).item() == pytest.approx(diffusers_var0, rel=1e-6)
+
+
+def test_extract_cache_never_serves_another_array_at_the_same_address():
+    """_extract keys its cache on content, so an array with a reused id() but new values gets its own values."""
+    # Regression: the cache keyed on id(arr). predict_start_from_prev frees 1/coef1 before coef2/coef1 is made, often
+    # at the same address, and then read 1/coef1 for both (x_0 -> mu~ -> x_0 came back off by ~1 at t=1). Mutating one
+    # array in place gives the same id with new values deterministically, whatever the allocator does.
+    d = ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule("linear", 1000))
+    arr, t, x = d.betas.copy(), torch.tensor([0, 999]), torch.zeros(2, 3)
+    assert torch.equal(d._extract(arr, t, x).flatten(), torch.tensor([1e-4, 0.02], dtype=torch.float32))
+    arr[:] = d.alphas_cumprod
+    assert torch.equal(d._extract(arr, t, x).flatten(), torch.from_numpy(d.alphas_cumprod[[0, 999]]).float())
