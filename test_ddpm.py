@@ -46,7 +46,7 @@ def assert_same_weights(a, b):
 
 
 def test_cifar10_diffusers_snapshot_loads_exactly_in_safetensors_and_bin(tmp_path):
-    """The exact google/ddpm-cifar10-32 U-Net, saved by diffusers either way, loads into our UNet as the same function."""
+    """The exact google/ddpm-cifar10-32 U-Net, saved by diffusers either way, loads into UNet as the same function."""
     torch.manual_seed(0)
     unet = ddpm_unet2d((128, 256, 256, 256), attn_level=1, sample_size=32, dropout=0.1)
     unet.save_pretrained(tmp_path / "safetensors", safe_serialization=True)
@@ -183,7 +183,8 @@ def test_p_sample_equals_diffusers_ddpm_scheduler_at_every_t(variance_type):
     for dtype in (torch.float32, torch.float64):
         x, model_output = x_t.to(dtype), eps.to(dtype)
         # diffusers draws its noise inside step() from the generator we pass: seed i at t = i, same draw here.
-        z = torch.stack([torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(i), dtype=dtype) for i in range(T)])
+        z = torch.stack([torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(i), dtype=dtype)
+                         for i in range(T)])
         ours = diffusion.p_sample(lambda *_: model_output, x, t, noise=z)
         assert 0.2 < (ours["pred_xstart"].abs() == 1).double().mean() < 0.8  # both clipped and unclipped x0 occur
         if dtype == torch.float64:  # diffusers' step with its abar replaced by the exact float64 one
