@@ -746,7 +746,8 @@ def diffusers_to_official(state_dict):
 
     diffusers numbers up_blocks from the deepest level (up_blocks.0 is the official up[L-1]), calls the 1x1 skip
     conv conv_shortcut, and keeps attention q, k, v and output as Linear [C, C] weights, the official 1x1 convs.
-    The google/ddpm-* files of 2022 say query/key/value/proj_attn for to_q/to_k/to_v/to_out.0; both are read.
+    Files saved before diffusers renamed its attention layers (diffusers still converts them on load) say
+    query/key/value/proj_attn for to_q/to_k/to_v/to_out.0; both are read.
     """
     levels = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("down_blocks.")), default=0)
     rules = [(r"^time_embedding\.linear_([12])\.", lambda m: f"temb.dense.{int(m[1]) - 1}."),

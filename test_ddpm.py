@@ -74,8 +74,8 @@ def test_256_layout_at_reduced_width_loads_exactly_and_samples_with_fixedsmall(t
         (32, (1, 1, 2, 2, 4, 4), (2,), 32)
     assert_same_function(model, unet)
 
-    # Files saved before diffusers renamed its attention layers (the google/ddpm-* .bin date from July 2022, and
-    # diffusers still renames their keys on load) say query/key/value/proj_attn for to_q/to_k/to_v/to_out.0.
+    # Files saved before diffusers renamed its attention layers (the google/ddpm-* .bin date from July 2022;
+    # diffusers still renames such keys on load) say query/key/value/proj_attn for to_q/to_k/to_v/to_out.0.
     old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     old = {}
     for key, value in unet.state_dict().items():
