@@ -1095,7 +1095,7 @@ def train(config, resume=False):
 
     model.train()
     steps = range(start, tc.steps) if tc.steps else itertools.count(start)  # steps 0: until stopped
-    t_log, step_log, step = time.time(), start, start
+    t_log, step_log, step, stopping = time.time(), start, start, False
     try:
         for step in _progress(steps, tc.steps - start, "training", rank == 0 and tc.steps > 0):
             lr = tc.lr * min(step / tc.warmup, 1.0) if tc.warmup else tc.lr  # k = step: the first update has lr 0
@@ -1164,13 +1164,18 @@ def train(config, resume=False):
             signal.signal(sig, handler)
     if rank == 0:
         print(f"trained steps {start}..{step} in {(time.time() - t_start) / 60:.1f} min; run directory {out}")
-    if rank == 0 and tc.eval_bpd and not stop:
+    if tc.eval_bpd and not stopping:  # each rank takes every world-th test image
         test = load_data(tc.data, "test", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
-        bpd = dataset_bpd(ema, diffusion, test[:tc.eval_bpd], tc.batch_size, seed=tc.seed)
-        print(f"test NLL {bpd.mean():.4f} +- {bpd.std(ddof=1) / len(bpd) ** 0.5:.4f} bits/dim on {len(bpd)} "
-              f"{tc.data} test images (calc_bpd_loop, EMA weights, T={T})")
-        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, "test_bpd": float(bpd.mean()), "test_images": len(bpd)}) + "\n")
+        bpd = dataset_bpd(ema, diffusion, test[:tc.eval_bpd][rank::world], tc.batch_size, seed=tc.seed + rank)
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, bpd)
+            bpd = np.concatenate(parts)
+        if rank == 0:
+            print(f"test NLL {bpd.mean():.4f} +- {bpd.std(ddof=1) / len(bpd) ** 0.5:.4f} bits/dim on {len(bpd)} "
+                  f"{tc.data} test images (calc_bpd_loop, EMA weights, T={T})")
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "test_bpd": float(bpd.mean()), "test_images": len(bpd)}) + "\n")
     return out
 
 

@@ -226,12 +226,13 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path, images):
 def test_ddp_two_gloo_processes_equal_one_process(tmp_path, images):
     """torchrun with 2 CPU processes (gloo) and the global batch split in two trains the same weights as one process
     (dropout off: each rank has its own dropout stream, so only with dropout 0 are the two runs the same function)."""
-    flags = ["--data", images, "--steps", "3", "--log-every", "3", "--ckpt-every", "3", "--model.dropout", "0"]
+    flags = ["--data", images, "--steps", "3", "--log-every", "3", "--ckpt-every", "3", "--model.dropout", "0",
+             "--eval-bpd", "5"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            DDPM_PY, "train", *TINY_FLAGS, *flags, "--out", str(tmp_path / "ddp")],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2 rank(s)" in proc.stdout
+    assert "2 rank(s)" in proc.stdout and "bits/dim on 5" in proc.stdout  # the NLL is split across the ranks
     ddpm.main(["train", *TINY_FLAGS, *flags, "--out", str(tmp_path / "one")])
     ddp, one = (torch.load(tmp_path / d / "ckpt-0000003.pt", weights_only=True) for d in ("ddp", "one"))
     assert len(ddp["rng"]["torch"]) == 2
