@@ -15,17 +15,30 @@ index 0 already means one step of noise and x_0 (the data) has no index of its o
 
 It imports torch, numpy and the standard library only, so it can be copied alone.
 """
+import argparse
+import copy
 import dataclasses
+import functools
+import glob
+import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
+import pickle
+import random
 import re
+import signal
 import sys
+import tarfile
+import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -36,7 +49,9 @@ def _progress(iterable, total=None, desc="", enable=True):
         return iterable
     try:
         from tqdm.auto import tqdm
-        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
+        # In a log file (not a terminal) redraw once a minute, so a week-long run does not write gigabytes.
+        interval = 0.1 if sys.stderr.isatty() else 60
+        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=interval)
     except ImportError:
         pass
     total = total if total is not None else len(iterable)
@@ -605,8 +620,17 @@ class TrainConfig:
     grad_clip: float = 1.0                   # global gradient norm
     ema_decay: float = 0.9999
     randflip: bool = True                    # random horizontal flips, p=0.5 per image
-    steps: int = 800_000                     # the paper's CIFAR-10 run; the released checkpoint is at 790k
-    seed: int = 0
+    steps: int = 800_000                     # the paper's CIFAR-10 run; the released checkpoint is at 790k; 0 = until stopped
+    seed: int = 0                            # model init, data order, t, noise, flips and dropout all follow from it
+    resize: bool = False                     # center-crop and resize images of another size to model.resolution
+    log_every: int = 100                     # steps per log line; also how often DDP ranks agree to stop on a signal
+    sample_every: int = 10_000               # steps per EMA sample grid (samples-{step}.png); 0 = never
+    ckpt_every: int = 5000                   # steps per checkpoint; one is also written at the end and on SIGINT/SIGTERM
+    keep_ckpts: int = 2                      # keep the newest K checkpoints (the official keep_checkpoint_max=2)
+    eval_bpd: int = 0                        # after training, the test-set NLL of the EMA on this many images; 0 = skip
+    precision: str = "fp32"                  # fp32 | bf16: bf16 autocasts the forward; weights, Adam and EMA stay fp32
+    compile: bool = False                    # torch.compile the training forward
+    out: str = ""                            # the run directory; "" means runs/<preset>
 
 
 @dataclass
@@ -661,13 +685,15 @@ PRESETS = {
     # The paper's appendix says flips everywhere but bedroom; the official script turns them off for cat.
     # The official code wins.
     "lsun_cat256": lambda: _preset_256("lsun_cat", randflip=False),
-    # The CPU demo: scikit-learn's 8x8 digits on 2 cores in minutes. Everything but the size is the paper's
-    # choice, except a shorter warmup, a larger lr and a faster EMA, which a 6k-step run needs.
+    # The CPU demo (`make demo`): scikit-learn's 8x8 digits on 2 cores in about 10 minutes, T=1000 as in the
+    # paper. A 0.7M-parameter U-Net, and a larger lr, a shorter warmup and a faster EMA than the paper's,
+    # which a 1,000-step run needs. No flips: digits are not mirror-symmetric.
     "digits": lambda: Config(preset="digits",
-                             model=ModelConfig(ch=64, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,),
+                             model=ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                                                dropout=0.1, in_channels=1, resolution=8),
-                             train=TrainConfig(data="digits", lr=1e-3, batch_size=128, warmup=200,
-                                               ema_decay=0.999, randflip=False, steps=6000)),
+                             train=TrainConfig(data="digits", lr=2e-3, batch_size=128, warmup=100, ema_decay=0.995,
+                                               randflip=False, steps=1000, sample_every=1000, ckpt_every=500,
+                                               eval_bpd=100)),
 }
 
 
@@ -861,3 +887,606 @@ def load_pretrained(path, device="cpu", preset=None):
         raise ValueError(f"{path!r} does not fit the DDPM U-Net its shapes describe; it is damaged or another "
                          f"model: {type(e).__name__}: {e}") from None
     return model.to(device).eval(), diffusion, config
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Data: uint8 NHWC arrays in memory, scaled to [-1, 1] per batch as the official tpu_utils does
+# ------------------------------------------------------------------------------------------------
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+DIGITS_NUM_TRAIN = 1500  # digits split: images 0..1499 train, 1500..1796 (297 images) the held-out test set
+
+
+def _md5(path):
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+def load_cifar10(split="train"):
+    """CIFAR-10 as uint8 [N, 32, 32, 3] (50,000 train / 10,000 test), from the official python archive.
+
+    The archive is downloaded once into $DDPM_CACHE (default ~/.cache/ddpm) and its md5 checked on every
+    load, so a machine without network works as soon as the file is there. The pickles need numpy alone.
+    """
+    cache = os.environ.get("DDPM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ddpm")
+    path = os.path.join(cache, "cifar-10-python.tar.gz")
+    if not os.path.isfile(path):
+        import urllib.request
+        os.makedirs(cache, exist_ok=True)
+        print(f"downloading {CIFAR10_URL} to {path}", file=sys.stderr)
+        try:
+            urllib.request.urlretrieve(CIFAR10_URL, path + ".part")
+        except OSError as e:
+            raise ConnectionError(f"cannot download CIFAR-10 ({e}); without network, copy cifar-10-python.tar.gz "
+                                  f"from {CIFAR10_URL} into {cache} (or set DDPM_CACHE)") from None
+        os.replace(path + ".part", path)
+    if _md5(path) != CIFAR10_MD5:
+        raise ValueError(f"{path} has the wrong md5 (corrupt or truncated download); delete it and run again "
+                         f"to download it afresh, or copy in a good cifar-10-python.tar.gz")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    with tarfile.open(path, "r:gz") as tar:
+        # The md5 above pins the official file, so unpickling it is safe.
+        batches = [pickle.load(tar.extractfile(f"cifar-10-batches-py/{n}"), encoding="bytes")[b"data"]
+                   for n in names]
+    return np.concatenate(batches).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()  # NCHW rows -> NHWC
+
+
+def load_digits(split="train"):
+    """scikit-learn's bundled 8x8 digits (1,797 images, 0..16) as uint8 [N, 8, 8, 1] scaled to 0..255.
+    The split is fixed: the first 1,500 images train, the last 297 (other writers) are held out as 'test'."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise ImportError("--data digits needs scikit-learn: pip install scikit-learn") from None
+    x = np.round(sklearn_digits().images * (255 / 16)).astype(np.uint8)[..., None]
+    return x[:DIGITS_NUM_TRAIN] if split == "train" else x[DIGITS_NUM_TRAIN:]
+
+
+def _resize(x, resolution):
+    """Center-crop uint8 [N, H, W, C] images to a square and resize them (bicubic, antialiased)."""
+    H, W = x.shape[1:3]
+    s = min(H, W)
+    x = torch.from_numpy(np.array(x[:, (H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s]))  # a copy
+    x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(resolution, resolution), mode="bicubic", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def load_image_folder(path, resolution=None, resize=False):
+    """Every image under `path` (sorted, recursively) as uint8 [N, H, W, C]: C=1 if all are grayscale,
+    else 3. Images of mixed sizes need resize=True, which center-crops and resizes them to `resolution`."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise ImportError("--data FOLDER needs Pillow: pip install pillow") from None
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
+    if not files:
+        raise ValueError(f"folder {path!r} holds no images; point --data at a folder of .png/.jpg files")
+    images = []
+    for f in _progress(files, len(files), "reading images", len(files) > 1000):
+        try:
+            with Image.open(f) as im:
+                images.append(im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"))
+        except (UnidentifiedImageError, OSError):
+            raise ValueError(f"{f} is not an image Pillow can read; remove it from {path}") from None
+    mode = "L" if all(im.mode == "L" for im in images) else "RGB"
+    arrays = [np.asarray(im.convert(mode)).reshape(im.height, im.width, -1) for im in images]
+    sizes = sorted({a.shape[:2] for a in arrays})
+    if resize and resolution and sizes != [(resolution, resolution)]:
+        arrays = [_resize(a[None], resolution)[0] for a in arrays]
+    elif len(sizes) > 1:
+        raise ValueError(f"the images in {path!r} have mixed sizes ({sizes[0]} ... {sizes[-1]}); pass --resize "
+                         f"to center-crop and resize them to the model's resolution")
+    return np.stack(arrays)
+
+
+def load_data(source, split="train", *, resolution=None, in_channels=None, resize=False):
+    """Images as a uint8 numpy array [N, H, W, C] from `source`:
+    'cifar10' | 'digits' | a folder of images | a .npy/.npz file of uint8 NHWC (or NHW) images.
+
+    split: 'train' or 'test' for cifar10 and digits; a folder or an array is one split, returned whole
+    whichever split is asked, so point `source` at the images you mean. `resolution` and `in_channels`,
+    when given, are checked against the model; resize=True center-crops and resizes instead of refusing.
+    A .npy is memory-mapped, so arrays larger than memory work for training.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+    if source == "cifar10":
+        x = load_cifar10(split)
+    elif source == "digits":
+        x = load_digits(split)
+    elif not os.path.exists(source):
+        raise FileNotFoundError(f"--data {source!r} is not 'cifar10' or 'digits' and no such file or folder "
+                                f"exists; pass a dataset name, a folder of images, or a .npy/.npz file")
+    elif os.path.isdir(source):
+        x = load_image_folder(source, resolution, resize)
+    elif source.endswith(".npy"):
+        x = np.load(source, mmap_mode="r")
+    elif source.endswith(".npz"):
+        with np.load(source) as f:
+            keys = list(f.keys())
+            if "arr_0" not in keys and len(keys) != 1:
+                raise ValueError(f"{source} holds arrays {keys}; save the images under the key 'arr_0'")
+            x = f["arr_0" if "arr_0" in keys else keys[0]]
+    else:
+        raise ValueError(f"--data {source!r} is a file but not .npy/.npz; pass a folder of images, or save "
+                         f"the images as a uint8 NHWC array with numpy.save")
+    if x.ndim == 3:
+        x = x[..., None]  # NHW grayscale -> NHW1
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"{source} holds a {x.dtype} array of shape {x.shape}; it must be uint8 images "
+                         f"[N, H, W, C] with C = 1 or 3 (pixel values 0..255)")
+    if resolution and x.shape[1:3] != (resolution, resolution):
+        if not resize:
+            raise ValueError(f"{source} holds {x.shape[1]}x{x.shape[2]} images but the model is {resolution}x"
+                             f"{resolution}; pass --resize to center-crop and resize them, or set --model.resolution")
+        x = _resize(x, resolution)
+    if in_channels and x.shape[-1] != in_channels:
+        kind = {1: "grayscale", 3: "RGB"}
+        raise ValueError(f"{source} holds {kind[x.shape[-1]]} images but the model takes "
+                         f"{kind.get(in_channels, in_channels)} (in_channels={in_channels}); "
+                         f"set --model.in-channels {x.shape[-1]} or convert the images")
+    return x
+
+
+def normalize_data(x):
+    """uint8 images [N, H, W, C] (numpy or tensor) -> float32 tensor [N, C, H, W] in [-1, 1]: x/127.5 - 1."""
+    x = x if torch.is_tensor(x) else torch.from_numpy(np.array(x))  # a copy: memmaps are read-only
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def unnormalize_data(x):
+    """float images [N, C, H, W] in [-1, 1] -> uint8 numpy [N, H, W, C]: (x+1)*127.5, clipped to
+    [0, 255] and truncated, as the official image dumps do (so it is not an exact inverse of normalize_data:
+    float rounding can turn a pixel v into v - 1)."""
+    return ((x.detach().float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. Training (Algorithm 1): Adam with warmup, global-norm clipping, EMA, crash-safe checkpoints, DDP
+# ------------------------------------------------------------------------------------------------
+
+# train fields a resumed run may change; any other difference from the checkpoint's config refuses to resume
+RESUMABLE_FIELDS = ("steps", "log_every", "sample_every", "ckpt_every", "keep_ckpts", "eval_bpd", "precision",
+                    "compile", "out")
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed, epoch, n):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(step, batch_size, num_examples, seed):
+    """Dataset indices of the global batch at `step`: positions step*B .. step*B+B-1 of an endless chain of
+    per-epoch shuffles. The data order is a function of (seed, step), so a resumed run continues it exactly."""
+    pos = step * batch_size + np.arange(batch_size)
+    epoch = pos // num_examples
+    return np.concatenate([_epoch_permutation(seed, e, num_examples)[pos[epoch == e] % num_examples]
+                           for e in np.unique(epoch)])
+
+
+def list_checkpoints(out):
+    """The ckpt-{step:07d}.pt files in a run directory, oldest first (temporary .tmp files are not listed)."""
+    steps = {p: os.path.basename(p)[5:-3] for p in glob.glob(os.path.join(glob.escape(out), "ckpt-*.pt"))}
+    return sorted((p for p in steps if steps[p].isdigit()), key=lambda p: int(steps[p]))
+
+
+def config_diff(config, other):
+    """'section.field: other -> config' for every field where two Configs differ (preset names aside)."""
+    a, b = config.to_dict(), other.to_dict()
+    return [f"{sec}.{k}: {b[sec][k]!r} -> {a[sec][k]!r}" for sec in a if isinstance(a[sec], dict)
+            for k in a[sec] if a[sec][k] != b[sec][k]]
+
+
+def _rng_state(generator, world):
+    """Every RNG the run draws from: torch CPU/CUDA (dropout; one per rank), numpy, python and the generator of
+    t, noise and flips. numpy's key becomes a tensor so the checkpoint stays weights_only-loadable."""
+    local = [torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None]
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, local) if world > 1 else per_rank.__setitem__(0, local)
+    np_state = np.random.get_state()
+    return {"torch": [s[0] for s in per_rank], "cuda": [s[1] for s in per_rank], "generator": generator.get_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def _set_rng_state(state, generator, rank, world):
+    generator.set_state(state["generator"])
+    np.random.set_state((state["numpy"][0], state["numpy"][1].numpy().astype(np.uint32), *state["numpy"][2:]))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    if len(state["torch"]) != world:  # another world size: dropout streams cannot be mapped, so reseed them
+        print(f"note: resuming {len(state['torch'])} rank(s) as {world}; dropout is reseeded, not bit for bit")
+        return
+    torch.set_rng_state(state["torch"][rank])
+    if state["cuda"][rank] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"][rank])
+
+
+def _log(line):
+    """Print a line without breaking a tqdm bar."""
+    try:
+        from tqdm.auto import tqdm
+        tqdm.write(line)
+    except ImportError:
+        print(line, flush=True)
+
+
+def setup_distributed():
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL with one GPU
+    per local rank, gloo on CPU. One process without torchrun is rank 0 of 1, on the GPU if there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def train(config, resume=False):
+    """Algorithm 1 with the official recipe: t ~ U{0..T-1}, L_simple (or config.diffusion.loss_type) averaged over
+    the global batch, Adam(eps 1e-8) with lr_k = lr * min(k / warmup, 1) for the k-th update (k from 0), gradients
+    clipped at global norm grad_clip, then EMA <- decay * EMA + (1 - decay) * theta with decay 1e-10 at the first
+    update (a copy) and ema_decay after. Training continues from the raw weights; samples and NLL use the EMA.
+
+    Writes config.json, metrics.jsonl, samples-{step}.png and ckpt-{step:07d}.pt into the run directory
+    (rank 0 only). resume=True continues from the newest readable checkpoint there, bit for bit on CPU.
+    Returns the run directory.
+    """
+    tc, T, t_start = config.train, config.diffusion.num_timesteps, time.time()
+    rank, world, device = setup_distributed()
+    out = tc.out or os.path.join("runs", config.preset)
+    if tc.batch_size % world:
+        raise ValueError(f"--batch-size {tc.batch_size} does not split across {world} ranks; use a multiple of {world}")
+    if tc.precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {tc.precision!r}; choose fp32 or bf16")
+    m = config.model
+    data = load_data(tc.data, "train", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
+    if len(data) < tc.batch_size:
+        raise ValueError(f"--data {tc.data} holds {len(data)} images, fewer than one batch of {tc.batch_size}; "
+                         f"lower --batch-size or add images")
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank and in every run with this seed
+    model, diffusion = create_model_and_diffusion(config)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # the layout cuDNN's fastest convolutions use
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
+    torch.manual_seed(tc.seed + 1 + rank)  # dropout: its own stream per rank
+    generator = torch.Generator(device).manual_seed(tc.seed)  # t, noise and flips of the global batch, on every rank
+
+    # Resume: rank 0 reads the newest readable checkpoint and hands it to the others (no shared disk needed).
+    ckpt, start = None, 0
+    if rank == 0:
+        found = list_checkpoints(out)
+        if found and not resume:
+            raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue that run or a new --out")
+        for path in reversed(found):
+            try:
+                ckpt = load_checkpoint(path)
+                print(f"resuming from {path}")
+                break
+            except ValueError as e:
+                print(f"skipping unreadable checkpoint: {e}")
+        if resume and ckpt is None:
+            print(f"--resume: no checkpoint in {out}, starting from scratch")
+    if world > 1:
+        box = [ckpt]
+        dist.broadcast_object_list(box, src=0)
+        ckpt = box[0]
+    if ckpt is not None:
+        diff = [d for d in config_diff(config, Config.from_dict(ckpt["config"]))
+                if d.split(":")[0] not in {f"train.{f}" for f in RESUMABLE_FIELDS}]
+        if diff:
+            raise ValueError(f"the checkpoint in {out} was trained with another config ({'; '.join(diff)}); "
+                             f"resume with the run's own flags, or start a new --out")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"], generator, rank, world)
+        start = ckpt["step"]
+    last_good = f"ckpt-{start:07d}.pt" if ckpt is not None else None
+    del ckpt
+
+    raw = model  # the module whose weights are saved; `model` may be wrapped below
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        model = torch.compile(model)
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        print(json.dumps(config.to_dict(), indent=1))
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=1)
+        print(f"{sum(p.numel() for p in raw.parameters()):,} parameters; {len(data):,} images; {world} rank(s) "
+              f"on {device.type}; {tc.precision}; run directory {out}")
+
+    stop = []  # the first SIGINT/SIGTERM asks for a checkpoint and a clean exit; a second one kills at once
+    def request_stop(signum, frame):
+        stop.append(signal.Signals(signum).name)
+        signal.signal(signum, previous[signum])
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+
+    B, b = tc.batch_size, tc.batch_size // world
+    shard = slice(rank * b, (rank + 1) * b)
+    # Summed between log lines, on the device (no host sync per step): loss, grad norm, then per quarter of t
+    # the loss sum and the count, then the stop flag, all-reduced across ranks at log time.
+    stats = torch.zeros(11, device=device)
+
+    def check_finite(step):
+        if not torch.isfinite(stats).all():
+            raise FloatingPointError(f"non-finite loss or gradient norm by step {step}; stopped without saving, "
+                                     f"so the last good checkpoint ({last_good}) stays: lower --lr or use fp32")
+
+    def save(step):
+        check_finite(step)
+        state = {"config": config.to_dict(), "step": step, "model": raw.state_dict(), "ema": ema.state_dict(),
+                 "optimizer": opt.state_dict(), "rng": _rng_state(generator, world), "world_size": world}
+        if rank == 0:
+            save_checkpoint(os.path.join(out, f"ckpt-{step:07d}.pt"), state)
+            for old in list_checkpoints(out)[:-tc.keep_ckpts]:
+                os.remove(old)
+        return f"ckpt-{step:07d}.pt"
+
+    model.train()
+    steps = range(start, tc.steps) if tc.steps else itertools.count(start)  # steps 0: until stopped
+    t_log, step_log, step, stopping = time.time(), start, start, False
+    try:
+        for step in _progress(steps, tc.steps - start, "training", rank == 0 and tc.steps > 0):
+            lr = tc.lr * min(step / tc.warmup, 1.0) if tc.warmup else tc.lr  # k = step: the first update has lr 0
+            for group in opt.param_groups:
+                group["lr"] = lr
+            # The global batch's examples, t, noise and flips are drawn identically on every rank, which keeps
+            # its slice: so N ranks compute exactly what one process would with the same global batch.
+            x = normalize_data(data[batch_indices(step, B, len(data), tc.seed)[shard]]).to(device, non_blocking=True)
+            t = torch.randint(0, T, (B,), generator=generator, device=device)[shard]
+            noise = torch.randn((B, *x.shape[1:]), generator=generator, device=device)[shard]
+            flip = torch.rand(B, generator=generator, device=device)[shard] < 0.5
+            if tc.randflip:
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            if device.type == "cuda":
+                x, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x, noise))
+            with torch.autocast(device.type, torch.bfloat16, enabled=tc.precision == "bf16"):
+                losses = diffusion.training_losses(model, x, t, noise=noise)["loss"].float()  # [b]
+            loss = losses.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # DDP averages the rank means: the global batch mean
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip)
+            opt.step()
+            decay = 1e-10 if step == 0 else tc.ema_decay  # the official EMA: a copy after the first update
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1.0 - decay)
+                quarter = t * 4 // T
+                stats[0] += loss.detach()
+                stats[1] += grad_norm
+                stats[2:6].index_add_(0, quarter, losses.detach())
+                stats[6:10].index_add_(0, quarter, torch.ones_like(losses))
+            step += 1
+
+            logging = step % tc.log_every == 0 or step == tc.steps
+            if logging:
+                check_finite(step)
+                stats[10] = float(bool(stop))
+                if world > 1:
+                    dist.all_reduce(stats)
+                s, n = stats.tolist(), step - step_log
+                if rank == 0:
+                    record = {"step": step, "loss": s[0] / (n * world), **{f"loss_q{q}": s[2 + q] / max(s[6 + q], 1)
+                              for q in range(4)}, "grad_norm": s[1] / (n * world), "lr": lr,
+                              "img/s": n * B / (time.time() - t_log)}
+                    _log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps({**record, "time": time.time()}) + "\n")
+                stopping = s[10] > 0
+                stats.zero_()
+                t_log, step_log = time.time(), step
+            else:
+                stopping = bool(stop) and world == 1  # ranks agree on a stop only at log steps
+            t_pause = time.time()
+            if rank == 0 and tc.sample_every and step % tc.sample_every == 0:  # the same noise every time
+                save_image_grid(unnormalize_data(sample_images(ema, diffusion, 64, seed=tc.seed)),
+                                os.path.join(out, f"samples-{step:07d}.png"))
+            if step % tc.ckpt_every == 0 or step == tc.steps or stopping:
+                last_good = save(step)
+            t_log += time.time() - t_pause  # img/s counts training only
+            if stopping:
+                if rank == 0:
+                    print(f"stopped by {stop[0] if stop else 'a signal on another rank'} at step {step}; checkpoint "
+                          f"{last_good} written; continue with the same command plus --resume")
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if rank == 0:
+        print(f"trained steps {start}..{step} in {(time.time() - t_start) / 60:.1f} min; run directory {out}")
+    if tc.eval_bpd and not stopping:  # each rank takes every world-th test image
+        test = load_data(tc.data, "test", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
+        bpd = dataset_bpd(ema, diffusion, test[:tc.eval_bpd][rank::world], tc.batch_size, seed=tc.seed + rank)
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, bpd)
+            bpd = np.concatenate(parts)
+        if rank == 0:
+            print(f"test NLL {bpd.mean():.4f} +- {bpd.std(ddof=1) / len(bpd) ** 0.5:.4f} bits/dim on {len(bpd)} "
+                  f"{tc.data} test images (calc_bpd_loop, EMA weights, T={T})")
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "test_bpd": float(bpd.mean()), "test_images": len(bpd)}) + "\n")
+    return out
+
+
+def dataset_bpd(model, diffusion, images, batch_size=256, seed=0):
+    """The variational bound L_T + ... + L_0 in bits/dim (an upper bound on the NLL) of each uint8 NHWC image,
+    via calc_bpd_loop with clipping and dropout off, as the official bpd_eval: numpy [N]."""
+    device, out = _model_device(model), []
+    generator = torch.Generator(device).manual_seed(seed)
+    model.eval()
+    for i in _progress(range(0, len(images), batch_size), -(-len(images) // batch_size), "bits/dim"):
+        x = normalize_data(images[i:i + batch_size]).to(device)
+        terms = diffusion.calc_bpd_loop(model, x, progress=len(images) <= batch_size, generator=generator)
+        out.append(terms["total_bpd"].cpu())
+    return torch.cat(out).numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. Sampling (Algorithm 2) and the command line
+# ------------------------------------------------------------------------------------------------
+
+def save_image_grid(images, path, nrow=8):
+    """Write uint8 images [N, H, W, C] as one PNG, nrow per row, 1-pixel gray gaps between them; images
+    under 32 px are enlarged (nearest) so 8x8 digits can be seen."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("writing PNG grids needs Pillow: pip install pillow") from None
+    (n, H, W, C), nrow = images.shape, min(nrow, len(images))
+    rows, scale = -(-n // nrow), max(1, 32 // H)
+    grid = np.full((rows * (H + 1) - 1, nrow * (W + 1) - 1, C), 128, np.uint8)
+    for i, image in enumerate(images):
+        r, c = i // nrow * (H + 1), i % nrow * (W + 1)
+        grid[r:r + H, c:c + W] = image
+    Image.fromarray(grid[..., 0] if C == 1 else grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                                              Image.NEAREST).save(path)
+
+
+def sample_images(model, diffusion, n, seed=0, progressive_every=0, progress=False):
+    """n samples by Algorithm 2 as float [n, C, H, W] in [-1, 1], the noise drawn from `seed` on the model's device.
+    With progressive_every=k, the x0 estimates at every index t with t % k == 0 instead, from T-1 down to 0,
+    as [n, T // k, C, H, W]: the paper's Figure 6. Every sample the program draws goes through here."""
+    device = _model_device(model)
+    shape = (n, model.in_channels, model.resolution, model.resolution)
+    frames = []
+    for out in diffusion.p_sample_loop_progressive(model, shape, progress=progress, device=device,
+                                                   generator=torch.Generator(device).manual_seed(seed)):
+        if progressive_every and out["t"] % progressive_every == 0:
+            frames.append(out["pred_xstart"])
+    return torch.stack(frames, 1) if progressive_every else out["sample"]
+
+
+def load_for_sampling(args, device):
+    """(model, diffusion, config) that `sample` draws from, in eval mode: a training checkpoint's EMA weights
+    (--checkpoint) or the paper's released weights (--weights)."""
+    if args.weights:
+        return load_pretrained(args.weights, device)
+    return load_model(args.checkpoint, device, use_ema=True)
+
+
+def sample_command(args):
+    """`ddpm.py sample`: a PNG grid and samples_{N}x{H}x{W}x{C}.npz (uint8 NHWC under 'arr_0', as the FID tools
+    read), made in chunks of --batch-size that a rerun skips; or, with --progressive, Figure 6 as a PNG."""
+    if args.n < 1 or args.batch_size < 1:
+        raise ValueError("--n and --batch-size must be at least 1")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, diffusion, config = load_for_sampling(args, device)
+    source = os.path.abspath(args.checkpoint or args.weights)
+    out = args.out or (os.path.splitext(args.checkpoint)[0] + "-samples" if args.checkpoint
+                       else os.path.join("samples", os.path.basename(os.path.normpath(args.weights))))
+    os.makedirs(out, exist_ok=True)
+    if args.progressive:  # x0 every 50 steps at T=1000 (20 columns), one row per sample
+        frames = sample_images(model, diffusion, args.n, args.seed, max(1, diffusion.num_timesteps // 20), True)
+        save_image_grid(unnormalize_data(frames.flatten(0, 1)), os.path.join(out, "progressive.png"), frames.shape[1])
+        print(f"wrote {os.path.join(out, 'progressive.png')}: {args.n} rows of x0 estimates, t = T .. 1")
+        return
+    H, C = config.model.resolution, config.model.in_channels
+    final = os.path.join(out, f"samples_{args.n}x{H}x{H}x{C}.npz")
+    if os.path.exists(final):
+        print(f"{final} already exists; nothing to do")
+        return
+    chunks = [os.path.join(out, f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz")
+              for i in range(-(-args.n // args.batch_size))]
+    for i, path in enumerate(_progress(chunks, len(chunks), "chunks", len(chunks) > 1)):
+        if os.path.exists(path):  # done by an earlier run: check it came from this model
+            if str(np.load(path)["source"]) != source:
+                raise ValueError(f"{path} was sampled from {np.load(path)['source']}, not {source}; use another --out")
+            continue
+        chunk_seed = int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0])  # the same in every run
+        x = unnormalize_data(sample_images(model, diffusion, args.batch_size, chunk_seed, progress=len(chunks) == 1))
+        np.savez(path + ".tmp.npz", arr_0=x, source=np.array(source))
+        os.replace(path + ".tmp.npz", path)  # atomic: a killed run leaves whole chunks only
+    images = np.concatenate([np.load(p)["arr_0"] for p in chunks])[:args.n]
+    np.savez(final + ".tmp.npz", arr_0=images)
+    os.replace(final + ".tmp.npz", final)
+    save_image_grid(images[:64], os.path.join(out, "samples.png"))
+    for path in chunks:
+        os.remove(path)
+    print(f"wrote {final} (uint8 {images.shape}, key 'arr_0') and {os.path.join(out, 'samples.png')}")
+
+
+CHOICES = {"beta_schedule": BETA_SCHEDULES, "model_mean_type": MODEL_MEAN_TYPES, "model_var_type": MODEL_VAR_TYPES,
+           "loss_type": LOSS_TYPES, "precision": ("fp32", "bf16")}
+
+
+def _int_tuple(text):
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,2,2, got {text!r}") from None
+
+
+def add_config_flags(parser):
+    """One flag per Config field: train fields as --name (--batch-size 64), model and diffusion fields as
+    --section.name (--model.ch-mult 1,2,2,2, --diffusion.num-timesteps 100); underscores work for dashes."""
+    for section in ("train", "model", "diffusion"):
+        group = parser.add_argument_group(f"{section} config (defaults from --preset)")
+        for f in dataclasses.fields(Config.__dataclass_fields__[section].default_factory):
+            prefix = "" if section == "train" else section + "."
+            names = [f"--{prefix}{f.name.replace('_', '-')}"] + ([f"--{prefix}{f.name}"] if "_" in f.name else [])
+            kind = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
+                    {"type": _int_tuple, "metavar": "INTS"} if f.type is tuple else
+                    {"type": f.type, "metavar": f.type.__name__.upper()})
+            if f.name in CHOICES:
+                kind.update(choices=CHOICES[f.name], metavar=None)
+            default = ",".join(map(str, f.default)) if f.type is tuple else f.default
+            group.add_argument(*names, dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
+                               help=f"cifar10: {default}", **kind)
+
+
+def config_from_args(args):
+    """The preset's Config with every flag given on the command line applied, then range-checked."""
+    config = get_preset(args.preset)
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".")
+            setattr(getattr(config, section), name, value)
+    for name, low in {"batch_size": 1, "log_every": 1, "ckpt_every": 1, "keep_ckpts": 1, "steps": 0, "warmup": 0,
+                      "sample_every": 0, "eval_bpd": 0, "lr": 0, "grad_clip": 0}.items():
+        if getattr(config.train, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(config.train, name)}")
+    return config
+
+
+def main(argv=None):
+    """The command line: `train` and `sample`; bad input exits with one sentence, not a traceback."""
+    parser = argparse.ArgumentParser(prog="ddpm.py", allow_abbrev=False, description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("train", allow_abbrev=False, help="train a DDPM (Algorithm 1); torchrun for DDP")
+    p.add_argument("--preset", default="cifar10", choices=list(PRESETS), help="the recipe the flags below change")
+    p.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in --out")
+    add_config_flags(p)
+    p = commands.add_parser("sample", allow_abbrev=False, help="draw samples with the EMA weights (Algorithm 2)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a ckpt-*.pt written by train")
+    source.add_argument("--weights", help="released weights: a diffusers snapshot folder or a .ckpt/.bin/.safetensors")
+    p.add_argument("--n", type=int, default=64, help="number of samples (50000 for FID)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per chunk; a rerun skips finished chunks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="output folder; default: next to the checkpoint, or samples/NAME")
+    p.add_argument("--progressive", action="store_true", help="Figure 6: x0 every T/20 steps, one row per sample")
+    p.add_argument("--device", default="", help="cpu, cuda, cuda:1, ...; default: cuda if available")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            train(config_from_args(args), resume=args.resume)
+        else:
+            sample_command(args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError, ConnectionError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
