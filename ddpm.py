@@ -21,12 +21,14 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
 import os
 import pickle
 import random
+import re
 import signal
 import sys
 import tarfile
@@ -47,7 +49,9 @@ def _progress(iterable, total=None, desc="", enable=True):
         return iterable
     try:
         from tqdm.auto import tqdm
-        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
+        # In a log file (not a terminal) redraw once a minute, so a week-long run does not write gigabytes.
+        interval = 0.1 if sys.stderr.isatty() else 60
+        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=interval)
     except ImportError:
         pass
     total = total if total is not None else len(iterable)
@@ -759,7 +763,134 @@ def load_model(path, device="cpu", use_ema=True):
 
 
 # ------------------------------------------------------------------------------------------------
-# 7. Data: uint8 NHWC arrays in memory, scaled to [-1, 1] per batch as the official tpu_utils does
+# 7. Released weights: the paper's checkpoints as ported by pesser/pytorch_diffusion and by diffusers
+# ------------------------------------------------------------------------------------------------
+
+# diffusers UNet2DModel settings that change the function but not the keys, as (DDPM's value, diffusers' default
+# for a config.json that omits it); the rest (Fourier embedding, scale-shift norm, ...) changes keys or shapes.
+DIFFUSERS_DDPM_SETTINGS = {"flip_sin_to_cos": (False, True), "freq_shift": (1, 0), "norm_eps": (1e-6, 1e-5),
+                           "norm_num_groups": (32, 32), "downsample_padding": (0, 1), "act_fn": ("silu", "silu"),
+                           "attention_head_dim": (None, 8), "center_input_sample": (False, False),
+                           "mid_block_scale_factor": (1, 1)}
+
+
+def diffusers_to_official(state_dict):
+    """Rename a diffusers UNet2DModel state dict to the official (pesser) layout that `UNet` uses.
+
+    diffusers numbers up_blocks from the deepest level (up_blocks.0 is the official up[L-1]), calls the 1x1 skip
+    conv conv_shortcut, and keeps attention q, k, v and output as Linear [C, C] weights, the official 1x1 convs.
+    Files saved before diffusers renamed its attention layers (diffusers still converts them on load) say
+    query/key/value/proj_attn for to_q/to_k/to_v/to_out.0; both are read.
+    """
+    levels = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("down_blocks.")), default=0)
+    rules = [(r"^time_embedding\.linear_([12])\.", lambda m: f"temb.dense.{int(m[1]) - 1}."),
+             (r"^mid_block\.resnets\.([01])\.", lambda m: f"mid.block_{int(m[1]) + 1}."),
+             (r"^up_blocks\.(\d+)\.", lambda m: f"up.{levels - 1 - int(m[1])}."), (r"^down_blocks\.", "down."),
+             (r"^mid_block\.attentions\.0\.", "mid.attn_1."), (r"^conv_norm_out\.", "norm_out."),
+             (r"\.resnets\.", ".block."), (r"\.attentions\.", ".attn."), (r"\.downsamplers\.0\.", ".downsample."),
+             (r"\.upsamplers\.0\.", ".upsample."), (r"\.time_emb_proj\.", ".temb_proj."),
+             (r"\.conv_shortcut\.", ".nin_shortcut."), (r"\.group_norm\.", ".norm."), (r"\.(to_q|query)\.", ".q."),
+             (r"\.(to_k|key)\.", ".k."), (r"\.(to_v|value)\.", ".v."), (r"\.(to_out\.0|proj_attn)\.", ".proj_out.")]
+    official = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        if re.search(r"\.(q|k|v|proj_out)\.weight$", key) and value.dim() == 2:
+            value = value[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
+        official[key] = value
+    return official
+
+
+def _read_weights(path):
+    """A state dict from .safetensors (the safetensors package) or .bin/.ckpt/.pt (torch.load, weights_only)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise ImportError(f"reading {path!r} needs the safetensors package: pip install safetensors") from None
+    except Exception as e:
+        raise ValueError(f"cannot read {path!r} ({type(e).__name__}: {e}); it is truncated or not a .ckpt/.pt/.bin/"
+                         f".safetensors weights file, so download it again") from None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path!r} holds a {type(state_dict).__name__}, not a state dict of tensors")
+    return state_dict
+
+
+def _config_from_weights(state_dict, resolution, hint, preset):
+    """The Config of an official-layout state dict: architecture from keys and shapes, the rest from its preset."""
+    ch, in_channels = state_dict["conv_in.weight"].shape[:2]
+    levels = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("down.")), default=0)
+    ch_mult = tuple(state_dict[f"down.{level}.block.0.conv1.weight"].shape[0] // ch for level in range(levels))
+    num_res_blocks = len({k.split(".")[3] for k in state_dict if k.startswith("down.0.block.")})
+    attn_levels = [level for level in range(levels) if f"down.{level}.attn.0.norm.weight" in state_dict]
+    if preset is None and ch_mult == (1, 2, 2, 2):
+        preset = "cifar10"
+    elif preset is None and ch_mult == (1, 1, 2, 2, 4, 4):  # one U-Net for all 256x256 runs: the path names the data
+        names = re.findall(r"(?<![a-z])(celeba|church|bedroom|cat)(?:hq)?(?![a-z])", hint.lower())
+        preset = {"celeba": "celebahq256"}.get(names[-1], f"lsun_{names[-1]}256") if names else None
+    elif preset is None:
+        raise ValueError(f"the weights have ch_mult {ch_mult}, neither the CIFAR-10 (1, 2, 2, 2) nor the 256x256 "
+                         f"(1, 1, 2, 2, 4, 4) U-Net; pass preset=NAME ({', '.join(PRESETS)}) to say how it samples")
+    # Without a dataset name the 256x256 recipe still samples right (eps, fixedsmall): the dataset is only a label.
+    config = get_preset(preset) if preset else dataclasses.replace(_preset_256("unknown"), preset="256x256")
+    resolution = resolution or config.model.resolution  # config.json's sample_size, else the preset's
+    config.model = dataclasses.replace(config.model, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                                       attn_resolutions=tuple(resolution >> level for level in attn_levels),
+                                       in_channels=in_channels, resolution=resolution)
+    return config
+
+
+def load_pretrained(path, device="cpu", preset=None):
+    """(model, diffusion, config) from released weights, the model in eval mode, like `load_model`.
+
+    path: a pesser/pytorch_diffusion .ckpt (or any .pt/.bin state dict in the official layout), a diffusers
+    UNet2DModel weights file, or a diffusers snapshot folder (config.json and diffusion_pytorch_model.safetensors
+    or .bin, at its top as in google/ddpm-* or under unet/). The layout comes from the keys, the architecture
+    from the shapes, the resolution from config.json's sample_size (else the preset), and the sampling settings
+    from the preset: CIFAR-10 eps/fixedlarge, CelebA-HQ and LSUN eps/fixedsmall, all clipping x_0. The 256x256
+    dataset is read from the path or config.json's _name_or_path; `preset` overrides it. Loading is strict.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} does not exist; pass a weights file or a diffusers snapshot folder")
+    if os.path.isdir(path):
+        exts = ("safetensors", "bin") if importlib.util.find_spec("safetensors") else ("bin", "safetensors")
+        found = [os.path.join(d, f"diffusion_pytorch_model.{ext}") for d in (path, os.path.join(path, "unet"))
+                 for ext in exts if os.path.isfile(os.path.join(d, "config.json"))
+                 and os.path.isfile(os.path.join(d, f"diffusion_pytorch_model.{ext}"))]
+        if not found:
+            raise ValueError(f"folder {path!r} holds no config.json with a diffusion_pytorch_model.safetensors or .bin "
+                             f"(at its top or in unet/); pass a complete diffusers snapshot or the weights file")
+        path = found[0]
+    state_dict, settings, config_json = _read_weights(path), {}, os.path.join(os.path.dirname(path), "config.json")
+    if "conv_norm_out.weight" in state_dict:  # diffusers' UNet2DModel
+        if os.path.isfile(config_json):
+            with open(config_json) as f:
+                settings = json.load(f)
+        for key, (value, default) in DIFFUSERS_DDPM_SETTINGS.items():
+            if settings and settings.get(key, default) != value:
+                raise ValueError(f"{config_json} sets {key}={settings.get(key, default)!r} where the DDPM U-Net has "
+                                 f"{value!r}: it is another model, which this U-Net cannot reproduce")
+        state_dict = diffusers_to_official(state_dict)
+    elif "temb.dense.0.weight" not in state_dict:
+        raise ValueError(f"{path!r} is neither the official layout (temb.dense.0.weight, ...) nor diffusers' "
+                         f"UNet2DModel (conv_norm_out.weight, ...); its first keys are {list(state_dict)[:4]}")
+    try:
+        config = _config_from_weights(state_dict, settings.get("sample_size"),
+                                      f"{os.path.abspath(path)} {settings.get('_name_or_path', '')}", preset)
+        with torch.device("meta"):  # shapes only: the weights come from the file, so skip the initialisation
+            model, diffusion = create_model_and_diffusion(config)
+        model.load_state_dict({k: v.float() for k, v in state_dict.items()}, assign=True)  # strict
+    except (KeyError, RuntimeError) as e:  # a key the architecture is read from, or torch's list of misfits
+        raise ValueError(f"{path!r} does not fit the DDPM U-Net its shapes describe; it is damaged or another "
+                         f"model: {type(e).__name__}: {e}") from None
+    return model.to(device).eval(), diffusion, config
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Data: uint8 NHWC arrays in memory, scaled to [-1, 1] per batch as the official tpu_utils does
 # ------------------------------------------------------------------------------------------------
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -912,7 +1043,7 @@ def unnormalize_data(x):
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. Training (Algorithm 1): Adam with warmup, global-norm clipping, EMA, crash-safe checkpoints, DDP
+# 9. Training (Algorithm 1): Adam with warmup, global-norm clipping, EMA, crash-safe checkpoints, DDP
 # ------------------------------------------------------------------------------------------------
 
 # train fields a resumed run may change; any other difference from the checkpoint's config refuses to resume
@@ -1102,7 +1233,7 @@ def train(config, resume=False):
 
     model.train()
     steps = range(start, tc.steps) if tc.steps else itertools.count(start)  # steps 0: until stopped
-    t_log, step_log, step = time.time(), start, start
+    t_log, step_log, step, stopping = time.time(), start, start, False
     try:
         for step in _progress(steps, tc.steps - start, "training", rank == 0 and tc.steps > 0):
             lr = tc.lr * min(step / tc.warmup, 1.0) if tc.warmup else tc.lr  # k = step: the first update has lr 0
@@ -1171,13 +1302,18 @@ def train(config, resume=False):
             signal.signal(sig, handler)
     if rank == 0:
         print(f"trained steps {start}..{step} in {(time.time() - t_start) / 60:.1f} min; run directory {out}")
-    if rank == 0 and tc.eval_bpd and not stop:
+    if tc.eval_bpd and not stopping:  # each rank takes every world-th test image
         test = load_data(tc.data, "test", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
-        bpd = dataset_bpd(ema, diffusion, test[:tc.eval_bpd], tc.batch_size, seed=tc.seed)
-        print(f"test NLL {bpd.mean():.4f} +- {bpd.std(ddof=1) / len(bpd) ** 0.5:.4f} bits/dim on {len(bpd)} "
-              f"{tc.data} test images (calc_bpd_loop, EMA weights, T={T})")
-        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, "test_bpd": float(bpd.mean()), "test_images": len(bpd)}) + "\n")
+        bpd = dataset_bpd(ema, diffusion, test[:tc.eval_bpd][rank::world], tc.batch_size, seed=tc.seed + rank)
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, bpd)
+            bpd = np.concatenate(parts)
+        if rank == 0:
+            print(f"test NLL {bpd.mean():.4f} +- {bpd.std(ddof=1) / len(bpd) ** 0.5:.4f} bits/dim on {len(bpd)} "
+                  f"{tc.data} test images (calc_bpd_loop, EMA weights, T={T})")
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "test_bpd": float(bpd.mean()), "test_images": len(bpd)}) + "\n")
     return out
 
 
@@ -1195,7 +1331,7 @@ def dataset_bpd(model, diffusion, images, batch_size=256, seed=0):
 
 
 # ------------------------------------------------------------------------------------------------
-# 9. Sampling (Algorithm 2) and the command line
+# 10. Sampling (Algorithm 2) and the command line
 # ------------------------------------------------------------------------------------------------
 
 def save_image_grid(images, path, nrow=8):
@@ -1230,7 +1366,10 @@ def sample_images(model, diffusion, n, seed=0, progressive_every=0, progress=Fal
 
 
 def load_for_sampling(args, device):
-    """(model, diffusion, config) that `sample` draws from: a training checkpoint's EMA weights, in eval mode."""
+    """(model, diffusion, config) that `sample` draws from, in eval mode: a training checkpoint's EMA weights
+    (--checkpoint) or the paper's released weights (--weights)."""
+    if args.weights:
+        return load_pretrained(args.weights, device)
     return load_model(args.checkpoint, device, use_ema=True)
 
 
@@ -1241,8 +1380,9 @@ def sample_command(args):
         raise ValueError("--n and --batch-size must be at least 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, diffusion, config = load_for_sampling(args, device)
-    source = os.path.abspath(args.checkpoint)
-    out = args.out or os.path.splitext(args.checkpoint)[0] + "-samples"
+    source = os.path.abspath(args.checkpoint or args.weights)
+    out = args.out or (os.path.splitext(args.checkpoint)[0] + "-samples" if args.checkpoint
+                       else os.path.join("samples", os.path.basename(os.path.normpath(args.weights))))
     os.makedirs(out, exist_ok=True)
     if args.progressive:  # x0 every 50 steps at T=1000 (20 columns), one row per sample
         frames = sample_images(model, diffusion, args.n, args.seed, max(1, diffusion.num_timesteps // 20), True)
@@ -1318,6 +1458,7 @@ def config_from_args(args):
 
 
 def main(argv=None):
+    """The command line: `train` and `sample`; bad input exits with one sentence, not a traceback."""
     parser = argparse.ArgumentParser(prog="ddpm.py", allow_abbrev=False, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("train", allow_abbrev=False, help="train a DDPM (Algorithm 1); torchrun for DDP")
@@ -1325,11 +1466,13 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in --out")
     add_config_flags(p)
     p = commands.add_parser("sample", allow_abbrev=False, help="draw samples with the EMA weights (Algorithm 2)")
-    p.add_argument("--checkpoint", required=True, help="a ckpt-*.pt written by train")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a ckpt-*.pt written by train")
+    source.add_argument("--weights", help="released weights: a diffusers snapshot folder or a .ckpt/.bin/.safetensors")
     p.add_argument("--n", type=int, default=64, help="number of samples (50000 for FID)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per chunk; a rerun skips finished chunks")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="", help="output folder; default: next to the checkpoint")
+    p.add_argument("--out", default="", help="output folder; default: next to the checkpoint, or samples/NAME")
     p.add_argument("--progressive", action="store_true", help="Figure 6: x0 every T/20 steps, one row per sample")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1, ...; default: cuda if available")
     args = parser.parse_args(argv)
