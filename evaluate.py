@@ -161,7 +161,8 @@ def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_deno
     the data, batch_size and seed only. With `out_dir`, each finished batch is written atomically to
     out_dir/batch-00000.npz and a rerun loads it instead of recomputing it: an interrupted evaluation
     continues where it stopped and gives the same numbers. out_dir/manifest.json records what the batches
-    were computed from, and a rerun with another model, data, batch size or seed refuses to mix them.
+    were computed from, and a rerun with another model, data, batch size, seed or device type refuses
+    to mix them.
     """
     N, T = x_start.shape[0], diffusion.num_timesteps
     if N == 0:
@@ -174,7 +175,8 @@ def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_deno
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         # What the numbers depend on; run_info (paths, names) is recorded but not compared.
-        manifest = dict(num_examples=N, batch_size=batch_size, seed=seed, num_timesteps=T,
+        # The device type too: CPU and CUDA generators draw different noise from the same seed.
+        manifest = dict(num_examples=N, batch_size=batch_size, seed=seed, num_timesteps=T, device=device.type,
                         clip_denoised=clip_denoised, model_sha256=_model_sha256(model),
                         data_sha256=hashlib.sha256(x_start.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
         manifest_path = os.path.join(out_dir, "manifest.json")
