@@ -680,19 +680,25 @@ def save_png(path, image, scale=1):
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
 
 
-def plot_loss_curve(metrics_path, out_path):
-    """The training loss against the step from metrics.jsonl (one JSON object per log line with 'step' and
-    'loss'; every other 'loss*' key is drawn too). Returns False, with a hint, without matplotlib."""
+def read_metrics(path):
+    """The log lines of a run's metrics.jsonl (one JSON object per line with 'step' and 'loss') as dicts;
+    a blank or half-written last line of a running job is skipped."""
     rows = []
-    with open(metrics_path) as f:
+    with open(path) as f:
         for line in f:
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a blank or half-written last line of a running job
+            except json.JSONDecodeError:
                 continue
     rows = [r for r in rows if isinstance(r, dict) and "step" in r and isinstance(r.get("loss"), (int, float))]
     if not rows:
-        raise ValueError(f"{metrics_path} has no line with 'step' and 'loss'; pass the metrics.jsonl of a run")
+        raise ValueError(f"{path} has no line with 'step' and 'loss'; pass the metrics.jsonl of a run")
+    return rows
+
+
+def plot_loss_curve(rows, out_path):
+    """The training loss against the step from read_metrics' rows; every other numeric 'loss*' key (the
+    per-quarter-of-t losses) is drawn too. Returns False, with a hint, without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -720,6 +726,18 @@ def cmd_figures(args):
     T, C, R = diffusion.num_timesteps, config.model.in_channels, config.model.resolution
     if args.interp_t is not None and not 1 <= args.interp_t <= T:
         raise ValueError(f"--interp-t must be a paper timestep 1..{T}, got {args.interp_t}")
+    metrics = args.metrics or (os.path.join(os.path.dirname(args.checkpoint), "metrics.jsonl")
+                               if args.checkpoint else None)
+    if args.metrics and not os.path.isfile(args.metrics):
+        raise FileNotFoundError(f"--metrics {args.metrics!r} does not exist; pass the metrics.jsonl of a run")
+    metrics = read_metrics(metrics) if metrics and os.path.isfile(metrics) else None
+    # Source images for Figures 7 and 8: data when given (the paper uses test images), else fresh samples.
+    sources = None
+    if args.data:
+        images = ddpm.load_data(args.data, args.split, resolution=R, in_channels=C)
+        if len(images) < 2 * args.n:
+            raise ValueError(f"{args.data} {args.split} has {len(images)} images; figures need 2 x --n = {2 * args.n}")
+        sources = ddpm.normalize_data(images[:2 * args.n]).to(device)
     out = args.out or os.path.join("runs", "eval", model_name(args))
     os.makedirs(out, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -730,13 +748,7 @@ def cmd_figures(args):
     save_png(os.path.join(out, "fig6-progressive.png"), image_grid(rows), scale)
     written.append("fig6-progressive.png")
 
-    # Source images for Figures 7 and 8: data when given (the paper uses test images), else fresh samples.
-    if args.data:
-        images = ddpm.load_data(args.data, args.split, resolution=R, in_channels=C)
-        sources = ddpm.normalize_data(images[:2 * args.n]).to(device)
-        if len(sources) < 2 * args.n:
-            raise ValueError(f"{args.data} {args.split} has {len(sources)} images; figures need 2 x --n = {2 * args.n}")
-    else:
+    if sources is None:
         sources = diffusion.p_sample_loop(model, (2 * args.n, C, R, R), generator=generator, device=device)
 
     ts = sorted({max(0, round(f * T) - 1) for f in (1.0, 0.75, 0.5, 0.25)}, reverse=True)  # paper t = 1000,750,500,250
@@ -752,15 +764,10 @@ def cmd_figures(args):
     save_png(os.path.join(out, "fig8-interpolation.png"), image_grid(rows), scale)
     written.append("fig8-interpolation.png")
 
-    metrics = args.metrics or (os.path.join(os.path.dirname(args.checkpoint), "metrics.jsonl")
-                               if args.checkpoint else None)
-    if metrics and os.path.isfile(metrics):
-        if plot_loss_curve(metrics, os.path.join(out, "loss.png")):
-            written.append("loss.png")
-    elif args.metrics:
-        raise FileNotFoundError(f"--metrics {args.metrics!r} does not exist; pass the metrics.jsonl of a run")
+    if metrics and plot_loss_curve(metrics, os.path.join(out, "loss.png")):
+        written.append("loss.png")
     print(f"wrote {', '.join(written)} to {out} (Fig. 7 rows: x_0, x_t, samples at paper t = "
-          f"{', '.join(str(t + 1) for t in ts)}; Fig. 8 at t = {t + 1}, lambda = 0, 0.1, ..., 1)")
+          f"{', '.join(str(s + 1) for s in ts)}; Fig. 8 at t = {t + 1}, lambda = 0, 0.1, ..., 1)")
     return [os.path.join(out, w) for w in written]
 
 

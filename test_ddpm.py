@@ -1488,3 +1488,7 @@ def test_figures_cli(tmp_path, capsys):
         assert "loss.png" not in sizes
     with pytest.raises(SystemExit, match="interp-t"):
         evaluate.main(["figures", "--checkpoint", str(tmp_path / "ckpt.pt"), "--interp-t", "26", "--device", "cpu"])
+    (tmp_path / "empty.jsonl").write_text('{"step": 1}\n')  # refused before any sampling
+    with pytest.raises(SystemExit, match="no line with 'step' and 'loss'"):
+        evaluate.main(["figures", "--checkpoint", str(tmp_path / "ckpt.pt"),
+                       "--metrics", str(tmp_path / "empty.jsonl"), "--device", "cpu"])
