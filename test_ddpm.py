@@ -1306,7 +1306,8 @@ def test_inception_feature_path_end_to_end(tmp_path, capsys, inception_standin):
     # float32 network outputs accumulated in float64: batch-size-dependent round-off only
     assert np.allclose(mu, f_ref.mean(0), atol=1e-6) and np.allclose(sigma, np.cov(f_ref, rowvar=False), atol=1e-6)
     assert info["num_images"] == 40
-    expected = evaluate.frechet_distance(*evaluate.feature_statistics(f_smp), f_ref.mean(0), np.cov(f_ref, rowvar=False))
+    mu_ref, sigma_ref = f_ref.mean(0), np.cov(f_ref, rowvar=False)
+    expected = evaluate.frechet_distance(*evaluate.feature_statistics(f_smp), mu_ref, sigma_ref)
     assert fid == pytest.approx(expected, rel=1e-5) and fid_data == pytest.approx(expected, rel=1e-5) and fid > 0
     assert (is_mean, is_std) == pytest.approx(evaluate.inception_score(probs, 4), rel=1e-5)
     assert is_pngs == pytest.approx((is_mean, is_std), rel=1e-9)  # PNG is lossless: the same images, same order
