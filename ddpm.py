@@ -723,20 +723,25 @@ def create_model_and_diffusion(config):
 # 6. Checkpoints: plain tensors and Python values, written atomically
 # ------------------------------------------------------------------------------------------------
 
-def save_checkpoint(path, state):
-    """Write `state` (tensors and plain values only) to a temporary file, fsync, then rename over
-    `path`, so a crash or Ctrl-C mid-save leaves the previous file intact."""
+def atomic_write(path, write):
+    """Call write(f) on a temporary file, fsync, then rename it over `path`: a crash or Ctrl-C mid-write
+    leaves the previous file (or none) intact, never half a file."""
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(path, state):
+    """Write `state` (tensors and plain values only) atomically with torch.save."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -1403,11 +1408,9 @@ def sample_command(args):
             continue
         chunk_seed = int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0])  # the same in every run
         x = unnormalize_data(sample_images(model, diffusion, args.batch_size, chunk_seed, progress=len(chunks) == 1))
-        np.savez(path + ".tmp.npz", arr_0=x, source=np.array(source))
-        os.replace(path + ".tmp.npz", path)  # atomic: a killed run leaves whole chunks only
+        atomic_write(path, lambda f: np.savez(f, arr_0=x, source=np.array(source)))  # a killed run leaves whole chunks
     images = np.concatenate([np.load(p)["arr_0"] for p in chunks])[:args.n]
-    np.savez(final + ".tmp.npz", arr_0=images)
-    os.replace(final + ".tmp.npz", final)
+    atomic_write(final, lambda f: np.savez(f, arr_0=images))
     save_image_grid(images[:64], os.path.join(out, "samples.png"))
     for path in chunks:
         os.remove(path)

@@ -83,17 +83,8 @@ class Progress:
 
 
 def atomic_savez(path, **arrays):
-    """np.savez to a temporary file, fsync, then rename over `path`: a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """np.savez written atomically (ddpm.atomic_write): a crash never leaves half a file."""
+    ddpm.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def sha256_file(path):
