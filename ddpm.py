@@ -481,7 +481,7 @@ def ddim_sample(diffusion, model, x, t, noise=None, clip_denoised=True, eta=0.0)
     return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def ddim_sample_loop_progressive(diffusion, model, shape, noise=None, clip_denoised=True, eta=0.0,
                                  progress=False, generator=None, device=None):
     """DDIM from x_T ~ N(0, I) (or `noise`), yielding {'t', 'sample', 'pred_xstart'} from index T-1

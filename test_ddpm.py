@@ -224,3 +224,19 @@ def test_compiled_agrees_with_eager():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for p, g in zip(model.parameters(), ref_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_bench_networks_match_and_run():
+    """bench.py builds diffusers' UNet2DModel with our parameter count and forward FLOPs, and a child runs."""
+    pytest.importorskip("diffusers")
+    import bench
+    config = bench.unet_config(small=True)
+    config.ch_mult, config.resolution = (1, 2), 8  # the tiny layout: attention at 4x4 on the way down and up
+    config.attn_resolutions = (4,)
+    counts = [sum(p.numel() for p in bench.build(impl, config)[0].parameters()) for impl in ("ours", "diffusers")]
+    assert counts[0] == counts[1]
+    flops = [bench.count_flops(impl, config)[0] for impl in ("ours", "diffusers")]
+    assert flops[0] == flops[1] > 0  # a misplaced attention block keeps the count but changes the FLOPs
+    result = bench.run_child({"device": "cpu", "impl": "ours", "precision": "bf16", "compile": False,
+                              "batch_size": 2, "small": True, "steps": 1, "warmup": 0})
+    assert result["params"] == 2_245_763 and all(result[k] > 0 for k in ("train", "sample", "nll", "memory"))
