@@ -6,9 +6,10 @@
                                                 # the paper's TPU v3-8 numbers and 50k-sample times
 
 Both networks are google/ddpm-cifar10-32 (35,746,307 parameters each, asserted, and the same FLOPs,
-asserted). Each (implementation, precision) runs in its own child process, one after the other, with
-warm-up steps and the median of the timed steps; ratios ours/diffusers are taken pair by pair from
-children run back to back, because a shared machine is noisy. Rows:
+asserted). Each (implementation, precision) is its own child process; the children run side by side,
+driven one step at a time in turn (the order reversed every round), so that a slow spell of a shared
+machine hits all of them alike. Ratios ours/diffusers are medians over rounds of the two step times
+of the same round; images/s are medians after warm-up steps. Rows:
 
     train    forward, L_simple, backward, Adam and EMA: images/s
     sample   one ancestral sampling step (p_sample, forward only): images/s
@@ -30,6 +31,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -119,7 +121,7 @@ def peak_flops(device, precision):
     return result
 
 
-# --- one child: one implementation at one precision ---------------------------------------------
+# --- one child: one implementation at one precision --------------------------------------------
 
 def timed(fn, device, warmup, steps):
     """Wall-clock seconds of each of `steps` calls of fn after `warmup` calls (device synchronised)."""
@@ -142,17 +144,18 @@ def _rss_mib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
-def run_child(spec):
-    """Measure train, sample and nll img/s and peak training memory for one (impl, precision, compile)."""
+def make_runner(spec):
+    """Build one (impl, precision, compile) setup; return (steps, peak_memory, n_params): steps maps
+    'train', 'sample' and 'nll' to a function that runs one step and returns its wall-clock seconds."""
     device, impl, precision, B = torch.device(spec["device"]), spec["impl"], spec["precision"], spec["batch_size"]
-    torch.backends.cudnn.benchmark = True  # both implementations: pick the fastest cuDNN algorithm per shape
-    warmup, steps = spec["warmup"], spec["steps"]
+    torch.backends.cudnn.benchmark = True  # both implementations: the fastest cuDNN algorithm per shape
     config = unet_config(spec["small"])
     diffusion = ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule("linear", 1000))
     torch.manual_seed(0)
     x0 = torch.randint(0, 256, (B, config.in_channels, config.resolution, config.resolution), device=device) / 127.5 - 1
+    xt = torch.randn_like(x0)
 
-    # memory baseline: the process before the model exists
+    # the memory baseline: this process before the model exists
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -179,7 +182,8 @@ def run_child(spec):
         ema_step = lambda: ema_model.step(model.parameters())
     autocast = ddpm.autocast(device, precision)
 
-    def train_step():
+    def train():
+        model.train()
         t = torch.randint(0, diffusion.num_timesteps, (B,), device=device)
         with autocast:
             loss = diffusion.training_losses(forward, x0, t)["loss"].mean()
@@ -188,53 +192,99 @@ def run_child(spec):
         opt.step()
         ema_step()
 
-    model.train()
-    start = time.perf_counter()
-    train_step()  # the first step builds oneDNN/cuDNN plans (and compiles, with compile)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    first_step_s = time.perf_counter() - start
-    train_s = timed(train_step, device, warmup, steps)
-    if device.type == "cuda":
-        peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-    else:
-        peak_mib = _rss_mib("VmHWM") - base
-
-    model.eval()
-    xt = torch.randn_like(x0)
-
     @torch.inference_mode()
-    def sample_step():
+    def sample():
+        model.eval()
         t = torch.randint(0, diffusion.num_timesteps, (B,), device=device)
         with autocast:
             diffusion.p_sample(forward, xt, t)
 
     @torch.inference_mode()
-    def nll_step():
+    def nll():
+        model.eval()
         t = torch.randint(0, diffusion.num_timesteps, (B,), device=device)
         with autocast:
             diffusion.vb_terms_bpd(forward, x0, xt, t)
 
-    sample_s = timed(sample_step, device, warmup, steps)
-    nll_s = timed(nll_step, device, warmup, steps)
-    median = statistics.median
-    return {"impl": impl, "precision": precision, "compile": spec["compile"], "params": n_params,
-            "first_step_s": first_step_s, "train": B / median(train_s), "sample": B / median(sample_s),
-            "nll": B / median(nll_s), "memory": peak_mib,
-            "train_spread": (max(train_s) - min(train_s)) / median(train_s)}
+    def peak_memory():
+        if device.type == "cuda":
+            return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+        return _rss_mib("VmHWM") - base
+
+    steps = {name: (lambda fn=fn: timed(fn, device, 0, 1)[0]) for name, fn in
+             (("train", train), ("sample", sample), ("nll", nll))}
+    return steps, peak_memory, n_params
 
 
-# --- the parent: run the children, pair them, print ----------------------------------------------
+def child_main(spec):
+    """A child process: build, say READY, then run one step per command read from stdin."""
+    steps, peak_memory, n_params = make_runner(spec)
+    reply = lambda value: print("RESULT " + json.dumps(value), flush=True)
+    reply({"params": n_params})
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "memory":
+            reply(peak_memory())
+        elif command in steps:
+            reply(steps[command]())
+        else:
+            break
 
-def child(spec):
-    """Run one measurement in a fresh Python process and return its result dict."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"bench child {spec['impl']}/{spec['precision']} failed (exit {proc.returncode}):\n"
-                 f"{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+
+# --- the parent: run the children, interleave them step by step, pair them, print ----------------
+
+class Child:
+    """One benchmark child process, driven one step at a time over its stdin/stdout."""
+
+    def __init__(self, spec, threads):
+        self.spec, self.stderr = spec, tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads), "--child", json.dumps(spec)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, bufsize=1)
+        self.params = self.ask(None)["params"]
+
+    def ask(self, command):
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+        self.stderr.seek(0)
+        sys.exit(f"bench child {self.spec['impl']} {self.spec['precision']} failed (exit {self.proc.wait()}):\n"
+                 f"{self.stderr.read()[-3000:]}")
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def run_interleaved(specs, warmup, steps, threads):
+    """Start one child per spec, then for each row run every child's step in turn (the order reversed
+    every round, so a slow spell of the machine hits all of them alike). Returns per child
+    {'params', 'first_s', 'memory', row: [seconds per step]}."""
+    children = {label: Child(spec, threads) for label, spec in specs.items()}
+    results = {label: {"params": c.params, "first_s": {}} for label, c in children.items()}
+    for row in ("train", "sample", "nll"):
+        for i in range(warmup + steps):
+            order = list(children) if i % 2 == 0 else list(reversed(children))
+            for label in order:
+                seconds = children[label].ask(row)
+                if i == 0:
+                    results[label]["first_s"][row] = seconds  # builds oneDNN/cuDNN plans, compiles
+                if i >= warmup:
+                    results[label].setdefault(row, []).append(seconds)
+        if row == "train":
+            for label, c in children.items():
+                results[label]["memory"] = c.ask("memory")
+    for c in children.values():
+        c.close()
+    return results
+
+
+def pair_ratio(ours, theirs):
+    """Speed ratio ours/theirs as the median over rounds of their time / our time in the same round."""
+    return statistics.median(b / a for a, b in zip(ours, theirs))
 
 
 def machine(device):
@@ -246,7 +296,7 @@ def machine(device):
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    return name
 
 
 def main(argv=None):
@@ -259,11 +309,14 @@ def main(argv=None):
     p.add_argument("--small", action="store_true", help="a quick run: ch=32 instead of 128, batch 4, 3 timed steps")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 5, 3 with --small)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before each row (default 2, 1 with --small)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per child (default: torch's, one per core); "
+                   "1 gives steadier ratios on a machine shared with other jobs")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
-        print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
-        return
+        return child_main(json.loads(args.child))
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -277,68 +330,79 @@ def main(argv=None):
     steps = args.steps or (3 if args.small else 5)
     warmup = args.warmup if args.warmup is not None else (1 if args.small else 2)
     config = unet_config(args.small)
-    base = {"device": args.device, "batch_size": B, "small": args.small, "steps": steps, "warmup": warmup}
 
     flops = {impl: count_flops(impl, config) for impl in ("ours", "diffusers")}
     assert abs(flops["ours"][0] / flops["diffusers"][0] - 1) < 1e-6, f"the networks differ in FLOPs: {flops}"
     fwd_flops, train_flops = flops["ours"]
-
-    runs = []  # (label, ours result, diffusers result at the same precision)
-    baseline = None
-    for precision in sorted(set(precisions) | {"fp32"}, key=["fp32", "bf16"].index):
-        theirs = child({**base, "impl": "diffusers", "precision": precision, "compile": False})
-        baseline = baseline or theirs
-        if precision in precisions:
-            runs.append((precision, child({**base, "impl": "ours", "precision": precision, "compile": False}), theirs))
-            if args.compile or (gpu and precision == "bf16"):
-                runs.append((precision + "+compile",
-                             child({**base, "impl": "ours", "precision": precision, "compile": True}), theirs))
-    expected = 35_746_307 if not args.small else None
-    for _, ours, theirs in runs:
-        assert ours["params"] == theirs["params"] and (expected is None or ours["params"] == expected), \
-            f"parameter counts differ: ours {ours['params']}, diffusers {theirs['params']}"
     peaks = {precision: peak_flops(device, precision) for precision in sorted(set(precisions) | {"fp32"})}
 
-    print(f"ddpm bench: {machine(device)}; torch {torch.__version__}; "
-          f"{'small network (ch=32)' if args.small else 'CIFAR-10 network'}, {runs[0][1]['params']:,} parameters "
-          f"each; batch {B}; median of {steps} steps after {warmup} warm-up")
+    # every child runs side by side; diffusers fp32 always, as the baseline of the targets
+    base = {"device": args.device, "batch_size": B, "small": args.small}
+    specs, pairs = {}, []  # pairs: (our label, diffusers' label at the same precision)
+    for precision in sorted(set(precisions) | {"fp32"}, key=list(ddpm.PRECISIONS).index):
+        specs[f"diffusers {precision}"] = {**base, "impl": "diffusers", "precision": precision, "compile": False}
+        if precision in precisions:
+            variants = [False] + ([True] if args.compile or (gpu and precision == "bf16") else [])
+            for compiled in variants:
+                label = f"ours {precision}{'+compile' if compiled else ''}"
+                specs[label] = {**base, "impl": "ours", "precision": precision, "compile": compiled}
+                pairs.append((label, f"diffusers {precision}"))
+    threads = args.threads or torch.get_num_threads()
+    results = run_interleaved(specs, warmup, steps, threads)
+    expected = None if args.small else 35_746_307
+    for label, r in results.items():
+        assert r["params"] == results["diffusers fp32"]["params"] and expected in (None, r["params"]), \
+            f"parameter counts differ: {({k: v['params'] for k, v in results.items()})}"
+
+    print(f"ddpm bench: {machine(device)}, {threads} threads; torch {torch.__version__}; "
+          f"{'small network (ch=32)' if args.small else 'CIFAR-10 network'}, {r['params']:,} parameters each; "
+          f"batch {B}; {len(specs)} child processes side by side, median of {steps} interleaved steps after "
+          f"{warmup} warm-up")
     print(f"FLOPs per image: forward {fwd_flops / 1e9:.2f} G, forward+backward {train_flops / 1e9:.2f} G (the same "
           f"for both). Measured peak: " + "; ".join(
               f"{p} matmul {v['matmul'] / 1e9:.0f}, conv {v['conv'] / 1e9:.0f} GFLOP/s" for p, v in peaks.items()))
-    head = f"{'row':<28}{'ours':>10}{'diffusers':>11}{'ours/diff':>11}{'vs diff fp32':>14}"
+    head = f"{'row':<30}{'ours':>10}{'diffusers':>11}{'ours/diff':>11}{'vs diff fp32':>14}"
     print(head + "\n" + "-" * len(head))
-    rows = []
-    for label, ours, theirs in runs:
-        peak = max(peaks[ours["precision"]].values())
+    rows, baseline = [], results["diffusers fp32"]
+    img_s = lambda seconds: B / statistics.median(seconds)
+    for label, their_label in pairs:
+        ours, theirs = results[label], results[their_label]
+        name = label[len("ours "):]
+        peak = max(peaks[specs[label]["precision"]].values())
         for row, unit in (("train", "img/s"), ("sample", "img/s"), ("nll", "img/s"), ("memory", "MiB"),
                           ("train_util", "% peak"), ("sample_util", "% peak")):
-            if row.endswith("_util"):  # achieved FLOP/s over the best measured at this precision
-                per_img = train_flops if row == "train_util" else fwd_flops
-                a, b = (100 * r[row[:-5]] * per_img / peak for r in (ours, theirs))
-                vs_fp32 = None  # a fraction of another peak: no ratio
-            else:
+            if row == "memory":
                 a, b = ours[row], theirs[row]
-                vs_fp32 = round(a / baseline[row], 3)
-            rows.append({"bench": "ddpm", "row": row, "precision": label, "unit": unit, "device": args.device,
+                ratio, vs_fp32 = a / b, a / baseline[row]
+            elif row.endswith("_util"):  # achieved FLOP/s over the best matmul/conv at this precision
+                per_img = train_flops if row == "train_util" else fwd_flops
+                a, b = (100 * img_s(r[row[:-5]]) * per_img / peak for r in (ours, theirs))
+                ratio, vs_fp32 = a / b, None  # fractions of different peaks: no ratio to fp32
+            else:
+                a, b = img_s(ours[row]), img_s(theirs[row])
+                ratio, vs_fp32 = pair_ratio(ours[row], theirs[row]), pair_ratio(ours[row], baseline[row])
+            rows.append({"bench": "ddpm", "row": row, "precision": name, "unit": unit, "device": args.device,
                          "batch_size": B, "small": args.small, "ours": round(a, 3), "diffusers": round(b, 3),
-                         "ratio": round(a / b, 3), "ratio_vs_diffusers_fp32": vs_fp32})
-            print(f"{row + ' ' + label + ' (' + unit + ')':<28}{a:>10.2f}{b:>11.2f}{a / b:>10.2f}x"
+                         "ratio": round(ratio, 3),
+                         "ratio_vs_diffusers_fp32": None if vs_fp32 is None else round(vs_fp32, 3)})
+            print(f"{row + ' ' + name + ' (' + unit + ')':<30}{a:>10.2f}{b:>11.2f}{ratio:>10.2f}x"
                   + (f"{vs_fp32:>13.2f}x" if vs_fp32 is not None else ""))
-    for label, ours, _ in runs:
-        print(f"ours {label}: first training step {ours['first_step_s']:.1f} s (plans{', compilation' if 'compile' in label else ''})")
+    print("first training step (oneDNN/cuDNN plans, compilation): " + ", ".join(
+        f"{label} {r['first_s']['train']:.1f} s" for label, r in results.items()))
 
-    if gpu:  # the paper's setting: batch 128, TPU v3-8
+    if gpu:  # the paper's setting: batch 128 on a TPU v3-8
         print(f"\nThe paper: 21 steps/s at batch 128 on a TPU v3-8 = {PAPER_TRAIN_IMG_S} img/s (batch here: {B})")
-        for label, ours, _ in runs:
-            print(f"  ours {label:<14} train {ours['train']:8.0f} img/s = {ours['train'] / PAPER_TRAIN_IMG_S:.2f}x "
-                  f"the paper; 800k steps in {800_000 * 128 / ours['train'] / 3600:.1f} h")
-        best = max(runs, key=lambda r: r[1]["sample"])
+        for label, _ in pairs:
+            train = img_s(results[label]["train"])
+            print(f"  {label:<20} train {train:8.0f} img/s = {train / PAPER_TRAIN_IMG_S:.2f}x the paper; "
+                  f"800k steps at batch 128 in {800_000 * 128 / train / 3600:.1f} h")
+        best = max((label for label, _ in pairs), key=lambda label: img_s(results[label]["sample"]))
+        sample = img_s(results[best]["sample"])
         for n_steps in (1000, 100):
-            hours = 50_000 * n_steps / best[1]["sample"] / 3600
-            print(f"  50,000 samples at {n_steps} steps: {hours:.2f} h (ours {best[0]}, {best[1]['sample']:.0f} img/s "
-                  f"per network call)")
-            rows.append({"bench": "ddpm", "row": f"50k_samples_{n_steps}_steps", "precision": best[0], "unit": "h",
-                         "device": args.device, "batch_size": B, "ours": round(hours, 3)})
+            hours = 50_000 * n_steps / sample / 3600
+            print(f"  50,000 samples at {n_steps} steps: {hours:.2f} h ({best}, {sample:.0f} img/s per network call)")
+            rows.append({"bench": "ddpm", "row": f"50k_samples_{n_steps}_steps", "precision": best[len("ours "):],
+                         "unit": "h", "device": args.device, "batch_size": B, "ours": round(hours, 3)})
     for record in rows:
         print(json.dumps(record))
 

@@ -387,7 +387,7 @@ class GaussianDiffusion:
 def space_timesteps(num_timesteps, section_counts):
     """The set of original indices 0..T-1 that a respaced diffusion keeps (improved-diffusion's rule).
 
-    "50,25,10" (or [50, 25, 10]) splits 0..T-1 into 3 equal sections and takes 50, 25 and 10 evenly
+    "50,25,10" (or [50, 25, 10]; 50 means "50") splits 0..T-1 into 3 equal sections and takes 50, 25 and 10 evenly
     strided, rounded indices from each, both ends included: "10" at T=1000 is {0, 111, ..., 888, 999}.
     "ddimN" uses the DDIM paper's integer stride from 0 instead: "ddim10" is {0, 100, ..., 900}.
     """
@@ -398,8 +398,8 @@ def space_timesteps(num_timesteps, section_counts):
                 return set(range(0, num_timesteps, stride))
         raise ValueError(f"no integer stride gives exactly {count} of {num_timesteps} steps; "
                          f"use another ddimN or plain section counts such as '{count}'")
-    if isinstance(section_counts, str):
-        section_counts = [int(c) for c in section_counts.split(",")]
+    if isinstance(section_counts, (str, int)):
+        section_counts = [int(c) for c in str(section_counts).split(",")]
     size_per, extra = divmod(num_timesteps, len(section_counts))
     start, kept = 0, []
     for i, count in enumerate(section_counts):
