@@ -24,3 +24,9 @@ demo:               ## train the digits preset on 2 CPU cores (~10 min), then sa
 	rm -rf runs/demo
 	OMP_NUM_THREADS=1 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(DEMO_PROCS) \
 		ddpm.py train --preset digits --out runs/demo
+
+bench:              ## ours vs diffusers on the CIFAR-10 network, CPU, batch 16, fp32 and bf16 (~5 min on 2 cores)
+	$(PYTHON) bench.py
+
+bench-gpu:          ## the same on CUDA at the paper's batch 128, plus bf16+compile and 50k-sample times
+	$(PYTHON) bench.py --device cuda

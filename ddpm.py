@@ -211,16 +211,17 @@ class GaussianDiffusion:
         # Sigma_theta = beta_t ('fixedlarge'), except beta~ at index 0 for a better decoder likelihood
         self.fixedlarge_variance = np.append(self.posterior_variance[1], betas[1:]) if T > 1 else betas
         self.fixedlarge_log_variance = np.log(self.fixedlarge_variance)
-        self._buffers = {}  # id(array), device, dtype -> (array, tensor): each buffer is copied once per device
+        self._buffers = {}  # (array bytes, device, dtype) -> tensor, so each buffer is copied once per device
 
     def _extract(self, arr, t, x):
-        """arr[t] for a float64 numpy buffer arr [T] (an attribute of self) and indices t [N], as a tensor
-        shaped [N, 1, ..., 1] like x: float32, or float64 for float64 x."""
+        """arr[t] for a float64 numpy buffer arr [T] and indices t [N], as a tensor shaped [N, 1, ..., 1]
+        like x: float32, or float64 for float64 x. The cache is keyed by the array's contents, not id(arr):
+        a freed temporary's id is reused by the next one."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        key = (id(arr), x.device, dtype)
-        if key not in self._buffers:  # holding arr keeps its id from being reused
-            self._buffers[key] = (arr, torch.as_tensor(arr, dtype=dtype).to(x.device))
-        return self._buffers[key][1][t].reshape(-1, *([1] * (x.dim() - 1)))
+        key = (arr.tobytes(), x.device, dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.as_tensor(arr, dtype=dtype).to(x.device)
+        return self._buffers[key][t].reshape(-1, *([1] * (x.dim() - 1)))
 
     # --- forward process q ------------------------------------------------------------------------
 
@@ -401,6 +402,138 @@ class GaussianDiffusion:
                 "xstart_mse": xstart_mse, "mse": mse}
 
 
+# ------------------------------------------------------------------------------------------------
+# 3b. Fewer steps: respacing (improved-diffusion) and DDIM (Song, Meng & Ermon 2021)
+# ------------------------------------------------------------------------------------------------
+
+def space_timesteps(num_timesteps, section_counts):
+    """The set of original indices 0..T-1 that a respaced diffusion keeps (improved-diffusion's rule).
+
+    "50,25,10" (or [50, 25, 10]; 50 means "50") splits 0..T-1 into 3 equal sections and takes 50, 25 and 10 evenly
+    strided, rounded indices from each, both ends included: "10" at T=1000 is {0, 111, ..., 888, 999}.
+    "ddimN" uses the DDIM paper's integer stride from 0 instead: "ddim10" is {0, 100, ..., 900}.
+    """
+    if isinstance(section_counts, str) and section_counts.startswith("ddim"):
+        count = int(section_counts[len("ddim"):])
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == count:
+                return set(range(0, num_timesteps, stride))
+        raise ValueError(f"no integer stride gives exactly {count} of {num_timesteps} steps; "
+                         f"use another ddimN or plain section counts such as '{count}'")
+    if isinstance(section_counts, (str, int)):
+        section_counts = [int(c) for c in str(section_counts).split(",")]
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    start, kept = 0, []
+    for i, count in enumerate(section_counts):
+        size = size_per + (i < extra)  # the first `extra` sections are one step longer
+        if not 1 <= count <= size:
+            raise ValueError(f"cannot take {count} steps from a section of {size} (T={num_timesteps}); "
+                             f"use fewer steps or fewer sections")
+        stride = (size - 1) / (count - 1) if count > 1 else 1
+        kept += [start + round(j * stride) for j in range(count)]
+        start += size
+    return set(kept)
+
+
+class SpacedDiffusion(GaussianDiffusion):
+    """The diffusion given by `betas`, keeping only the original indices `use_timesteps`.
+
+    beta'_j = 1 - abar_{s_j} / abar_{s_(j-1)} (abar = 1 before the first kept step s_0), so
+    alphas_cumprod at the kept steps is unchanged. Every method takes this diffusion's own index
+    j = 0..len(use_timesteps)-1 and calls the model with the original index s_j, so a network trained
+    on the full chain needs no change; calc_bpd_loop gives the (valid) bound of the shorter chain.
+    """
+
+    def __init__(self, use_timesteps, *, betas, **kwargs):
+        alphas_cumprod = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+        self.timestep_map, self.original_num_steps = sorted(use_timesteps), len(alphas_cumprod)
+        if not self.timestep_map or not 0 <= self.timestep_map[0] <= self.timestep_map[-1] < len(alphas_cumprod):
+            raise ValueError(f"use_timesteps must be a non-empty set of indices in [0, {len(alphas_cumprod)}); "
+                             f"build it with space_timesteps")
+        kept = alphas_cumprod[self.timestep_map]
+        super().__init__(betas=1.0 - kept / np.append(1.0, kept[:-1]), **kwargs)
+        self._timestep_maps = {}  # device -> the map as an int64 tensor, copied there once
+
+    def original_timesteps(self, t):
+        """The original indices s_t [N] for this diffusion's indices t [N], on t's device."""
+        if t.device not in self._timestep_maps:
+            self._timestep_maps[t.device] = torch.tensor(self.timestep_map, device=t.device)
+        return self._timestep_maps[t.device][t]
+
+    def _wrap_model(self, model):
+        if getattr(model, "spaced_diffusion", None) is self:  # training_losses('kl') -> p_mean_variance
+            return model
+        wrapped = lambda x, t: model(x, self.original_timesteps(t))
+        wrapped.spaced_diffusion = self
+        return wrapped
+
+    def p_mean_variance(self, model, x, t, clip_denoised=True):
+        return super().p_mean_variance(self._wrap_model(model), x, t, clip_denoised=clip_denoised)
+
+    def training_losses(self, model, x_start, t, noise=None):
+        return super().training_losses(self._wrap_model(model), x_start, t, noise=noise)
+
+
+def respace(diffusion, section_counts):
+    """`diffusion` keeping space_timesteps(T, section_counts), e.g. respace(diffusion, "ddim50")."""
+    if isinstance(diffusion, SpacedDiffusion):
+        raise ValueError("this diffusion is already respaced; respace the original one")
+    return SpacedDiffusion(space_timesteps(diffusion.num_timesteps, section_counts), betas=diffusion.betas,
+                           model_mean_type=diffusion.model_mean_type, model_var_type=diffusion.model_var_type,
+                           loss_type=diffusion.loss_type)
+
+
+def ddim_sample(diffusion, model, x, t, noise=None, clip_denoised=True, eta=0.0):
+    """One DDIM step (Song et al. Eq. 12) from x_t [N x C x H x W]: {'sample', 'pred_xstart'}.
+
+    x_{t-1} = sqrt(abar_{t-1}) x0 + sqrt(1 - abar_{t-1} - sigma^2) eps + sigma z, sigma^2 = eta^2 beta~_t,
+    with x0 the (clipped) estimate and eps rederived from it. eta=0 is deterministic; eta=1 is
+    p_sample with sigma^2 = beta~ ('fixedsmall'). No noise at index 0. Also diffusion.ddim_sample.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's beta~), got {eta}")
+    out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
+    eps = diffusion.predict_noise_from_start(x, t, out["pred_xstart"])
+    sigma2 = eta ** 2 * diffusion.posterior_variance  # float64, like every coefficient
+    sample = (diffusion._extract(np.sqrt(diffusion.alphas_cumprod_prev), t, x) * out["pred_xstart"]
+              + diffusion._extract(np.sqrt(1.0 - diffusion.alphas_cumprod_prev - sigma2), t, x) * eps)
+    if eta:  # sigma is 0 at index 0 (beta~_0 = 0), so no mask is needed
+        noise = torch.randn_like(x) if noise is None else noise
+        sample = sample + diffusion._extract(np.sqrt(sigma2), t, x) * noise
+    return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+
+@torch.no_grad()
+def ddim_sample_loop_progressive(diffusion, model, shape, noise=None, clip_denoised=True, eta=0.0,
+                                 progress=False, generator=None, device=None):
+    """DDIM from x_T ~ N(0, I) (or `noise`), yielding {'t', 'sample', 'pred_xstart'} from index T-1
+    down to 0: num_timesteps model calls, e.g. 50 on respace(diffusion, "ddim50")."""
+    device = device if device is not None else _model_device(model)
+    img = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
+    for i in _progress(range(diffusion.num_timesteps - 1, -1, -1), diffusion.num_timesteps, "ddim", progress):
+        t = torch.full((shape[0],), i, dtype=torch.long, device=img.device)
+        z = torch.randn(img.shape, generator=generator, device=img.device, dtype=img.dtype) if eta else None
+        out = ddim_sample(diffusion, model, img, t, noise=z, clip_denoised=clip_denoised, eta=eta)
+        out["t"] = i
+        yield out
+        img = out["sample"]
+
+
+def ddim_sample_loop(diffusion, model, shape, noise=None, clip_denoised=True, eta=0.0, progress=False,
+                     generator=None, device=None):
+    """A DDIM sample of shape [N, C, H, W], in [-1, 1] when clipping; eta=0 is a function of x_T."""
+    for out in ddim_sample_loop_progressive(diffusion, model, shape, noise, clip_denoised, eta, progress,
+                                            generator, device):
+        final = out
+    return final["sample"]
+
+
+# DDIM works on every diffusion, respaced or not, with improved-diffusion's method names.
+GaussianDiffusion.ddim_sample = ddim_sample
+GaussianDiffusion.ddim_sample_loop_progressive = ddim_sample_loop_progressive
+GaussianDiffusion.ddim_sample_loop = ddim_sample_loop
+
+
 def _model_device(model):
     """The device of a module's first parameter, or the CPU for a plain callable."""
     try:
@@ -472,9 +605,13 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(2, 3) for m in (self.q, self.k, self.v))  # [B,1,HW,C]
-        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
-        h = h.transpose(2, 3).reshape(B, C, H, W)
+        # q, k and v as one 1x1 conv with the three weights stacked: the same products in one kernel
+        qkv = F.conv2d(h, torch.cat([self.q.weight, self.k.weight, self.v.weight]),
+                       torch.cat([self.q.bias, self.k.bias, self.v.bias]))
+        # [B, 3C, H, W] -> [B, 1, HW, C] x 3: a view, no copy, in channels_last; one head over all C
+        q, k, v = qkv.flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, fused
+        h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)  # channels_last again, without a copy
         return x + self.proj_out(h)
 
 
@@ -585,6 +722,40 @@ class UNet(nn.Module):
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ------------------------------------------------------------------------------------------------
+# 4b. Running the U-Net fast: these change how it runs, never what it computes or its weights' names
+# ------------------------------------------------------------------------------------------------
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def update_ema(ema_params, params, decay):
+    """ema <- ema - (1 - decay) (ema - param) for every pair, in place: TF's ExponentialMovingAverage
+    (decay 0.9999 in the paper), as one torch._foreach_lerp_ over all tensors, not a kernel per tensor."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema_params), list(params), 1.0 - decay)
+
+
+def autocast(device, precision="fp32"):
+    """The context to run the U-Net in: 'fp32' (the default, the paper's numbers) changes nothing;
+    'bf16' runs convolutions and matmuls in bfloat16 with fp32 accumulation (torch.autocast), about 2x
+    on CPUs with AVX512-BF16/AMX and on GPUs; the diffusion's own math stays fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def optimize_model(model, channels_last=True, compile=False):
+    """The model, moved in place to channels_last (NHWC) memory, which oneDNN and cuDNN convolve without
+    reordering, and with compile=True compiled in place by torch.compile (fused GroupNorm, swish and adds;
+    the first call takes minutes). Its state_dict keeps the official names and values."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()  # nn.Module.compile keeps the state_dict keys (torch.compile(model) adds '_orig_mod.')
+    return model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1254,16 +1425,15 @@ def train(config, resume=False):
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
             if device.type == "cuda":
                 x, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x, noise))
-            with torch.autocast(device.type, torch.bfloat16, enabled=tc.precision == "bf16"):
+            with autocast(device, tc.precision):
                 losses = diffusion.training_losses(model, x, t, noise=noise)["loss"].float()  # [b]
             loss = losses.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the rank means: the global batch mean
             grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip)
             opt.step()
-            decay = 1e-10 if step == 0 else tc.ema_decay  # the official EMA: a copy after the first update
+            update_ema(ema.parameters(), raw.parameters(), 1e-10 if step == 0 else tc.ema_decay)  # step 0: a copy
             with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1.0 - decay)
                 quarter = t * 4 // T
                 stats[0] += loss.detach()
                 stats[1] += grad_norm
@@ -1356,15 +1526,17 @@ def save_image_grid(images, path, nrow=8):
                                                               Image.NEAREST).save(path)
 
 
-def sample_images(model, diffusion, n, seed=0, progressive_every=0, progress=False):
+def sample_images(model, diffusion, n, seed=0, progressive_every=0, progress=False, ddim_eta=None):
     """n samples by Algorithm 2 as float [n, C, H, W] in [-1, 1], the noise drawn from `seed` on the model's device.
     With progressive_every=k, the x0 estimates at every index t with t % k == 0 instead, from T-1 down to 0,
-    as [n, T // k, C, H, W]: the paper's Figure 6. Every sample the program draws goes through here."""
+    as [n, T // k, C, H, W]: the paper's Figure 6. With ddim_eta, DDIM with that eta instead of Algorithm 2.
+    Every sample the program draws goes through here."""
     device = _model_device(model)
     shape = (n, model.in_channels, model.resolution, model.resolution)
-    frames = []
-    for out in diffusion.p_sample_loop_progressive(model, shape, progress=progress, device=device,
-                                                   generator=torch.Generator(device).manual_seed(seed)):
+    frames, kw = [], {} if ddim_eta is None else {"eta": ddim_eta}
+    loop = diffusion.p_sample_loop_progressive if ddim_eta is None else diffusion.ddim_sample_loop_progressive
+    for out in loop(model, shape, progress=progress, device=device,
+                    generator=torch.Generator(device).manual_seed(seed), **kw):
         if progressive_every and out["t"] % progressive_every == 0:
             frames.append(out["pred_xstart"])
     return torch.stack(frames, 1) if progressive_every else out["sample"]
@@ -1385,12 +1557,15 @@ def sample_command(args):
         raise ValueError("--n and --batch-size must be at least 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, diffusion, config = load_for_sampling(args, device)
+    if args.respacing:  # fewer steps: the model still sees its original indices
+        diffusion = respace(diffusion, args.respacing)
     source = os.path.abspath(args.checkpoint or args.weights)
     out = args.out or (os.path.splitext(args.checkpoint)[0] + "-samples" if args.checkpoint
                        else os.path.join("samples", os.path.basename(os.path.normpath(args.weights))))
     os.makedirs(out, exist_ok=True)
     if args.progressive:  # x0 every 50 steps at T=1000 (20 columns), one row per sample
-        frames = sample_images(model, diffusion, args.n, args.seed, max(1, diffusion.num_timesteps // 20), True)
+        frames = sample_images(model, diffusion, args.n, args.seed, max(1, diffusion.num_timesteps // 20), True,
+                               args.ddim_eta)
         save_image_grid(unnormalize_data(frames.flatten(0, 1)), os.path.join(out, "progressive.png"), frames.shape[1])
         print(f"wrote {os.path.join(out, 'progressive.png')}: {args.n} rows of x0 estimates, t = T .. 1")
         return
@@ -1407,7 +1582,8 @@ def sample_command(args):
                 raise ValueError(f"{path} was sampled from {np.load(path)['source']}, not {source}; use another --out")
             continue
         chunk_seed = int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0])  # the same in every run
-        x = unnormalize_data(sample_images(model, diffusion, args.batch_size, chunk_seed, progress=len(chunks) == 1))
+        x = unnormalize_data(sample_images(model, diffusion, args.batch_size, chunk_seed, progress=len(chunks) == 1,
+                                           ddim_eta=args.ddim_eta))
         atomic_write(path, lambda f: np.savez(f, arr_0=x, source=np.array(source)))  # a killed run leaves whole chunks
     images = np.concatenate([np.load(p)["arr_0"] for p in chunks])[:args.n]
     atomic_write(final, lambda f: np.savez(f, arr_0=images))
@@ -1478,6 +1654,8 @@ def main(argv=None):
     p.add_argument("--out", default="", help="output folder; default: next to the checkpoint, or samples/NAME")
     p.add_argument("--progressive", action="store_true", help="Figure 6: x0 every T/20 steps, one row per sample")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1, ...; default: cuda if available")
+    p.add_argument("--respacing", default="", help="fewer steps: '100', '50,25,10' or 'ddim50' (space_timesteps)")
+    p.add_argument("--ddim-eta", type=float, default=None, help="sample with DDIM at this eta (0: deterministic)")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":

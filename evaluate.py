@@ -104,6 +104,7 @@ def add_model_args(parser):
     group.add_argument("--checkpoint", help="a ckpt-*.pt written by `ddpm.py train` (its EMA weights are used)")
     group.add_argument("--weights", help="the authors' released weights (a diffusers folder or a converted file)")
     parser.add_argument("--device", default=default_device(), help="cuda, cuda:1, cpu ... (default: %(default)s)")
+    parser.add_argument("--respacing", default="", help="fewer steps: '100', '50,25,10' or 'ddim50' (default: all T)")
 
 
 def load_model_from_args(args, device):
@@ -112,6 +113,8 @@ def load_model_from_args(args, device):
         model, diffusion, config = ddpm.load_model(args.checkpoint, device, use_ema=True)
     else:
         model, diffusion, config = ddpm.load_pretrained(args.weights, device)
+    if args.respacing:  # fewer steps; the bound of the shorter chain is still a valid bound
+        diffusion = ddpm.respace(diffusion, args.respacing)
     return model.eval(), diffusion, config
 
 
