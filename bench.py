@@ -116,7 +116,7 @@ def peak_flops(device, precision):
     result = {}
     for name, fn, flops in (("matmul", lambda: a @ b, 2 * n ** 3),
                             ("conv", lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * N * C * C * 9 * H * H)):
-        seconds = timed(fn, device, warmup=2, steps=5)
+        seconds = timed(fn, device, warmup=3, steps=10)  # AMX and GPU clocks need a few calls to ramp up
         result[name] = flops / min(seconds)
     return result
 
@@ -360,7 +360,7 @@ def main(argv=None):
         assert r["params"] == results["diffusers fp32"]["params"] and expected in (None, r["params"]), \
             f"parameter counts differ: {({k: v['params'] for k, v in results.items()})}"
 
-    print(f"ddpm bench: {machine(device)}, {threads} threads; torch {torch.__version__}; "
+    print(f"ddpm bench: {machine(device)}, {threads} thread{'s' if threads > 1 else ''}; torch {torch.__version__}; "
           f"{'small network (ch=32)' if args.small else 'CIFAR-10 network'}, {r['params']:,} parameters each; "
           f"batch {B}; {len(specs)} child processes side by side, median of {steps} interleaved steps after "
           f"{warmup} warm-up")
