@@ -116,7 +116,7 @@ def peak_flops(device, precision):
     result = {}
     for name, fn, flops in (("matmul", lambda: a @ b, 2 * n ** 3),
                             ("conv", lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * N * C * C * 9 * H * H)):
-        seconds = timed(fn, device, warmup=2, steps=5)
+        seconds = timed(fn, device, warmup=3, steps=10)  # AMX and GPU clocks need a few calls to ramp up
         result[name] = flops / min(seconds)
     return result
 
@@ -309,6 +309,8 @@ def main(argv=None):
     p.add_argument("--small", action="store_true", help="a quick run: ch=32 instead of 128, batch 4, 3 timed steps")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 5, 3 with --small)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before each row (default 2, 1 with --small)")
+    p.add_argument("--paper", action="store_true", help="also compare with the paper's TPU v3-8 throughput and "
+                   "project 50,000-sample times (always on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per child (default: torch's, one per core); "
                    "1 gives steadier ratios on a machine shared with other jobs")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -334,7 +336,8 @@ def main(argv=None):
     flops = {impl: count_flops(impl, config) for impl in ("ours", "diffusers")}
     assert abs(flops["ours"][0] / flops["diffusers"][0] - 1) < 1e-6, f"the networks differ in FLOPs: {flops}"
     fwd_flops, train_flops = flops["ours"]
-    peaks = {precision: peak_flops(device, precision) for precision in sorted(set(precisions) | {"fp32"})}
+    measure_peaks = lambda: {p: peak_flops(device, p) for p in sorted(set(precisions) | {"fp32"})}
+    before = measure_peaks()
 
     # every child runs side by side; diffusers fp32 always, as the baseline of the targets
     base = {"device": args.device, "batch_size": B, "small": args.small}
@@ -349,12 +352,15 @@ def main(argv=None):
                 pairs.append((label, f"diffusers {precision}"))
     threads = args.threads or torch.get_num_threads()
     results = run_interleaved(specs, warmup, steps, threads)
+    # the machine's peak, measured before and after the children (best of both: a busy spell only lowers it)
+    after = measure_peaks()
+    peaks = {p: {kind: max(before[p][kind], after[p][kind]) for kind in before[p]} for p in before}
     expected = None if args.small else 35_746_307
     for label, r in results.items():
         assert r["params"] == results["diffusers fp32"]["params"] and expected in (None, r["params"]), \
             f"parameter counts differ: {({k: v['params'] for k, v in results.items()})}"
 
-    print(f"ddpm bench: {machine(device)}, {threads} threads; torch {torch.__version__}; "
+    print(f"ddpm bench: {machine(device)}, {threads} thread{'s' if threads > 1 else ''}; torch {torch.__version__}; "
           f"{'small network (ch=32)' if args.small else 'CIFAR-10 network'}, {r['params']:,} parameters each; "
           f"batch {B}; {len(specs)} child processes side by side, median of {steps} interleaved steps after "
           f"{warmup} warm-up")
@@ -390,7 +396,7 @@ def main(argv=None):
     print("first training step (oneDNN/cuDNN plans, compilation): " + ", ".join(
         f"{label} {r['first_s']['train']:.1f} s" for label, r in results.items()))
 
-    if gpu:  # the paper's setting: batch 128 on a TPU v3-8
+    if gpu or args.paper:  # the paper's setting: batch 128 on a TPU v3-8
         print(f"\nThe paper: 21 steps/s at batch 128 on a TPU v3-8 = {PAPER_TRAIN_IMG_S} img/s (batch here: {B})")
         for label, _ in pairs:
             train = img_s(results[label]["train"])
