@@ -492,15 +492,19 @@ def ddim_sample(diffusion, model, x, t, noise=None, clip_denoised=True, eta=0.0)
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's beta~), got {eta}")
+    cache = diffusion.__dict__.setdefault("_ddim_coefs", {})  # eta -> float64 [T] arrays, built once
+    if eta not in cache:
+        sigma2 = eta ** 2 * diffusion.posterior_variance
+        cache[eta] = (np.sqrt(diffusion.alphas_cumprod_prev),
+                      np.sqrt(np.maximum(1.0 - diffusion.alphas_cumprod_prev - sigma2, 0.0)),  # 0 - rounding at beta=1
+                      np.sqrt(sigma2))
+    x0_coef, eps_coef, sigma = cache[eta]
     out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
     eps = diffusion.predict_noise_from_start(x, t, out["pred_xstart"])
-    sigma2 = eta ** 2 * diffusion.posterior_variance  # float64, like every coefficient
-    dir_coef = np.sqrt(np.maximum(1.0 - diffusion.alphas_cumprod_prev - sigma2, 0.0))  # 0 - rounding when beta=1
-    sample = (diffusion._extract(np.sqrt(diffusion.alphas_cumprod_prev), t, x) * out["pred_xstart"]
-              + diffusion._extract(dir_coef, t, x) * eps)
+    sample = diffusion._extract(x0_coef, t, x) * out["pred_xstart"] + diffusion._extract(eps_coef, t, x) * eps
     if eta:  # sigma is 0 at index 0 (beta~_0 = 0), so no mask is needed
         noise = torch.randn_like(x) if noise is None else noise
-        sample = sample + diffusion._extract(np.sqrt(sigma2), t, x) * noise
+        sample = sample + diffusion._extract(sigma, t, x) * noise
     return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
 
