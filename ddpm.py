@@ -1325,9 +1325,8 @@ def train(config, resume=False):
                          f"lower --batch-size or add images")
     torch.manual_seed(tc.seed)  # the same initial weights on every rank and in every run with this seed
     model, diffusion = create_model_and_diffusion(config)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)  # the layout cuDNN's fastest convolutions use
+    # channels_last on GPUs (the layout cuDNN's fastest convolutions use), before the EMA copies the model
+    optimize_model(model.to(device), channels_last=device.type == "cuda")
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
     torch.manual_seed(tc.seed + 1 + rank)  # dropout: its own stream per rank
@@ -1370,8 +1369,7 @@ def train(config, resume=False):
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tc.compile:
-        model = torch.compile(model)
+    optimize_model(model, channels_last=False, compile=tc.compile)  # compiles the DDP wrapper, as torch.compile(ddp)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         print(json.dumps(config.to_dict(), indent=1))
