@@ -1255,8 +1255,10 @@ def _rng_state(generator, world):
     """Every RNG the run draws from: torch CPU/CUDA (dropout; one per rank), numpy, python and the generator of
     t, noise and flips. numpy's key becomes a tensor so the checkpoint stays weights_only-loadable."""
     local = [torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None]
-    per_rank = [None] * world
-    dist.all_gather_object(per_rank, local) if world > 1 else per_rank.__setitem__(0, local)
+    per_rank = [local]
+    if world > 1:
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, local)
     np_state = np.random.get_state()
     return {"torch": [s[0] for s in per_rank], "cuda": [s[1] for s in per_rank], "generator": generator.get_state(),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
@@ -1434,17 +1436,16 @@ def train(config, resume=False):
                 stats[6:10].index_add_(0, quarter, torch.ones_like(losses))
             step += 1
 
-            logging = step % tc.log_every == 0 or step == tc.steps
-            if logging:
+            if step % tc.log_every == 0 or step == tc.steps:
                 check_finite(step)
                 stats[10] = float(bool(stop))
                 if world > 1:
                     dist.all_reduce(stats)
                 s, n = stats.tolist(), step - step_log
                 if rank == 0:
-                    record = {"step": step, "loss": s[0] / (n * world), **{f"loss_q{q}": s[2 + q] / max(s[6 + q], 1)
-                              for q in range(4)}, "grad_norm": s[1] / (n * world), "lr": lr,
-                              "img/s": n * B / (time.time() - t_log)}
+                    record = {"step": step, "loss": s[0] / (n * world),
+                              **{f"loss_q{q}": s[2 + q] / max(s[6 + q], 1) for q in range(4)},
+                              "grad_norm": s[1] / (n * world), "lr": lr, "img/s": n * B / (time.time() - t_log)}
                     _log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
                     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                         f.write(json.dumps({**record, "time": time.time()}) + "\n")
