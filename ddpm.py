@@ -1365,7 +1365,7 @@ def train(config, resume=False):
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimize_model(model, channels_last=False, compile=tc.compile)  # compiles the DDP wrapper, as torch.compile(ddp)
+    optimize_model(model, channels_last=False, compile=tc.compile)  # in place, around the DDP wrapper when there is one
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         print(json.dumps(config.to_dict(), indent=1))
