@@ -818,11 +818,9 @@ class Config:
 
     def to_dict(self):
         """Plain nested dict of ints, floats, strings and lists: safe for torch.load(weights_only=True)."""
-        def plain(v):
-            return list(v) if isinstance(v, tuple) else v
-        return {f.name: ({k: plain(v) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
-                         if dataclasses.is_dataclass(getattr(self, f.name)) else getattr(self, f.name))
-                for f in dataclasses.fields(self)}
+        def plain(section):
+            return {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+        return {k: plain(v) if isinstance(v, dict) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d):
@@ -843,11 +841,11 @@ class Config:
         return cls(**kwargs)
 
 
-def _preset_256(data, randflip=True, model_var_type="fixedsmall"):
+def _preset_256(data, randflip=True):
     """The official run_celebahq.py / run_lsun.py recipe: the 114M U-Net, eps/L_simple, sampling with beta~."""
     return Config(model=ModelConfig(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,),
                                     dropout=0.0, resolution=256),
-                  diffusion=DiffusionConfig(model_var_type=model_var_type),
+                  diffusion=DiffusionConfig(model_var_type="fixedsmall"),
                   train=TrainConfig(data=data, lr=2e-5, batch_size=64, randflip=randflip, steps=0))
 
 
@@ -858,8 +856,7 @@ PRESETS = {
     "celebahq256": lambda: _preset_256("celebahq"),
     "lsun_church256": lambda: _preset_256("lsun_church"),
     "lsun_bedroom256": lambda: _preset_256("lsun_bedroom"),
-    # The paper's appendix says flips everywhere but bedroom; the official script turns them off for cat.
-    # The official code wins.
+    # The paper's appendix says flips everywhere but bedroom; the official script (followed here) has none for cat.
     "lsun_cat256": lambda: _preset_256("lsun_cat", randflip=False),
     # The CPU demo (`make demo`): scikit-learn's 8x8 digits on 2 cores in about 10 minutes, T=1000 as in the
     # paper. A 0.7M-parameter U-Net, and a larger lr, a shorter warmup and a faster EMA than the paper's,
@@ -1038,9 +1035,8 @@ def load_pretrained(path, device="cpu", preset=None):
         raise FileNotFoundError(f"{path!r} does not exist; pass a weights file or a diffusers snapshot folder")
     if os.path.isdir(path):
         exts = ("safetensors", "bin") if importlib.util.find_spec("safetensors") else ("bin", "safetensors")
-        found = [os.path.join(d, f"diffusion_pytorch_model.{ext}") for d in (path, os.path.join(path, "unet"))
-                 for ext in exts if os.path.isfile(os.path.join(d, "config.json"))
-                 and os.path.isfile(os.path.join(d, f"diffusion_pytorch_model.{ext}"))]
+        found = [w for d in (path, os.path.join(path, "unet")) if os.path.isfile(os.path.join(d, "config.json"))
+                 for w in (os.path.join(d, f"diffusion_pytorch_model.{ext}") for ext in exts) if os.path.isfile(w)]
         if not found:
             raise ValueError(f"folder {path!r} holds no config.json with a diffusion_pytorch_model.safetensors or .bin "
                              f"(at its top or in unet/); pass a complete diffusers snapshot or the weights file")
@@ -1263,8 +1259,10 @@ def _rng_state(generator, world):
     """Every RNG the run draws from: torch CPU/CUDA (dropout; one per rank), numpy, python and the generator of
     t, noise and flips. numpy's key becomes a tensor so the checkpoint stays weights_only-loadable."""
     local = [torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None]
-    per_rank = [None] * world
-    dist.all_gather_object(per_rank, local) if world > 1 else per_rank.__setitem__(0, local)
+    per_rank = [local]
+    if world > 1:
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, local)
     np_state = np.random.get_state()
     return {"torch": [s[0] for s in per_rank], "cuda": [s[1] for s in per_rank], "generator": generator.get_state(),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
@@ -1315,23 +1313,20 @@ def train(config, resume=False):
     (rank 0 only). resume=True continues from the newest readable checkpoint there, bit for bit on CPU.
     Returns the run directory.
     """
-    tc, T, t_start = config.train, config.diffusion.num_timesteps, time.time()
+    tc, m, T, t_start = config.train, config.model, config.diffusion.num_timesteps, time.time()
     rank, world, device = setup_distributed()
     out = tc.out or os.path.join("runs", config.preset)
     if tc.batch_size % world:
         raise ValueError(f"--batch-size {tc.batch_size} does not split across {world} ranks; use a multiple of {world}")
-    if tc.precision not in ("fp32", "bf16"):
-        raise ValueError(f"unknown precision {tc.precision!r}; choose fp32 or bf16")
-    m = config.model
+    autocast(device, tc.precision)  # an unknown --precision raises here, before the data is read
     data = load_data(tc.data, "train", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
     if len(data) < tc.batch_size:
         raise ValueError(f"--data {tc.data} holds {len(data)} images, fewer than one batch of {tc.batch_size}; "
                          f"lower --batch-size or add images")
     torch.manual_seed(tc.seed)  # the same initial weights on every rank and in every run with this seed
     model, diffusion = create_model_and_diffusion(config)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)  # the layout cuDNN's fastest convolutions use
+    # channels_last on GPUs (the layout cuDNN's fastest convolutions use), before the EMA copies the model
+    optimize_model(model.to(device), channels_last=device.type == "cuda")
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
     torch.manual_seed(tc.seed + 1 + rank)  # dropout: its own stream per rank
@@ -1374,8 +1369,7 @@ def train(config, resume=False):
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tc.compile:
-        model = torch.compile(model)
+    optimize_model(model, channels_last=False, compile=tc.compile)  # in place, around the DDP wrapper when there is one
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         print(json.dumps(config.to_dict(), indent=1))
@@ -1446,17 +1440,16 @@ def train(config, resume=False):
                 stats[6:10].index_add_(0, quarter, torch.ones_like(losses))
             step += 1
 
-            logging = step % tc.log_every == 0 or step == tc.steps
-            if logging:
+            if step % tc.log_every == 0 or step == tc.steps:
                 check_finite(step)
                 stats[10] = float(bool(stop))
                 if world > 1:
                     dist.all_reduce(stats)
                 s, n = stats.tolist(), step - step_log
                 if rank == 0:
-                    record = {"step": step, "loss": s[0] / (n * world), **{f"loss_q{q}": s[2 + q] / max(s[6 + q], 1)
-                              for q in range(4)}, "grad_norm": s[1] / (n * world), "lr": lr,
-                              "img/s": n * B / (time.time() - t_log)}
+                    record = {"step": step, "loss": s[0] / (n * world),
+                              **{f"loss_q{q}": s[2 + q] / max(s[6 + q], 1) for q in range(4)},
+                              "grad_norm": s[1] / (n * world), "lr": lr, "img/s": n * B / (time.time() - t_log)}
                     _log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
                     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                         f.write(json.dumps({**record, "time": time.time()}) + "\n")
@@ -1571,8 +1564,9 @@ def sample_command(args):
     if args.progressive:  # x0 every 50 steps at T=1000 (20 columns), one row per sample
         frames = sample_images(model, diffusion, args.n, args.seed, max(1, diffusion.num_timesteps // 20), True,
                                args.ddim_eta)
-        save_image_grid(unnormalize_data(frames.flatten(0, 1)), os.path.join(out, "progressive.png"), frames.shape[1])
-        print(f"wrote {os.path.join(out, 'progressive.png')}: {args.n} rows of x0 estimates, t = T .. 1")
+        path = os.path.join(out, "progressive.png")
+        save_image_grid(unnormalize_data(frames.flatten(0, 1)), path, frames.shape[1])
+        print(f"wrote {path}: {args.n} rows of x0 estimates, t = T .. 1")
         return
     H, C = config.model.resolution, config.model.in_channels
     final = os.path.join(out, f"samples_{args.n}x{H}x{H}x{C}.npz")
@@ -1599,7 +1593,7 @@ def sample_command(args):
 
 
 CHOICES = {"beta_schedule": BETA_SCHEDULES, "model_mean_type": MODEL_MEAN_TYPES, "model_var_type": MODEL_VAR_TYPES,
-           "loss_type": LOSS_TYPES, "precision": ("fp32", "bf16")}
+           "loss_type": LOSS_TYPES, "precision": PRECISIONS}
 
 
 def _int_tuple(text):
