@@ -808,6 +808,14 @@ class TrainConfig:
     compile: bool = False                    # torch.compile the training forward
     out: str = ""                            # the run directory; "" means runs/<preset>
 
+    def check(self):
+        """Raise a ValueError naming the first field below its lowest sensible value (flag spelling)."""
+        for name, low in {"batch_size": 1, "log_every": 1, "ckpt_every": 1, "keep_ckpts": 1, "steps": 0, "warmup": 0,
+                          "sample_every": 0, "eval_bpd": 0, "lr": 0, "grad_clip": 0}.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        autocast("cpu", self.precision)  # an unknown precision raises here
+
 
 @dataclass
 class Config:
@@ -930,14 +938,14 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def load_model(path, device="cpu", use_ema=True):
-    """(model, diffusion, config) from a training checkpoint, in eval mode with the EMA weights."""
+    """(model, diffusion, config) from a training checkpoint: the EMA weights, in eval mode and channels_last."""
     ckpt = load_checkpoint(path)
     if "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path!r} holds no 'config'/'model'; it is not a checkpoint written by ddpm.py train")
     config = Config.from_dict(ckpt["config"])
     model, diffusion = create_model_and_diffusion(config)
     model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
-    return model.to(device).eval(), diffusion, config
+    return optimize_model(model.to(device)).eval(), diffusion, config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1021,7 +1029,7 @@ def _config_from_weights(state_dict, resolution, hint, preset):
 
 
 def load_pretrained(path, device="cpu", preset=None):
-    """(model, diffusion, config) from released weights, the model in eval mode, like `load_model`.
+    """(model, diffusion, config) from released weights, the model in eval mode and channels_last, like `load_model`.
 
     path: a pesser/pytorch_diffusion .ckpt (or any .pt/.bin state dict in the official layout), a diffusers
     UNet2DModel weights file, or a diffusers snapshot folder (config.json and diffusion_pytorch_model.safetensors
@@ -1063,7 +1071,7 @@ def load_pretrained(path, device="cpu", preset=None):
     except (KeyError, RuntimeError) as e:  # a key the architecture is read from, or torch's list of misfits
         raise ValueError(f"{path!r} does not fit the DDPM U-Net its shapes describe; it is damaged or another "
                          f"model: {type(e).__name__}: {e}") from None
-    return model.to(device).eval(), diffusion, config
+    return optimize_model(model.to(device)).eval(), diffusion, config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1314,31 +1322,29 @@ def train(config, resume=False):
     Returns the run directory.
     """
     tc, m, T, t_start = config.train, config.model, config.diffusion.num_timesteps, time.time()
+    tc.check()  # bad input fails here, before the data is read or a model is built
     rank, world, device = setup_distributed()
     out = tc.out or os.path.join("runs", config.preset)
     if tc.batch_size % world:
         raise ValueError(f"--batch-size {tc.batch_size} does not split across {world} ranks; use a multiple of {world}")
-    autocast(device, tc.precision)  # an unknown --precision raises here, before the data is read
+    if rank == 0 and list_checkpoints(out) and not resume:
+        raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue that run or a new --out")
     data = load_data(tc.data, "train", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
     if len(data) < tc.batch_size:
         raise ValueError(f"--data {tc.data} holds {len(data)} images, fewer than one batch of {tc.batch_size}; "
                          f"lower --batch-size or add images")
     torch.manual_seed(tc.seed)  # the same initial weights on every rank and in every run with this seed
     model, diffusion = create_model_and_diffusion(config)
-    # channels_last on GPUs (the layout cuDNN's fastest convolutions use), before the EMA copies the model
-    optimize_model(model.to(device), channels_last=device.type == "cuda")
+    optimize_model(model.to(device))  # channels_last, before the EMA copies the model
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)  # one kernel
     torch.manual_seed(tc.seed + 1 + rank)  # dropout: its own stream per rank
     generator = torch.Generator(device).manual_seed(tc.seed)  # t, noise and flips of the global batch, on every rank
 
     # Resume: rank 0 reads the newest readable checkpoint and hands it to the others (no shared disk needed).
     ckpt, start = None, 0
     if rank == 0:
-        found = list_checkpoints(out)
-        if found and not resume:
-            raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue that run or a new --out")
-        for path in reversed(found):
+        for path in reversed(list_checkpoints(out)):
             try:
                 ckpt = load_checkpoint(path)
                 print(f"resuming from {path}")
@@ -1422,8 +1428,7 @@ def train(config, resume=False):
             flip = torch.rand(B, generator=generator, device=device)[shard] < 0.5
             if tc.randflip:
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            if device.type == "cuda":
-                x, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x, noise))
+            x, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x, noise))  # like the model's
             with autocast(device, tc.precision):
                 losses = diffusion.training_losses(model, x, t, noise=noise)["loss"].float()  # [b]
             loss = losses.mean()
@@ -1628,10 +1633,7 @@ def config_from_args(args):
         if "." in key:
             section, name = key.split(".")
             setattr(getattr(config, section), name, value)
-    for name, low in {"batch_size": 1, "log_every": 1, "ckpt_every": 1, "keep_ckpts": 1, "steps": 0, "warmup": 0,
-                      "sample_every": 0, "eval_bpd": 0, "lr": 0, "grad_clip": 0}.items():
-        if getattr(config.train, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(config.train, name)}")
+    config.train.check()
     return config
 
 

@@ -136,7 +136,7 @@ def _model_sha256(model):
     h = hashlib.sha256()
     for name, value in model.state_dict().items():
         h.update(name.encode())
-        h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

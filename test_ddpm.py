@@ -916,8 +916,19 @@ def test_resume_refuses_other_config_and_unasked_overwrite(tmp_path, images):
         config = tiny_config(tmp_path / "a", images, steps=2, lr=2e-3)
         config.model.dropout = 0.0
         ddpm.train(config, resume=True)
-    with pytest.raises(FileExistsError, match="--resume"):
-        ddpm.train(tiny_config(tmp_path / "a", images, steps=2))
+    with pytest.raises(FileExistsError, match="--resume"):  # before the data is read: it does not exist
+        ddpm.train(tiny_config(tmp_path / "a", str(tmp_path / "missing.npy"), steps=2))
+
+
+def test_train_checks_its_config_before_any_work(tmp_path):
+    """train() called from Python range-checks the config as the command line does, before reading data."""
+    for field, value, message in (("log_every", 0, "--log-every must be at least 1"),
+                                  ("lr", -1.0, "--lr must be at least 0"),
+                                  ("precision", "fp16", "unknown precision 'fp16'")):
+        config = tiny_config(tmp_path / "run", str(tmp_path / "missing.npy"), **{field: value})
+        with pytest.raises(ValueError, match=message):
+            ddpm.train(config)
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_ema_and_warmup_follow_the_official_recipe(tmp_path, images):
