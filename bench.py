@@ -2,6 +2,7 @@
 
     make bench                                  # CPU: CIFAR-10 network, batch 16, fp32 and bf16
     python bench.py --small                     # a quick run: the same layout at ch=32, batch 4
+    python bench.py --nchw                      # also ours without channels_last: the layout's own gain
     make bench-gpu                              # CUDA: batch 128 (the paper's), plus bf16+compile and
                                                 # the paper's TPU v3-8 numbers and 50k-sample times
 
@@ -171,7 +172,7 @@ def make_runner(spec):
     n_params = sum(p.numel() for p in model.parameters())
     model.to(device)
     if impl == "ours":
-        ddpm.optimize_model(model, channels_last=True, compile=spec["compile"])
+        ddpm.optimize_model(model, channels_last=spec["channels_last"], compile=spec["compile"])
         opt = torch.optim.Adam(model.parameters(), lr=2e-4, fused=True)
         ema = [p.detach().clone() for p in model.parameters()]
         ema_step = lambda: ddpm.update_ema(ema, model.parameters(), 0.9999)
@@ -306,6 +307,8 @@ def main(argv=None):
     p.add_argument("--precision", default="fp32,bf16", help="fp32, bf16 or both as 'fp32,bf16' (default both); "
                    "diffusers fp32 always runs, as the baseline")
     p.add_argument("--compile", action="store_true", help="also ours with torch.compile (on CUDA: always)")
+    p.add_argument("--nchw", action="store_true", help="also ours in the default memory layout instead of "
+                   "channels_last, to measure what the layout alone gives")
     p.add_argument("--small", action="store_true", help="a quick run: ch=32 instead of 128, batch 4, 3 timed steps")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 5, 3 with --small)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before each row (default 2, 1 with --small)")
@@ -345,10 +348,11 @@ def main(argv=None):
     for precision in sorted(set(precisions) | {"fp32"}, key=list(ddpm.PRECISIONS).index):
         specs[f"diffusers {precision}"] = {**base, "impl": "diffusers", "precision": precision, "compile": False}
         if precision in precisions:
-            variants = [False] + ([True] if args.compile or (gpu and precision == "bf16") else [])
-            for compiled in variants:
-                label = f"ours {precision}{'+compile' if compiled else ''}"
-                specs[label] = {**base, "impl": "ours", "precision": precision, "compile": compiled}
+            variants = [(False, True)] + ([(True, True)] if args.compile or (gpu and precision == "bf16") else [])
+            for compiled, channels_last in variants + ([(False, False)] if args.nchw else []):
+                label = f"ours {precision}{'+compile' if compiled else ''}{'' if channels_last else ' nchw'}"
+                specs[label] = {**base, "impl": "ours", "precision": precision, "compile": compiled,
+                                "channels_last": channels_last}
                 pairs.append((label, f"diffusers {precision}"))
     threads = args.threads or torch.get_num_threads()
     results = run_interleaved(specs, warmup, steps, threads)

@@ -109,10 +109,7 @@ def add_model_args(parser):
 
 def load_model_from_args(args, device):
     """(model, diffusion, config) for --checkpoint (EMA weights) or --weights, in eval mode: dropout off."""
-    if args.checkpoint:
-        model, diffusion, config = ddpm.load_model(args.checkpoint, device, use_ema=True)
-    else:
-        model, diffusion, config = ddpm.load_pretrained(args.weights, device)
+    model, diffusion, config = ddpm.load_for_sampling(args, device)
     if args.respacing:  # fewer steps; the bound of the shorter chain is still a valid bound
         diffusion = ddpm.respace(diffusion, args.respacing)
     return model.eval(), diffusion, config

@@ -1747,7 +1747,7 @@ def test_bench_networks_match_and_run():
     assert counts[0] == counts[1]
     flops = [bench.count_flops(impl, config)[0] for impl in ("ours", "diffusers")]
     assert flops[0] == flops[1] > 0  # a misplaced attention block keeps the count but changes the FLOPs
-    steps, peak_memory, n_params = bench.make_runner({"device": "cpu", "impl": "ours", "precision": "bf16",
-                                                      "compile": False, "batch_size": 2, "small": True})
+    steps, peak_memory, n_params = bench.make_runner({"device": "cpu", "impl": "ours", "precision": "bf16", "compile": False,
+                                                      "channels_last": True, "batch_size": 2, "small": True})
     assert n_params == 2_245_763 and all(steps[row]() > 0 for row in ("train", "sample", "nll"))
     assert peak_memory() > 0
