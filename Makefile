@@ -20,12 +20,12 @@ test:               ## the math check and everything else; a few minutes on 2 co
 # Two single-threaded DDP processes (gloo), one per core: at 8x8 a second intra-op thread mostly waits at
 # barriers (on a shared 2-core machine one process with 2 threads measured 3x slower than with 1).
 DEMO_PROCS ?= 2
-demo:               ## train the digits preset on 2 CPU cores (~10 min), then samples and test NLL
+demo:               ## train the digits preset on 2 CPU cores (5-10 min), then samples and test NLL
 	rm -rf runs/demo
 	OMP_NUM_THREADS=1 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(DEMO_PROCS) \
 		ddpm.py train --preset digits --out runs/demo
 
-bench:              ## ours vs diffusers on the CIFAR-10 network, CPU, batch 16, fp32 and bf16 (~5 min on 2 cores)
+bench:              ## ours vs diffusers on the CIFAR-10 network, CPU, batch 16, fp32 and bf16 (3-5 min on 2 cores)
 	$(PYTHON) bench.py
 
 bench-gpu:          ## the same on CUDA at the paper's batch 128, plus bf16+compile and 50k-sample times

@@ -866,7 +866,7 @@ PRESETS = {
     "lsun_bedroom256": lambda: _preset_256("lsun_bedroom"),
     # The paper's appendix says flips everywhere but bedroom; the official script (followed here) has none for cat.
     "lsun_cat256": lambda: _preset_256("lsun_cat", randflip=False),
-    # The CPU demo (`make demo`): scikit-learn's 8x8 digits on 2 cores in about 10 minutes, T=1000 as in the
+    # The CPU demo (`make demo`): scikit-learn's 8x8 digits on 2 cores in 5-10 minutes, T=1000 as in the
     # paper. A 0.7M-parameter U-Net, and a larger lr, a shorter warmup and a faster EMA than the paper's,
     # which a 1,000-step run needs. No flips: digits are not mirror-symmetric.
     "digits": lambda: Config(preset="digits",
