@@ -316,7 +316,7 @@ class GaussianDiffusion:
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, progress=False,
                                   generator=None, device=None):
         """Run Algorithm 2 from x_T ~ N(0, I) (or `noise`) and yield each step's dict
@@ -380,7 +380,7 @@ class GaussianDiffusion:
         qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
         return mean_flat(normal_kl(qt_mean, qt_log_variance, 0.0 * qt_mean, 0.0 * qt_mean)) / math.log(2.0)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def calc_bpd_loop(self, model, x_start, clip_denoised=True, progress=False, generator=None):
         """The whole bound, L_T + sum_t L_{t-1}, in bits/dim for each image: an upper bound on the NLL.
 
@@ -508,7 +508,7 @@ def ddim_sample(diffusion, model, x, t, noise=None, clip_denoised=True, eta=0.0)
     return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def ddim_sample_loop_progressive(diffusion, model, shape, noise=None, clip_denoised=True, eta=0.0,
                                  progress=False, generator=None, device=None):
     """DDIM from x_T ~ N(0, I) (or `noise`), yielding {'t', 'sample', 'pred_xstart'} from index T-1

@@ -407,7 +407,7 @@ def load_images(source, split="train"):
     return ddpm.load_data(source, split)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def inception_outputs(network, images, *, what="features", batch_size=200, device="cpu", progress=True):
     """Run the Inception network over uint8 images [N, H, W, C] (C = 1 is repeated to 3, as StyleGAN2-ADA
     does) and return float32 [N, D]: the pool features (what='features', D = 2048 for the real network)
@@ -600,7 +600,7 @@ def cmd_is(args):
 # 5. The paper's figures: progressive generation (Fig. 6), shared latents (Fig. 7), interpolation (Fig. 8)
 # ------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_from(model, diffusion, x_t, t, generator=None, shared_noise=False):
     """A draw from p(x_0 | x_t): Algorithm 2 from x_t at code index t down to 0. x_t: [N, C, H, W].
     shared_noise uses one noise image per step for every row (the paper fixes the noise when interpolating)."""
@@ -613,7 +613,7 @@ def sample_from(model, diffusion, x_t, t, generator=None, shared_noise=False):
     return img
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def progressive_generation(model, diffusion, shape, num_frames=10, generator=None, device="cpu"):
     """Figure 6: the x_0 estimates of Algorithm 2 at num_frames code indices from T-1 down to 0 (the last is
     the sample itself, since at index 0 the mean is the clipped x_0 estimate). Returns [N, frames, C, H, W]."""
@@ -624,7 +624,7 @@ def progressive_generation(model, diffusion, shape, num_frames=10, generator=Non
     return torch.stack(frames, dim=1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def shared_latents(model, diffusion, x_start, ts, num_samples=6, generator=None):
     """Figure 7: for each code index t in ts, x_t ~ q(x_t | x_0) drawn once, then num_samples draws from
     p(x_0 | x_t). x_start: [C, H, W]. Returns one row per t: [x_t, sample_1..num_samples], [len(ts), 1+n, C, H, W]."""
@@ -638,7 +638,7 @@ def shared_latents(model, diffusion, x_start, ts, num_samples=6, generator=None)
     return torch.stack(rows)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def interpolate(model, diffusion, x_a, x_b, t, num_steps=11, generator=None):
     """Figure 8: encode x_a, x_b [C, H, W] with q(x_t | x_0), decode (1 - lam) x_t^a + lam x_t^b through
     p(x_0 | x_t) for lam = 0, 0.1, ..., 1 with the same noise for every lam. Returns [num_steps, C, H, W]."""

@@ -399,6 +399,13 @@ def test_sampling_loop_shapes_range_and_determinism():
     steps = list(d.p_sample_loop_progressive(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)))
     assert [s["t"] for s in steps] == list(range(24, -1, -1))
     assert torch.equal(steps[-1]["sample"], a) and torch.equal(steps[-1]["sample"], steps[-1]["pred_xstart"])
+    # the loop runs under inference_mode; its output and the schedule tensors it cached still train
+    assert a.is_inference() and d.calc_bpd_loop(model, a)["total_bpd"].is_inference()
+    dk = diffusion_for(25, loss_type="kl")
+    x = dk.p_sample_loop(model, (2, 1, 8, 8))
+    loss = dk.training_losses(model.train(), x, torch.tensor([0, 12]))["loss"].sum()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad) and torch.isfinite(loss)
 
 
 def test_diffusion_follows_the_input_dtype():
