@@ -413,6 +413,8 @@ def space_timesteps(num_timesteps, section_counts):
     strided, rounded indices from each, both ends included: "10" at T=1000 is {0, 111, ..., 888, 999}.
     "ddimN" uses the DDIM paper's integer stride from 0 instead: "ddim10" is {0, 100, ..., 900}.
     """
+    if isinstance(section_counts, (str, int)) and not re.fullmatch(r"ddim\d+|\d+(,\d+)*", str(section_counts)):
+        raise ValueError(f"steps must look like '100', '50,25,10' or 'ddim50', got {section_counts!r}")
     if isinstance(section_counts, str) and section_counts.startswith("ddim"):
         count = int(section_counts[len("ddim"):])
         for stride in range(1, num_timesteps):
@@ -808,13 +810,6 @@ class TrainConfig:
     compile: bool = False                    # torch.compile the training forward
     out: str = ""                            # the run directory; "" means runs/<preset>
 
-    def check(self):
-        """Raise a ValueError naming the first field below its lowest sensible value (flag spelling)."""
-        for name, low in {"batch_size": 1, "log_every": 1, "ckpt_every": 1, "keep_ckpts": 1, "steps": 0, "warmup": 0,
-                          "sample_every": 0, "eval_bpd": 0, "lr": 0, "grad_clip": 0}.items():
-            if getattr(self, name) < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        autocast("cpu", self.precision)  # an unknown precision raises here
 
 
 @dataclass
@@ -823,6 +818,26 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = "cifar10"
+
+    def check(self):
+        """Raise a ValueError that names the first bad value and its flag, before any data is read or file written."""
+        lows = {"train": {"batch_size": 1, "log_every": 1, "ckpt_every": 1, "keep_ckpts": 1, "steps": 0, "warmup": 0,
+                          "sample_every": 0, "eval_bpd": 0, "lr": 0, "grad_clip": 0, "ema_decay": 0},
+                "model": {"ch": 1, "num_res_blocks": 1, "in_channels": 1, "resolution": 1, "dropout": 0},
+                "diffusion": {"num_timesteps": 1}}
+        highs = {("train", "ema_decay"): 1, ("model", "dropout"): 0.999}
+        for section, fields in lows.items():
+            for name, low in fields.items():
+                value, high = getattr(getattr(self, section), name), highs.get((section, name), math.inf)
+                if not low <= value <= high:
+                    flag = "--" + ("" if section == "train" else section + ".") + name.replace("_", "-")
+                    bound = f"at least {low}" if high == math.inf else f"in [{low}, {high}]"
+                    raise ValueError(f"{flag} must be {bound}, got {value}")
+        if not self.model.ch_mult or min(self.model.ch_mult) < 1:
+            raise ValueError(f"--model.ch-mult needs one positive multiplier per level, got {self.model.ch_mult}")
+        autocast("cpu", self.train.precision)  # an unknown precision raises here
+        with torch.device("meta"):  # the U-Net's and the diffusion's own checks, without allocating weights
+            create_model_and_diffusion(self)
 
     def to_dict(self):
         """Plain nested dict of ints, floats, strings and lists: safe for torch.load(weights_only=True)."""
@@ -1181,8 +1196,10 @@ def load_data(source, split="train", *, resolution=None, in_channels=None, resiz
     elif source == "digits":
         x = load_digits(split)
     elif not os.path.exists(source):
-        raise FileNotFoundError(f"--data {source!r} is not 'cifar10' or 'digits' and no such file or folder "
-                                f"exists; pass a dataset name, a folder of images, or a .npy/.npz file")
+        hint = (f"ddpm.py does not download {source}, so pass --data a folder or a .npy/.npz of its images"
+                if source in {get_preset(name).train.data for name in PRESETS} else
+                "pass a data set name, a folder of images, or a .npy/.npz file")
+        raise FileNotFoundError(f"{source!r} is not 'cifar10' or 'digits' and no such file or folder exists; {hint}")
     elif os.path.isdir(source):
         x = load_image_folder(source, resolution, resize)
     elif source.endswith(".npy"):
@@ -1322,7 +1339,7 @@ def train(config, resume=False):
     Returns the run directory.
     """
     tc, m, T, t_start = config.train, config.model, config.diffusion.num_timesteps, time.time()
-    tc.check()  # bad input fails here, before the data is read or a model is built
+    config.check()  # bad input fails here, before the data is read or a model is built
     rank, world, device = setup_distributed()
     out = tc.out or os.path.join("runs", config.preset)
     if tc.batch_size % world:
@@ -1531,16 +1548,17 @@ def save_image_grid(images, path, nrow=8):
 
 def sample_images(model, diffusion, n, seed=0, progressive_every=0, progress=False, ddim_eta=None):
     """n samples by Algorithm 2 as float [n, C, H, W] in [-1, 1], the noise drawn from `seed` on the model's device.
-    With progressive_every=k, the x0 estimates at every index t with t % k == 0 instead, from T-1 down to 0,
-    as [n, T // k, C, H, W]: the paper's Figure 6. With ddim_eta, DDIM with that eta instead of Algorithm 2.
-    Every sample the program draws goes through here."""
+    With progressive_every=k, the x0 estimates at index T-1 and at every index t with t % k == 0 instead, from
+    T-1 down to 0, as [n, frames, C, H, W]: the paper's Figure 6 from t = T to t = 1. With ddim_eta, DDIM with
+    that eta instead of Algorithm 2. Every sample the program draws goes through here."""
     device = _model_device(model)
     shape = (n, model.in_channels, model.resolution, model.resolution)
     frames, kw = [], {} if ddim_eta is None else {"eta": ddim_eta}
     loop = diffusion.p_sample_loop_progressive if ddim_eta is None else diffusion.ddim_sample_loop_progressive
     for out in loop(model, shape, progress=progress, device=device,
                     generator=torch.Generator(device).manual_seed(seed), **kw):
-        if progressive_every and out["t"] % progressive_every == 0:
+        first = out["t"] == diffusion.num_timesteps - 1  # t = T, then every k-th index
+        if progressive_every and (out["t"] % progressive_every == 0 or first):
             frames.append(out["pred_xstart"])
     return torch.stack(frames, 1) if progressive_every else out["sample"]
 
@@ -1566,7 +1584,7 @@ def sample_command(args):
     out = args.out or (os.path.splitext(args.checkpoint)[0] + "-samples" if args.checkpoint
                        else os.path.join("samples", os.path.basename(os.path.normpath(args.weights))))
     os.makedirs(out, exist_ok=True)
-    if args.progressive:  # x0 every 50 steps at T=1000 (20 columns), one row per sample
+    if args.progressive:  # x0 at t = T and every 50 steps at T=1000 (21 columns), one row per sample
         frames = sample_images(model, diffusion, args.n, args.seed, max(1, diffusion.num_timesteps // 20), True,
                                args.ddim_eta)
         path = os.path.join(out, "progressive.png")
@@ -1581,15 +1599,18 @@ def sample_command(args):
     chunks = [os.path.join(out, f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz")
               for i in range(-(-args.n // args.batch_size))]
     for i, path in enumerate(_progress(chunks, len(chunks), "chunks", len(chunks) > 1)):
+        size = min(args.batch_size, args.n - i * args.batch_size)  # the last chunk holds the remainder
         if os.path.exists(path):  # done by an earlier run: check it came from this model
-            if str(np.load(path)["source"]) != source:
-                raise ValueError(f"{path} was sampled from {np.load(path)['source']}, not {source}; use another --out")
-            continue
+            done = np.load(path)
+            if str(done["source"]) != source:
+                raise ValueError(f"{path} was sampled from {done['source']}, not {source}; use another --out")
+            if len(done["arr_0"]) == size:  # else an earlier run with another --n: draw it again
+                continue
         chunk_seed = int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0])  # the same in every run
-        x = unnormalize_data(sample_images(model, diffusion, args.batch_size, chunk_seed, progress=len(chunks) == 1,
+        x = unnormalize_data(sample_images(model, diffusion, size, chunk_seed, progress=len(chunks) == 1,
                                            ddim_eta=args.ddim_eta))
         atomic_write(path, lambda f: np.savez(f, arr_0=x, source=np.array(source)))  # a killed run leaves whole chunks
-    images = np.concatenate([np.load(p)["arr_0"] for p in chunks])[:args.n]
+    images = np.concatenate([np.load(p)["arr_0"] for p in chunks])
     atomic_write(final, lambda f: np.savez(f, arr_0=images))
     save_image_grid(images[:64], os.path.join(out, "samples.png"))
     for path in chunks:
@@ -1633,7 +1654,7 @@ def config_from_args(args):
         if "." in key:
             section, name = key.split(".")
             setattr(getattr(config, section), name, value)
-    config.train.check()
+    config.check()
     return config
 
 

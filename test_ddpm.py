@@ -1,7 +1,7 @@
 """The math check for ddpm.py, then everything else.
 
 Each test computes a quantity a second, independent way (a closed form, a loop, torch.distributions,
-Monte Carlo, the reference values in official-ddpm.md) and compares with a stated tolerance.
+Monte Carlo, float64 reference values of the official TensorFlow code) and compares with a stated tolerance.
 Run with `make test` (python -m pytest -q test_ddpm.py).
 """
 import math
@@ -33,7 +33,8 @@ random_betas = arrays(np.float64, st.integers(1, 30), elements=st.floats(1e-5, 0
 
 
 def test_linear_schedule_and_buffers_match_the_official_reference_values():
-    """Every buffer of the linear T=1000 schedule equals official-ddpm.md's float64 values."""
+    """Every buffer of the linear T=1000 schedule equals the float64 values of the official code's formulas
+    (diffusion_utils_2.py: linspace, cumprod, sqrt), written down here as numbers."""
     d = diffusion_for()
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)  # both float64: rounding only
     close(d.betas[[0, 1, 999]], [1e-4, 1.1991991991991993e-4, 0.02])
@@ -406,6 +407,14 @@ def test_sampling_loop_shapes_range_and_determinism():
     loss = dk.training_losses(model.train(), x, torch.tensor([0, 12]))["loss"].sum()
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad) and torch.isfinite(loss)
+
+
+def test_progressive_frames_start_at_t_equals_T():
+    """sample_images' Figure 6 frames: index T-1 (t = T), then every k-th index down to 0, ending at the sample."""
+    d, model = diffusion_for(10, "cosine"), tiny_unet().eval()
+    frames = ddpm.sample_images(model, d, 2, seed=3, progressive_every=4)
+    assert frames.shape == (2, 4, 1, 8, 8)  # t = 9, 8, 4, 0
+    torch.testing.assert_close(frames[:, -1], ddpm.sample_images(model, d, 2, seed=3), rtol=0, atol=0)
 
 
 def test_diffusion_follows_the_input_dtype():
@@ -873,6 +882,11 @@ def test_sample_chunks_resume(tmp_path, images):
     ddpm.main([*args, str(tmp_path / "resumed")])
     fresh, resumed = (np.load(tmp_path / d / "samples_3x8x8x3.npz")["arr_0"] for d in ("fresh", "resumed"))
     assert np.array_equal(fresh, resumed)
+    # the last chunk draws only the remainder; one left by a run with another --n is drawn again at its size
+    last = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 1, seed))
+    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00001.npz", arr_0=last, source=np.array(os.path.abspath(ckpt)))
+    ddpm.main([*args[:4], "4", *args[5:], str(tmp_path / "resumed")])
+    assert np.load(tmp_path / "resumed" / "samples_4x8x8x3.npz")["arr_0"].shape == (4, 8, 8, 3)
 
 
 def test_cli_rejects_unknown_flags_and_wrong_types(capsys):
@@ -895,11 +909,11 @@ def test_cli_flags_reach_every_config_field():
               for f in dataclasses.fields(type(getattr(ddpm.Config(), s)))}
     assert dests == fields
     args = parser.parse_args(["--lr", "3e-4", "--model.ch_mult", "1,2", "--no-randflip",
-                              "--diffusion.num-timesteps", "7"])
+                              "--diffusion.num-timesteps", "50"])
     args.preset = "cifar10"
     config = ddpm.config_from_args(args)
     assert (config.train.lr, config.model.ch_mult, config.train.randflip, config.diffusion.num_timesteps) == \
-        (3e-4, (1, 2), False, 7)
+        (3e-4, (1, 2), False, 50)
 
 
 def test_resume_is_bit_for_bit(tmp_path, images, capsys):
@@ -927,14 +941,18 @@ def test_resume_refuses_other_config_and_unasked_overwrite(tmp_path, images):
         ddpm.train(tiny_config(tmp_path / "a", str(tmp_path / "missing.npy"), steps=2))
 
 
-def test_train_checks_its_config_before_any_work(tmp_path):
-    """train() called from Python range-checks the config as the command line does, before reading data."""
-    for field, value, message in (("log_every", 0, "--log-every must be at least 1"),
-                                  ("lr", -1.0, "--lr must be at least 0"),
-                                  ("precision", "fp16", "unknown precision 'fp16'")):
-        config = tiny_config(tmp_path / "run", str(tmp_path / "missing.npy"), **{field: value})
-        with pytest.raises(ValueError, match=message):
-            ddpm.train(config)
+@pytest.mark.parametrize("section, field, value, message", [
+    ("train", "log_every", 0, "--log-every must be at least 1"), ("train", "lr", -1.0, "--lr must be at least 0"),
+    ("train", "ema_decay", 2.0, r"--ema-decay must be in \[0, 1\]"), ("train", "precision", "fp16", "unknown precision"),
+    ("model", "ch", 0, "--model.ch must be at least 1"), ("model", "resolution", 0, "--model.resolution must be"),
+    ("model", "ch_mult", (), "--model.ch-mult needs one positive"), ("model", "ch", 48, "multiple of 32"),
+    ("diffusion", "beta_schedule", "linear", "use num_timesteps >= 20"), ("diffusion", "loss_type", "kl2", "unknown loss_type")])
+def test_train_checks_its_config_before_any_work(tmp_path, section, field, value, message):
+    """train() called from Python checks the config as the command line does, before reading data or writing."""
+    config = tiny_config(tmp_path / "run", str(tmp_path / "missing.npy"))
+    setattr(getattr(config, section), field, value)  # the tiny config has T=10
+    with pytest.raises(ValueError, match=message):
+        ddpm.train(config)
     assert not os.path.exists(tmp_path / "run")
 
 
@@ -1552,6 +1570,9 @@ def test_space_timesteps_examples():
     assert ddpm.space_timesteps(1000, "1000") == set(range(1000))
     for bad in ("ddim999", "20,600", "0"):
         with pytest.raises(ValueError):
+            ddpm.space_timesteps(1000, bad)
+    for bad in ("foo", "ddimx", "10,", "1.5"):  # a typo on the command line gets the accepted forms, not int()'s
+        with pytest.raises(ValueError, match="steps must look like '100', '50,25,10' or 'ddim50'"):
             ddpm.space_timesteps(1000, bad)
 
 
