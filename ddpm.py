@@ -811,7 +811,6 @@ class TrainConfig:
     out: str = ""                            # the run directory; "" means runs/<preset>
 
 
-
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)

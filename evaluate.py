@@ -254,15 +254,31 @@ def nll_summary(results):
             "num_examples": int(len(prior))}
 
 
-def plot_rate_distortion(path, rate, rmse):
-    """The paper's Figure 5 (distortion and rate against reverse time, and distortion against rate) as a PNG.
-    Returns False, with a hint, when matplotlib is not installed."""
+def _pyplot(what):
+    """matplotlib.pyplot on the file-only Agg backend, or None after a hint that `what` needs matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(no rate-distortion plot: pip install matplotlib)", file=sys.stderr)
+        print(f"(no {what}: pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def _save_figure(plt, fig, path):
+    """Write fig as a PNG at 120 dpi, free it, and return True (what the plot functions report)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_rate_distortion(path, rate, rmse):
+    """The paper's Figure 5 (distortion and rate against reverse time, and distortion against rate) as a PNG.
+    Returns False, with a hint, when matplotlib is not installed."""
+    plt = _pyplot("rate-distortion plot")
+    if plt is None:
         return False
     T = len(rate)
     reverse_time = T - np.arange(T)  # code index i <-> reverse time T - i
@@ -273,10 +289,7 @@ def plot_rate_distortion(path, rate, rmse):
     axes[1].set(xlabel="reverse process steps (T - t + 1)", ylabel="rate (bits/dim)")
     axes[2].plot(rate, rmse)
     axes[2].set(xlabel="rate (bits/dim)", ylabel="distortion (RMSE, 0..255)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save_figure(plt, fig, path)
 
 
 def cmd_nll(args):
@@ -690,12 +703,8 @@ def read_metrics(path):
 def plot_loss_curve(rows, out_path):
     """The training loss against the step from read_metrics' rows; every other numeric 'loss*' key (the
     per-quarter-of-t losses) is drawn too. Returns False, with a hint, without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(no loss curve: pip install matplotlib)", file=sys.stderr)
+    plt = _pyplot("loss curve")
+    if plt is None:
         return False
     keys = ["loss"] + sorted({k for r in rows for k in r if k.startswith("loss") and k != "loss"
                               and isinstance(r[k], (int, float))})
@@ -705,10 +714,7 @@ def plot_loss_curve(rows, out_path):
         ax.plot(*zip(*pts), label=k, linewidth=1.5 if k == "loss" else 0.8)
     ax.set(xlabel="step", ylabel="training loss", yscale="log")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save_figure(plt, fig, out_path)
 
 
 def cmd_figures(args):
