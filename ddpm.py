@@ -193,6 +193,8 @@ class GaussianDiffusion:
         self.alphas_cumprod = np.cumprod(alphas)                                     # alpha-bar_t
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])          # alpha-bar_{t-1}
         assert self.alphas_cumprod_prev.shape == (T,)
+        self.sqrt_alphas_cumprod_prev = np.sqrt(self.alphas_cumprod_prev)              # DDIM's x_0 coefficient
+        self.one_minus_alphas_cumprod_prev = 1.0 - self.alphas_cumprod_prev
         # q(x_t | x_0)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
@@ -211,25 +213,24 @@ class GaussianDiffusion:
         # Sigma_theta = beta_t ('fixedlarge'), except beta~ at index 0 for a better decoder likelihood
         self.fixedlarge_variance = np.append(self.posterior_variance[1], betas[1:]) if T > 1 else betas
         self.fixedlarge_log_variance = np.log(self.fixedlarge_variance)
-        self._buffers = {}  # (array bytes, device, dtype) -> tensor, so each buffer is copied once per device
+        self._tensors = {}  # (device, dtype) -> {buffer name: tensor}: each buffer is copied once per device
 
-    def _extract(self, arr, t, x):
-        """arr[t] for a float64 numpy buffer arr [T] and indices t [N], as a tensor shaped [N, 1, ..., 1]
-        like x: float32, or float64 for float64 x. The cache is keyed by the array's contents, not id(arr):
-        a freed temporary's id is reused by the next one."""
+    def _extract(self, name, t, x):
+        """The float64 buffer `name` (an attribute such as 'betas', shape [T]) at indices t [N], as a tensor shaped
+        [N, 1, ..., 1] like x: float32, or float64 for float64 x, cast from float64 as the official code does."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        key = (arr.tobytes(), x.device, dtype)
-        if key not in self._buffers:
-            self._buffers[key] = torch.as_tensor(arr, dtype=dtype).to(x.device)
-        return self._buffers[key][t].reshape(-1, *([1] * (x.dim() - 1)))
+        if (x.device, dtype) not in self._tensors:
+            self._tensors[x.device, dtype] = {k: torch.as_tensor(v, dtype=dtype, device=x.device)
+                                              for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        return self._tensors[x.device, dtype][name][t].reshape(-1, *([1] * (x.dim() - 1)))
 
     # --- forward process q ------------------------------------------------------------------------
 
     def q_mean_variance(self, x_start, t):
         """Mean, variance and log-variance of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), Eq. 4."""
-        mean = self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = self._extract(self.one_minus_alphas_cumprod, t, x_start)
-        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start)
+        mean = self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+        variance = self._extract("one_minus_alphas_cumprod", t, x_start)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start)
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None):
@@ -237,33 +238,33 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x_start)
         assert noise.shape == x_start.shape
-        return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+        return (self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log-variance of the posterior q(x_{t-1} | x_t, x_0), Eqs. 6-7."""
-        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x_start
-                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
-        variance = self._extract(self.posterior_variance, t, x_t)
-        log_variance_clipped = self._extract(self.posterior_log_variance_clipped, t, x_t)
+        mean = (self._extract("posterior_mean_coef1", t, x_t) * x_start
+                + self._extract("posterior_mean_coef2", t, x_t) * x_t)
+        variance = self._extract("posterior_variance", t, x_t)
+        log_variance_clipped = self._extract("posterior_log_variance_clipped", t, x_t)
         return mean, variance, log_variance_clipped
 
     # --- conversions between the three mean parameterisations ----------------------------------
 
     def predict_start_from_noise(self, x_t, t, noise):
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), from Eq. 4."""
-        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * noise)
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * noise)
 
     def predict_noise_from_start(self, x_t, t, pred_xstart):
         """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), the inverse of predict_start_from_noise."""
-        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
-                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
+                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
 
     def predict_start_from_prev(self, x_t, t, x_prev):
         """x_0 from the posterior mean mu~(x_t, x_0) = coef1 x_0 + coef2 x_t, solved for x_0."""
-        return ((x_prev - self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
-                / self._extract(self.posterior_mean_coef1, t, x_t))
+        return ((x_prev - self._extract("posterior_mean_coef2", t, x_t) * x_t)
+                / self._extract("posterior_mean_coef1", t, x_t))
 
     # --- reverse process p_theta ------------------------------------------------------------------
 
@@ -284,15 +285,15 @@ class GaussianDiffusion:
                 model_log_variance = model_var_values
             else:  # improved-diffusion: interpolate in log space between beta~_t and beta_t
                 frac = (model_var_values + 1) / 2
-                min_log = self._extract(self.posterior_log_variance_clipped, t, x)
-                max_log = self._extract(self.log_betas, t, x)
+                min_log = self._extract("posterior_log_variance_clipped", t, x)
+                max_log = self._extract("log_betas", t, x)
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
         else:
             assert model_output.shape == x.shape, f"model returned {tuple(model_output.shape)}, expected {tuple(x.shape)}"
-            variance, log_variance = ((self.fixedlarge_variance, self.fixedlarge_log_variance)
+            variance, log_variance = (("fixedlarge_variance", "fixedlarge_log_variance")
                                       if self.model_var_type == "fixedlarge"
-                                      else (self.posterior_variance, self.posterior_log_variance_clipped))
+                                      else ("posterior_variance", "posterior_log_variance_clipped"))
             model_variance = self._extract(variance, t, x) * torch.ones_like(x)
             model_log_variance = self._extract(log_variance, t, x) * torch.ones_like(x)
 
@@ -306,37 +307,6 @@ class GaussianDiffusion:
             model_mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {"mean": model_mean, "variance": model_variance, "log_variance": model_log_variance,
                 "pred_xstart": pred_xstart}
-
-    def p_sample(self, model, x, t, noise=None, clip_denoised=True):
-        """One step of Algorithm 2: x_{t-1} = mean + sigma_t z, with no noise at index 0."""
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
-        if noise is None:
-            noise = torch.randn_like(x)
-        nonzero_mask = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-        sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-    @torch.inference_mode()
-    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, progress=False,
-                                  generator=None, device=None):
-        """Run Algorithm 2 from x_T ~ N(0, I) (or `noise`) and yield each step's dict
-        {'t', 'sample', 'pred_xstart'}, from index T-1 down to 0."""
-        device = device if device is not None else _model_device(model)
-        img = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
-        for i in _progress(range(self.num_timesteps - 1, -1, -1), self.num_timesteps, "sampling", progress):
-            t = torch.full((shape[0],), i, dtype=torch.long, device=img.device)
-            z = torch.randn(img.shape, generator=generator, device=img.device, dtype=img.dtype)
-            out = self.p_sample(model, img, t, noise=z, clip_denoised=clip_denoised)
-            out["t"] = i
-            yield out
-            img = out["sample"]
-
-    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, progress=False, generator=None,
-                      device=None):
-        """Algorithm 2: a sample x_0 of shape `shape` = [N, C, H, W], in [-1, 1] when clipping."""
-        for out in self.p_sample_loop_progressive(model, shape, noise, clip_denoised, progress, generator, device):
-            final = out
-        return final["sample"]
 
     # --- the variational bound and the training losses -----------------------------------------
 
@@ -400,6 +370,68 @@ class GaussianDiffusion:
         prior_bpd = self.prior_bpd(x_start)
         return {"total_bpd": vb.sum(dim=1) + prior_bpd, "prior_bpd": prior_bpd, "vb": vb,
                 "xstart_mse": xstart_mse, "mse": mse}
+
+    # --- sampling: Algorithm 2, DDIM, and the one loop both run in ----------------------------------
+
+    def p_sample(self, model, x, t, noise=None, clip_denoised=True):
+        """One step of Algorithm 2: x_{t-1} = mean + sigma_t z from x_t [N x C x H x W], with no noise at index 0.
+        Returns {'sample', 'pred_xstart'} (the x_0 estimate the step used)."""
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
+        if noise is None:
+            noise = torch.randn_like(x)
+        nonzero_mask = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample(self, model, x, t, noise=None, clip_denoised=True, eta=0.0):
+        """One DDIM step (Song et al. 2021, Eq. 12; improved-diffusion's ddim_sample): {'sample', 'pred_xstart'}.
+
+        x_{t-1} = sqrt(abar_{t-1}) x0 + sqrt(1 - abar_{t-1} - sigma^2) eps + sigma z, sigma^2 = eta^2 beta~_t,
+        with x0 the (clipped) estimate and eps rederived from it. eta=0 is deterministic; eta=1 is
+        p_sample with sigma^2 = beta~ ('fixedsmall'). sigma is 0 at index 0 (beta~ = 0 there).
+        """
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's beta~), got {eta}")
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
+        eps = self.predict_noise_from_start(x, t, out["pred_xstart"])
+        sigma2 = eta ** 2 * self._extract("posterior_variance", t, x)
+        eps_coef = (self._extract("one_minus_alphas_cumprod_prev", t, x) - sigma2).clamp(min=0).sqrt()  # 0 at beta=1
+        sample = self._extract("sqrt_alphas_cumprod_prev", t, x) * out["pred_xstart"] + eps_coef * eps
+        if eta:
+            sample = sample + sigma2.sqrt() * (torch.randn_like(x) if noise is None else noise)
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    @torch.inference_mode()
+    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, progress=False, generator=None,
+                                  device=None, step=None, t_start=None, shared_noise=False):
+        """The sampling loop: from x_T ~ N(0, I) (or `noise`, x_t at index t_start) down to index 0, calling
+        step(model, x, t, noise=z, clip_denoised=...) (p_sample, Algorithm 2, unless given, e.g. a DDIM step) and
+        yielding each step's dict with 't' added. z ~ N(0, I) comes from `generator`; shared_noise draws one
+        z per step for every row (the paper's Figure 8). `shape` is [N, C, H, W]."""
+        step = step or self.p_sample
+        device = device if device is not None else _model_device(model)
+        img = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
+        t_start = self.num_timesteps - 1 if t_start is None else t_start
+        for i in _progress(range(t_start, -1, -1), t_start + 1, "sampling", progress):
+            t = torch.full((len(img),), i, dtype=torch.long, device=img.device)
+            z_shape = (1, *img.shape[1:]) if shared_noise else img.shape
+            z = torch.randn(z_shape, generator=generator, device=img.device, dtype=img.dtype).expand_as(img)
+            out = step(model, img, t, noise=z, clip_denoised=clip_denoised)
+            out["t"] = i
+            yield out
+            img = out["sample"]
+
+    def p_sample_loop(self, model, shape, **kwargs):
+        """Algorithm 2 (or the sampler of kwargs' `step`): a sample x_0 of shape [N, C, H, W], in [-1, 1] when
+        clipping. Takes p_sample_loop_progressive's keyword arguments."""
+        for out in self.p_sample_loop_progressive(model, shape, **kwargs):
+            pass
+        return out["sample"]
+
+    def ddim_sample_loop(self, model, shape, eta=0.0, **kwargs):
+        """A DDIM sample [N, C, H, W] in num_timesteps model calls (50 on respace(d, "ddim50")); with eta=0 it is
+        a function of x_T (`noise`). Takes p_sample_loop_progressive's keyword arguments."""
+        return self.p_sample_loop(model, shape, step=functools.partial(self.ddim_sample, eta=eta), **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -483,62 +515,6 @@ def respace(diffusion, section_counts):
     return SpacedDiffusion(space_timesteps(diffusion.num_timesteps, section_counts), betas=diffusion.betas,
                            model_mean_type=diffusion.model_mean_type, model_var_type=diffusion.model_var_type,
                            loss_type=diffusion.loss_type)
-
-
-def ddim_sample(diffusion, model, x, t, noise=None, clip_denoised=True, eta=0.0):
-    """One DDIM step (Song et al. Eq. 12) from x_t [N x C x H x W]: {'sample', 'pred_xstart'}.
-
-    x_{t-1} = sqrt(abar_{t-1}) x0 + sqrt(1 - abar_{t-1} - sigma^2) eps + sigma z, sigma^2 = eta^2 beta~_t,
-    with x0 the (clipped) estimate and eps rederived from it. eta=0 is deterministic; eta=1 is
-    p_sample with sigma^2 = beta~ ('fixedsmall'). No noise at index 0. Also diffusion.ddim_sample.
-    """
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's beta~), got {eta}")
-    cache = diffusion.__dict__.setdefault("_ddim_coefs", {})  # eta -> float64 [T] arrays, built once
-    if eta not in cache:
-        sigma2 = eta ** 2 * diffusion.posterior_variance
-        cache[eta] = (np.sqrt(diffusion.alphas_cumprod_prev),
-                      np.sqrt(np.maximum(1.0 - diffusion.alphas_cumprod_prev - sigma2, 0.0)),  # 0 - rounding at beta=1
-                      np.sqrt(sigma2))
-    x0_coef, eps_coef, sigma = cache[eta]
-    out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
-    eps = diffusion.predict_noise_from_start(x, t, out["pred_xstart"])
-    sample = diffusion._extract(x0_coef, t, x) * out["pred_xstart"] + diffusion._extract(eps_coef, t, x) * eps
-    if eta:  # sigma is 0 at index 0 (beta~_0 = 0), so no mask is needed
-        noise = torch.randn_like(x) if noise is None else noise
-        sample = sample + diffusion._extract(sigma, t, x) * noise
-    return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-
-@torch.inference_mode()
-def ddim_sample_loop_progressive(diffusion, model, shape, noise=None, clip_denoised=True, eta=0.0,
-                                 progress=False, generator=None, device=None):
-    """DDIM from x_T ~ N(0, I) (or `noise`), yielding {'t', 'sample', 'pred_xstart'} from index T-1
-    down to 0: num_timesteps model calls, e.g. 50 on respace(diffusion, "ddim50")."""
-    device = device if device is not None else _model_device(model)
-    img = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
-    for i in _progress(range(diffusion.num_timesteps - 1, -1, -1), diffusion.num_timesteps, "ddim", progress):
-        t = torch.full((shape[0],), i, dtype=torch.long, device=img.device)
-        z = torch.randn(img.shape, generator=generator, device=img.device, dtype=img.dtype) if eta else None
-        out = ddim_sample(diffusion, model, img, t, noise=z, clip_denoised=clip_denoised, eta=eta)
-        out["t"] = i
-        yield out
-        img = out["sample"]
-
-
-def ddim_sample_loop(diffusion, model, shape, noise=None, clip_denoised=True, eta=0.0, progress=False,
-                     generator=None, device=None):
-    """A DDIM sample of shape [N, C, H, W], in [-1, 1] when clipping; eta=0 is a function of x_T."""
-    for out in ddim_sample_loop_progressive(diffusion, model, shape, noise, clip_denoised, eta, progress,
-                                            generator, device):
-        final = out
-    return final["sample"]
-
-
-# DDIM works on every diffusion, respaced or not, with improved-diffusion's method names.
-GaussianDiffusion.ddim_sample = ddim_sample
-GaussianDiffusion.ddim_sample_loop_progressive = ddim_sample_loop_progressive
-GaussianDiffusion.ddim_sample_loop = ddim_sample_loop
 
 
 def _model_device(model):
@@ -1545,21 +1521,19 @@ def save_image_grid(images, path, nrow=8):
                                                               Image.NEAREST).save(path)
 
 
-def sample_images(model, diffusion, n, seed=0, progressive_every=0, progress=False, ddim_eta=None):
-    """n samples by Algorithm 2 as float [n, C, H, W] in [-1, 1], the noise drawn from `seed` on the model's device.
-    With progressive_every=k, the x0 estimates at index T-1 and at every index t with t % k == 0 instead, from
-    T-1 down to 0, as [n, frames, C, H, W]: the paper's Figure 6 from t = T to t = 1. With ddim_eta, DDIM with
-    that eta instead of Algorithm 2. Every sample the program draws goes through here."""
+def sample_images(model, diffusion, n, seed=0, progress=False, ddim_eta=None, frames=None, generator=None):
+    """n samples by Algorithm 2 (DDIM with ddim_eta) as float [n, C, H, W] in [-1, 1], the noise drawn from
+    `generator`, else from `seed` on the model's device. With `frames`, a collection of code indices, the x0
+    estimates at those indices instead, from T-1 down to 0, as [n, len(frames), C, H, W]: the paper's Figure 6."""
     device = _model_device(model)
+    generator = generator or torch.Generator(device).manual_seed(seed)
+    step = None if ddim_eta is None else functools.partial(diffusion.ddim_sample, eta=ddim_eta)
     shape = (n, model.in_channels, model.resolution, model.resolution)
-    frames, kw = [], {} if ddim_eta is None else {"eta": ddim_eta}
-    loop = diffusion.p_sample_loop_progressive if ddim_eta is None else diffusion.ddim_sample_loop_progressive
-    for out in loop(model, shape, progress=progress, device=device,
-                    generator=torch.Generator(device).manual_seed(seed), **kw):
-        first = out["t"] == diffusion.num_timesteps - 1  # t = T, then every k-th index
-        if progressive_every and (out["t"] % progressive_every == 0 or first):
-            frames.append(out["pred_xstart"])
-    return torch.stack(frames, 1) if progressive_every else out["sample"]
+    if frames is None:
+        return diffusion.p_sample_loop(model, shape, progress=progress, generator=generator, device=device, step=step)
+    outs = diffusion.p_sample_loop_progressive(model, shape, progress=progress, generator=generator, device=device,
+                                               step=step)
+    return torch.stack([out["pred_xstart"] for out in outs if out["t"] in frames], dim=1)
 
 
 def load_for_sampling(args, device):
@@ -1584,8 +1558,8 @@ def sample_command(args):
                        else os.path.join("samples", os.path.basename(os.path.normpath(args.weights))))
     os.makedirs(out, exist_ok=True)
     if args.progressive:  # x0 at t = T and every 50 steps at T=1000 (21 columns), one row per sample
-        frames = sample_images(model, diffusion, args.n, args.seed, max(1, diffusion.num_timesteps // 20), True,
-                               args.ddim_eta)
+        T = diffusion.num_timesteps
+        frames = sample_images(model, diffusion, args.n, args.seed, True, args.ddim_eta, {T - 1, *range(0, T, max(1, T // 20))})
         path = os.path.join(out, "progressive.png")
         save_image_grid(unnormalize_data(frames.flatten(0, 1)), path, frames.shape[1])
         print(f"wrote {path}: {args.n} rows of x0 estimates, t = T .. 1")

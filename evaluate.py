@@ -613,28 +613,18 @@ def cmd_is(args):
 # 5. The paper's figures: progressive generation (Fig. 6), shared latents (Fig. 7), interpolation (Fig. 8)
 # ------------------------------------------------------------------------------------------------
 
-@torch.inference_mode()
 def sample_from(model, diffusion, x_t, t, generator=None, shared_noise=False):
     """A draw from p(x_0 | x_t): Algorithm 2 from x_t at code index t down to 0. x_t: [N, C, H, W].
     shared_noise uses one noise image per step for every row (the paper fixes the noise when interpolating)."""
-    img = x_t
-    for i in range(t, -1, -1):
-        shape = (1, *img.shape[1:]) if shared_noise else img.shape
-        z = torch.randn(shape, generator=generator, device=img.device, dtype=img.dtype).expand_as(img)
-        img = diffusion.p_sample(model, img, torch.full((len(img),), i, dtype=torch.long, device=img.device),
-                                 noise=z)["sample"]
-    return img
+    return diffusion.p_sample_loop(model, x_t.shape, noise=x_t, generator=generator, t_start=t,
+                                   shared_noise=shared_noise)
 
 
-@torch.inference_mode()
-def progressive_generation(model, diffusion, shape, num_frames=10, generator=None, device="cpu"):
+def progressive_generation(model, diffusion, n, num_frames=10, generator=None):
     """Figure 6: the x_0 estimates of Algorithm 2 at num_frames code indices from T-1 down to 0 (the last is
-    the sample itself, since at index 0 the mean is the clipped x_0 estimate). Returns [N, frames, C, H, W]."""
-    T = diffusion.num_timesteps
-    keep = {int(round(i)) for i in np.linspace(T - 1, 0, num_frames)}
-    frames = [out["pred_xstart"] for out in diffusion.p_sample_loop_progressive(
-        model, shape, generator=generator, device=device) if out["t"] in keep]
-    return torch.stack(frames, dim=1)
+    the sample itself, since at index 0 the mean is the clipped x_0 estimate). Returns [n, frames, C, H, W]."""
+    frames = {int(round(i)) for i in np.linspace(diffusion.num_timesteps - 1, 0, num_frames)}
+    return ddpm.sample_images(model, diffusion, n, frames=frames, generator=generator)
 
 
 @torch.inference_mode()
@@ -741,7 +731,7 @@ def cmd_figures(args):
     scale = max(1, 64 // R)  # enlarge tiny images (digits are 8x8) so the PNGs can be looked at
     written = []
 
-    rows = progressive_generation(model, diffusion, (args.n, C, R, R), args.frames, generator, device)
+    rows = progressive_generation(model, diffusion, args.n, args.frames, generator)
     save_png(os.path.join(out, "fig6-progressive.png"), image_grid(rows), scale)
     written.append("fig6-progressive.png")
 

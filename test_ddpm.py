@@ -410,9 +410,10 @@ def test_sampling_loop_shapes_range_and_determinism():
 
 
 def test_progressive_frames_start_at_t_equals_T():
-    """sample_images' Figure 6 frames: index T-1 (t = T), then every k-th index down to 0, ending at the sample."""
+    """sample_images' Figure 6 frames: the x0 estimates at the given indices, from T-1 (t = T) down to 0, ending at the
+    sample."""
     d, model = diffusion_for(10, "cosine"), tiny_unet().eval()
-    frames = ddpm.sample_images(model, d, 2, seed=3, progressive_every=4)
+    frames = ddpm.sample_images(model, d, 2, seed=3, frames={9, 8, 4, 0})
     assert frames.shape == (2, 4, 1, 8, 8)  # t = 9, 8, 4, 0
     torch.testing.assert_close(frames[:, -1], ddpm.sample_images(model, d, 2, seed=3), rtol=0, atol=0)
 
@@ -777,14 +778,22 @@ def test_p_sample_equals_diffusers_ddpm_scheduler_at_every_t(variance_type):
     assert scheduler._get_variance(0).item() == pytest.approx(diffusers_var0, rel=1e-6)
 
 
-def test_extract_cache_never_serves_another_array_at_the_same_address():
-    """_extract gathers from the array it is given, even when a freed temporary's id() is reused by the next one."""
-    # Regression: the cache keyed on id(arr) alone, so a temporary like 1/coef1 freed before coef2/coef1 was made
-    # at the same address was served for both (x_0 -> mu~ -> x_0 came back off by ~1 at t=1).
+def test_extract_gathers_every_buffer_by_name_exactly():
+    """_extract(name, t, x) is the float64 buffer `name` at t: exactly for float64 x, its float32 cast otherwise."""
+    # Regression guard: a cache that once served another array's values (x_0 -> mu~ -> x_0 came back off by ~1 at
+    # t=1). Every buffer, gathered at both ends and the middle, must be its own numpy values.
     d = ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule("linear", 1000))
-    t, x = torch.tensor([0, 999]), torch.zeros(2, 3, dtype=torch.float64)
-    for k in range(1, 30):  # temporaries made and dropped in a loop reuse addresses in CPython
-        assert torch.equal(d._extract(d.betas * k, t, x).flatten(), torch.tensor([1e-4 * k, 0.02 * k], dtype=torch.float64))
+    t = torch.tensor([0, 500, 999])
+    names = [k for k, v in vars(d).items() if isinstance(v, np.ndarray)]
+    assert {"betas", "alphas_cumprod", "posterior_mean_coef1", "fixedlarge_log_variance"} <= set(names)
+    for _ in range(2):  # the second pass reads the cached tensors
+        for name in names:
+            expected = getattr(d, name)[[0, 500, 999]]
+            got64 = d._extract(name, t, torch.zeros(3, 2, dtype=torch.float64)).flatten()
+            assert torch.equal(got64, torch.tensor(expected, dtype=torch.float64)), name
+            got32 = d._extract(name, t, torch.zeros(3, 2, 2)).flatten()
+            assert torch.equal(got32, torch.tensor(expected, dtype=torch.float32)), name
+
 
 # ---- training, data, checkpoints, CLI ----
 
@@ -1163,13 +1172,14 @@ def test_bf16_training_step_runs_on_cpu(tmp_path, images):
 
 
 
-def test_extract_never_serves_a_stale_buffer():
-    """_extract of a fresh temporary array returns its own values even when Python reuses a dead array's id()
-    (the core once cached by id(), so the fixedlarge variance temporaries could read another array)."""
-    diffusion = ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule("linear", 1000))
+def test_extract_never_serves_another_diffusions_buffer():
+    """Diffusions built one after another (the old id()-keyed cache could mix them up when Python reused an
+    address) each gather their own schedule."""
     t, x = torch.tensor([3]), torch.zeros(1, 1, 1, 1)
-    for value in range(5):
-        assert diffusion._extract(np.full(10, float(value)), t, x).item() == value  # each temporary dies at once
+    for value in range(1, 6):  # each diffusion dies at once, so CPython may reuse its address for the next
+        diffusion = ddpm.GaussianDiffusion(betas=np.full(10, value / 10))
+        assert diffusion._extract("betas", t, x).item() == pytest.approx(value / 10, rel=1e-7)
+        assert diffusion._extract("alphas_cumprod", t, x).item() == pytest.approx((1 - value / 10) ** 4, rel=1e-6)
 
 
 # ---- evaluate.py ----
