@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import glob
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
@@ -939,132 +938,6 @@ def load_model(path, device="cpu", use_ema=True):
 
 
 # ------------------------------------------------------------------------------------------------
-# 7. Released weights: the paper's checkpoints as ported by pesser/pytorch_diffusion and by diffusers
-# ------------------------------------------------------------------------------------------------
-
-# diffusers UNet2DModel settings that change the function but not the keys, as (DDPM's value, diffusers' default
-# for a config.json that omits it); the rest (Fourier embedding, scale-shift norm, ...) changes keys or shapes.
-DIFFUSERS_DDPM_SETTINGS = {"flip_sin_to_cos": (False, True), "freq_shift": (1, 0), "norm_eps": (1e-6, 1e-5),
-                           "norm_num_groups": (32, 32), "downsample_padding": (0, 1), "act_fn": ("silu", "silu"),
-                           "attention_head_dim": (None, 8), "center_input_sample": (False, False),
-                           "mid_block_scale_factor": (1, 1)}
-
-
-def diffusers_to_official(state_dict):
-    """Rename a diffusers UNet2DModel state dict to the official (pesser) layout that `UNet` uses.
-
-    diffusers numbers up_blocks from the deepest level (up_blocks.0 is the official up[L-1]), calls the 1x1 skip
-    conv conv_shortcut, and keeps attention q, k, v and output as Linear [C, C] weights, the official 1x1 convs.
-    Files saved before diffusers renamed its attention layers (diffusers still converts them on load) say
-    query/key/value/proj_attn for to_q/to_k/to_v/to_out.0; both are read.
-    """
-    levels = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("down_blocks.")), default=0)
-    rules = [(r"^time_embedding\.linear_([12])\.", lambda m: f"temb.dense.{int(m[1]) - 1}."),
-             (r"^mid_block\.resnets\.([01])\.", lambda m: f"mid.block_{int(m[1]) + 1}."),
-             (r"^up_blocks\.(\d+)\.", lambda m: f"up.{levels - 1 - int(m[1])}."), (r"^down_blocks\.", "down."),
-             (r"^mid_block\.attentions\.0\.", "mid.attn_1."), (r"^conv_norm_out\.", "norm_out."),
-             (r"\.resnets\.", ".block."), (r"\.attentions\.", ".attn."), (r"\.downsamplers\.0\.", ".downsample."),
-             (r"\.upsamplers\.0\.", ".upsample."), (r"\.time_emb_proj\.", ".temb_proj."),
-             (r"\.conv_shortcut\.", ".nin_shortcut."), (r"\.group_norm\.", ".norm."), (r"\.(to_q|query)\.", ".q."),
-             (r"\.(to_k|key)\.", ".k."), (r"\.(to_v|value)\.", ".v."), (r"\.(to_out\.0|proj_attn)\.", ".proj_out.")]
-    official = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in rules:
-            key = re.sub(pattern, replacement, key)
-        if re.search(r"\.(q|k|v|proj_out)\.weight$", key) and value.dim() == 2:
-            value = value[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
-        official[key] = value
-    return official
-
-
-def _read_weights(path):
-    """A state dict from .safetensors (the safetensors package) or .bin/.ckpt/.pt (torch.load, weights_only)."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except ImportError:
-        raise ImportError(f"reading {path!r} needs the safetensors package: pip install safetensors") from None
-    except Exception as e:
-        raise ValueError(f"cannot read {path!r} ({type(e).__name__}: {e}); it is truncated or not a .ckpt/.pt/.bin/"
-                         f".safetensors weights file, so download it again") from None
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{path!r} holds a {type(state_dict).__name__}, not a state dict of tensors")
-    return state_dict
-
-
-def _config_from_weights(state_dict, resolution, hint, preset):
-    """The Config of an official-layout state dict: architecture from keys and shapes, the rest from its preset."""
-    ch, in_channels = state_dict["conv_in.weight"].shape[:2]
-    levels = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("down.")), default=0)
-    ch_mult = tuple(state_dict[f"down.{level}.block.0.conv1.weight"].shape[0] // ch for level in range(levels))
-    num_res_blocks = len({k.split(".")[3] for k in state_dict if k.startswith("down.0.block.")})
-    attn_levels = [level for level in range(levels) if f"down.{level}.attn.0.norm.weight" in state_dict]
-    if preset is None and ch_mult == (1, 2, 2, 2):
-        preset = "cifar10"
-    elif preset is None and ch_mult == (1, 1, 2, 2, 4, 4):  # one U-Net for all 256x256 runs: the path names the data
-        names = re.findall(r"(?<![a-z])(celeba|church|bedroom|cat)(?:hq)?(?![a-z])", hint.lower())
-        preset = {"celeba": "celebahq256"}.get(names[-1], f"lsun_{names[-1]}256") if names else None
-    elif preset is None:
-        raise ValueError(f"the weights have ch_mult {ch_mult}, neither the CIFAR-10 (1, 2, 2, 2) nor the 256x256 "
-                         f"(1, 1, 2, 2, 4, 4) U-Net; pass preset=NAME ({', '.join(PRESETS)}) to say how it samples")
-    # Without a dataset name the 256x256 recipe still samples right (eps, fixedsmall): the dataset is only a label.
-    config = get_preset(preset) if preset else dataclasses.replace(_preset_256("unknown"), preset="256x256")
-    resolution = resolution or config.model.resolution  # config.json's sample_size, else the preset's
-    config.model = dataclasses.replace(config.model, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                                       attn_resolutions=tuple(resolution >> level for level in attn_levels),
-                                       in_channels=in_channels, resolution=resolution)
-    return config
-
-
-def load_pretrained(path, device="cpu", preset=None):
-    """(model, diffusion, config) from released weights, the model in eval mode and channels_last, like `load_model`.
-
-    path: a pesser/pytorch_diffusion .ckpt (or any .pt/.bin state dict in the official layout), a diffusers
-    UNet2DModel weights file, or a diffusers snapshot folder (config.json and diffusion_pytorch_model.safetensors
-    or .bin, at its top as in google/ddpm-* or under unet/). The layout comes from the keys, the architecture
-    from the shapes, the resolution from config.json's sample_size (else the preset), and the sampling settings
-    from the preset: CIFAR-10 eps/fixedlarge, CelebA-HQ and LSUN eps/fixedsmall, all clipping x_0. The 256x256
-    dataset is read from the path or config.json's _name_or_path; `preset` overrides it. Loading is strict.
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path!r} does not exist; pass a weights file or a diffusers snapshot folder")
-    if os.path.isdir(path):
-        exts = ("safetensors", "bin") if importlib.util.find_spec("safetensors") else ("bin", "safetensors")
-        found = [w for d in (path, os.path.join(path, "unet")) if os.path.isfile(os.path.join(d, "config.json"))
-                 for w in (os.path.join(d, f"diffusion_pytorch_model.{ext}") for ext in exts) if os.path.isfile(w)]
-        if not found:
-            raise ValueError(f"folder {path!r} holds no config.json with a diffusion_pytorch_model.safetensors or .bin "
-                             f"(at its top or in unet/); pass a complete diffusers snapshot or the weights file")
-        path = found[0]
-    state_dict, settings, config_json = _read_weights(path), {}, os.path.join(os.path.dirname(path), "config.json")
-    if "conv_norm_out.weight" in state_dict:  # diffusers' UNet2DModel
-        if os.path.isfile(config_json):
-            with open(config_json) as f:
-                settings = json.load(f)
-        for key, (value, default) in DIFFUSERS_DDPM_SETTINGS.items():
-            if settings and settings.get(key, default) != value:
-                raise ValueError(f"{config_json} sets {key}={settings.get(key, default)!r} where the DDPM U-Net has "
-                                 f"{value!r}: it is another model, which this U-Net cannot reproduce")
-        state_dict = diffusers_to_official(state_dict)
-    elif "temb.dense.0.weight" not in state_dict:
-        raise ValueError(f"{path!r} is neither the official layout (temb.dense.0.weight, ...) nor diffusers' "
-                         f"UNet2DModel (conv_norm_out.weight, ...); its first keys are {list(state_dict)[:4]}")
-    try:
-        config = _config_from_weights(state_dict, settings.get("sample_size"),
-                                      f"{os.path.abspath(path)} {settings.get('_name_or_path', '')}", preset)
-        with torch.device("meta"):  # shapes only: the weights come from the file, so skip the initialisation
-            model, diffusion = create_model_and_diffusion(config)
-        model.load_state_dict({k: v.float() for k, v in state_dict.items()}, assign=True)  # strict
-    except (KeyError, RuntimeError) as e:  # a key the architecture is read from, or torch's list of misfits
-        raise ValueError(f"{path!r} does not fit the DDPM U-Net its shapes describe; it is damaged or another "
-                         f"model: {type(e).__name__}: {e}") from None
-    return optimize_model(model.to(device)).eval(), diffusion, config
-
-
-# ------------------------------------------------------------------------------------------------
 # 8. Data: uint8 NHWC arrays in memory, scaled to [-1, 1] per batch as the official tpu_utils does
 # ------------------------------------------------------------------------------------------------
 
@@ -1536,59 +1409,51 @@ def sample_images(model, diffusion, n, seed=0, progress=False, ddim_eta=None, fr
     return torch.stack([out["pred_xstart"] for out in outs if out["t"] in frames], dim=1)
 
 
-def load_for_sampling(args, device):
-    """(model, diffusion, config) that `sample` draws from, in eval mode: a training checkpoint's EMA weights
-    (--checkpoint) or the paper's released weights (--weights)."""
-    if args.weights:
-        return load_pretrained(args.weights, device)
-    return load_model(args.checkpoint, device, use_ema=True)
+def sample_batch(model, diffusion, seed, i, n, ddim_eta=None, progress=False):
+    """Batch i of a sample run: n samples as uint8 [n, H, W, C], drawn from a seed derived from (seed, i), so
+    a run gives the same images whichever of its batches are drawn again (evaluate.py's resumable sampler)."""
+    batch_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+    return unnormalize_data(sample_images(model, diffusion, n, batch_seed, progress, ddim_eta))
 
 
-def sample_command(args):
-    """`ddpm.py sample`: a PNG grid and samples_{N}x{H}x{W}x{C}.npz (uint8 NHWC under 'arr_0', as the FID tools
-    read), made in chunks of --batch-size that a rerun skips; or, with --progressive, Figure 6 as a PNG."""
-    if args.n < 1 or args.batch_size < 1:
-        raise ValueError("--n and --batch-size must be at least 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, diffusion, config = load_for_sampling(args, device)
-    if args.respacing:  # fewer steps: the model still sees its original indices
-        diffusion = respace(diffusion, args.respacing)
-    source = os.path.abspath(args.checkpoint or args.weights)
-    out = args.out or (os.path.splitext(args.checkpoint)[0] + "-samples" if args.checkpoint
-                       else os.path.join("samples", os.path.basename(os.path.normpath(args.weights))))
-    os.makedirs(out, exist_ok=True)
-    if args.progressive:  # x0 at t = T and every 50 steps at T=1000 (21 columns), one row per sample
-        T = diffusion.num_timesteps
-        frames = sample_images(model, diffusion, args.n, args.seed, True, args.ddim_eta, {T - 1, *range(0, T, max(1, T // 20))})
-        path = os.path.join(out, "progressive.png")
-        save_image_grid(unnormalize_data(frames.flatten(0, 1)), path, frames.shape[1])
-        print(f"wrote {path}: {args.n} rows of x0 estimates, t = T .. 1")
-        return
-    H, C = config.model.resolution, config.model.in_channels
-    final = os.path.join(out, f"samples_{args.n}x{H}x{H}x{C}.npz")
-    if os.path.exists(final):
-        print(f"{final} already exists; nothing to do")
-        return
-    chunks = [os.path.join(out, f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz")
-              for i in range(-(-args.n // args.batch_size))]
-    for i, path in enumerate(_progress(chunks, len(chunks), "chunks", len(chunks) > 1)):
-        size = min(args.batch_size, args.n - i * args.batch_size)  # the last chunk holds the remainder
-        if os.path.exists(path):  # done by an earlier run: check it came from this model
-            done = np.load(path)
-            if str(done["source"]) != source:
-                raise ValueError(f"{path} was sampled from {done['source']}, not {source}; use another --out")
-            if len(done["arr_0"]) == size:  # else an earlier run with another --n: draw it again
-                continue
-        chunk_seed = int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0])  # the same in every run
-        x = unnormalize_data(sample_images(model, diffusion, size, chunk_seed, progress=len(chunks) == 1,
-                                           ddim_eta=args.ddim_eta))
-        atomic_write(path, lambda f: np.savez(f, arr_0=x, source=np.array(source)))  # a killed run leaves whole chunks
-    images = np.concatenate([np.load(p)["arr_0"] for p in chunks])
-    atomic_write(final, lambda f: np.savez(f, arr_0=images))
+def save_samples(out, images):
+    """Write uint8 images [N, H, W, C] as out/samples_{N}x{H}x{W}x{C}.npz (under 'arr_0', as the FID tools read
+    them) and the first 64 as out/samples.png; returns the .npz path."""
+    path = os.path.join(out, "samples_{}.npz".format("x".join(map(str, images.shape))))
+    atomic_write(path, lambda f: np.savez(f, arr_0=images))
     save_image_grid(images[:64], os.path.join(out, "samples.png"))
-    for path in chunks:
-        os.remove(path)
-    print(f"wrote {final} (uint8 {images.shape}, key 'arr_0') and {os.path.join(out, 'samples.png')}")
+    print(f"wrote {path} (uint8 {images.shape}, key 'arr_0') and {os.path.join(out, 'samples.png')}")
+    return path
+
+
+def save_progressive(model, diffusion, n, seed, out, ddim_eta=None):
+    """Figure 6 as out/progressive.png: one row per sample, the x0 estimates at t = T and every T/20 steps."""
+    T = diffusion.num_timesteps
+    frames = sample_images(model, diffusion, n, seed, True, ddim_eta, frames={T - 1, *range(0, T, max(1, T // 20))})
+    path = os.path.join(out, "progressive.png")
+    save_image_grid(unnormalize_data(frames.flatten(0, 1)), path, frames.shape[1])
+    print(f"wrote {path}: {n} rows of x0 estimates, t = T .. 1")
+
+
+def sample_command(checkpoint, n=64, batch_size=256, seed=0, out="", progressive=False, device="", respacing="",
+                   ddim_eta=None):
+    """`ddpm.py sample`: n samples of a training checkpoint's EMA weights (Algorithm 2, or DDIM with ddim_eta) in
+    batches, written by save_samples, or with progressive=True Figure 6 (save_progressive). `evaluate.py sample`
+    draws the same images in resumable chunks, and from released weights too."""
+    if n < 1 or batch_size < 1:
+        raise ValueError("--n and --batch-size must be at least 1")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, diffusion, _ = load_model(checkpoint, device)
+    if respacing:  # fewer steps: the model still sees its original indices
+        diffusion = respace(diffusion, respacing)
+    out = out or os.path.splitext(checkpoint)[0] + "-samples"
+    os.makedirs(out, exist_ok=True)
+    if progressive:
+        return save_progressive(model, diffusion, n, seed, out, ddim_eta)
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    batches = [sample_batch(model, diffusion, seed, i, size, ddim_eta, len(sizes) == 1)
+               for i, size in enumerate(_progress(sizes, len(sizes), "batches", len(sizes) > 1))]
+    return save_samples(out, np.concatenate(batches))
 
 
 CHOICES = {"beta_schedule": BETA_SCHEDULES, "model_mean_type": MODEL_MEAN_TYPES, "model_var_type": MODEL_VAR_TYPES,
@@ -1640,9 +1505,7 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in --out")
     add_config_flags(p)
     p = commands.add_parser("sample", allow_abbrev=False, help="draw samples with the EMA weights (Algorithm 2)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a ckpt-*.pt written by train")
-    source.add_argument("--weights", help="released weights: a diffusers snapshot folder or a .ckpt/.bin/.safetensors")
+    p.add_argument("--checkpoint", required=True, help="a ckpt-*.pt written by train")
     p.add_argument("--n", type=int, default=64, help="number of samples (50000 for FID)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per chunk; a rerun skips finished chunks")
     p.add_argument("--seed", type=int, default=0)
@@ -1656,7 +1519,8 @@ def main(argv=None):
         if args.command == "train":
             train(config_from_args(args), resume=args.resume)
         else:
-            sample_command(args)
+            sample_command(args.checkpoint, args.n, args.batch_size, args.seed, args.out, args.progressive, args.device,
+                           args.respacing, args.ddim_eta)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError, ConnectionError) as e:
         sys.exit(f"error: {e}")
     finally:

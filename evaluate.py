@@ -14,10 +14,13 @@ Timestep convention, as in ddpm.py: code index t = 0..T-1 is the paper's t = 1..
 """
 import argparse
 import csv
+import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -96,7 +99,135 @@ def sha256_file(path):
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. Models: every command loads through one function
+# 1. Released weights: the paper's checkpoints as ported by pesser/pytorch_diffusion and by diffusers
+# ------------------------------------------------------------------------------------------------
+
+# diffusers UNet2DModel settings that change the function but not the keys, as (DDPM's value, diffusers' default
+# for a config.json that omits it); the rest (Fourier embedding, scale-shift norm, ...) changes keys or shapes.
+DIFFUSERS_DDPM_SETTINGS = {"flip_sin_to_cos": (False, True), "freq_shift": (1, 0), "norm_eps": (1e-6, 1e-5),
+                           "norm_num_groups": (32, 32), "downsample_padding": (0, 1), "act_fn": ("silu", "silu"),
+                           "attention_head_dim": (None, 8), "center_input_sample": (False, False),
+                           "mid_block_scale_factor": (1, 1)}
+
+
+def diffusers_to_official(state_dict):
+    """Rename a diffusers UNet2DModel state dict to the official (pesser) layout that `UNet` uses.
+
+    diffusers numbers up_blocks from the deepest level (up_blocks.0 is the official up[L-1]), calls the 1x1 skip
+    conv conv_shortcut, and keeps attention q, k, v and output as Linear [C, C] weights, the official 1x1 convs.
+    Files saved before diffusers renamed its attention layers (diffusers still converts them on load) say
+    query/key/value/proj_attn for to_q/to_k/to_v/to_out.0; both are read.
+    """
+    levels = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("down_blocks.")), default=0)
+    rules = [(r"^time_embedding\.linear_([12])\.", lambda m: f"temb.dense.{int(m[1]) - 1}."),
+             (r"^mid_block\.resnets\.([01])\.", lambda m: f"mid.block_{int(m[1]) + 1}."),
+             (r"^up_blocks\.(\d+)\.", lambda m: f"up.{levels - 1 - int(m[1])}."), (r"^down_blocks\.", "down."),
+             (r"^mid_block\.attentions\.0\.", "mid.attn_1."), (r"^conv_norm_out\.", "norm_out."),
+             (r"\.resnets\.", ".block."), (r"\.attentions\.", ".attn."), (r"\.downsamplers\.0\.", ".downsample."),
+             (r"\.upsamplers\.0\.", ".upsample."), (r"\.time_emb_proj\.", ".temb_proj."),
+             (r"\.conv_shortcut\.", ".nin_shortcut."), (r"\.group_norm\.", ".norm."), (r"\.(to_q|query)\.", ".q."),
+             (r"\.(to_k|key)\.", ".k."), (r"\.(to_v|value)\.", ".v."), (r"\.(to_out\.0|proj_attn)\.", ".proj_out.")]
+    official = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        if re.search(r"\.(q|k|v|proj_out)\.weight$", key) and value.dim() == 2:
+            value = value[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
+        official[key] = value
+    return official
+
+
+def _read_weights(path):
+    """A state dict from .safetensors (the safetensors package) or .bin/.ckpt/.pt (torch.load, weights_only)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise ImportError(f"reading {path!r} needs the safetensors package: pip install safetensors") from None
+    except Exception as e:
+        raise ValueError(f"cannot read {path!r} ({type(e).__name__}: {e}); it is truncated or not a .ckpt/.pt/.bin/"
+                         f".safetensors weights file, so download it again") from None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path!r} holds a {type(state_dict).__name__}, not a state dict of tensors")
+    return state_dict
+
+
+def _config_from_weights(state_dict, resolution, hint, preset):
+    """The Config of an official-layout state dict: architecture from keys and shapes, the rest from its preset."""
+    ch, in_channels = state_dict["conv_in.weight"].shape[:2]
+    levels = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("down.")), default=0)
+    ch_mult = tuple(state_dict[f"down.{level}.block.0.conv1.weight"].shape[0] // ch for level in range(levels))
+    num_res_blocks = len({k.split(".")[3] for k in state_dict if k.startswith("down.0.block.")})
+    attn_levels = [level for level in range(levels) if f"down.{level}.attn.0.norm.weight" in state_dict]
+    if preset is None and ch_mult == (1, 2, 2, 2):
+        preset = "cifar10"
+    elif preset is None and ch_mult == (1, 1, 2, 2, 4, 4):  # one U-Net for all 256x256 runs: the path names the data
+        names = re.findall(r"(?<![a-z])(celeba|church|bedroom|cat)(?:hq)?(?![a-z])", hint.lower())
+        preset = {"celeba": "celebahq256"}.get(names[-1], f"lsun_{names[-1]}256") if names else None
+    elif preset is None:
+        raise ValueError(f"the weights have ch_mult {ch_mult}, neither the CIFAR-10 (1, 2, 2, 2) nor the 256x256 "
+                         f"(1, 1, 2, 2, 4, 4) U-Net; pass preset=NAME ({', '.join(ddpm.PRESETS)}) to say how it samples")
+    # Without a dataset name the 256x256 recipe still samples right (eps, fixedsmall): the dataset is only a label.
+    config = ddpm.get_preset(preset or "celebahq256")
+    if not preset:
+        config.preset, config.train.data = "256x256", "unknown"
+    resolution = resolution or config.model.resolution  # config.json's sample_size, else the preset's
+    config.model = dataclasses.replace(config.model, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                                       attn_resolutions=tuple(resolution >> level for level in attn_levels),
+                                       in_channels=in_channels, resolution=resolution)
+    return config
+
+
+def load_pretrained(path, device="cpu", preset=None):
+    """(model, diffusion, config) from released weights, the model in eval mode and channels_last, like `load_model`.
+
+    path: a pesser/pytorch_diffusion .ckpt (or any .pt/.bin state dict in the official layout), a diffusers
+    UNet2DModel weights file, or a diffusers snapshot folder (config.json and diffusion_pytorch_model.safetensors
+    or .bin, at its top as in google/ddpm-* or under unet/). The layout comes from the keys, the architecture
+    from the shapes, the resolution from config.json's sample_size (else the preset), and the sampling settings
+    from the preset: CIFAR-10 eps/fixedlarge, CelebA-HQ and LSUN eps/fixedsmall, all clipping x_0. The 256x256
+    dataset is read from the path or config.json's _name_or_path; `preset` overrides it. Loading is strict.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} does not exist; pass a weights file or a diffusers snapshot folder")
+    if os.path.isdir(path):
+        exts = ("safetensors", "bin") if importlib.util.find_spec("safetensors") else ("bin", "safetensors")
+        found = [w for d in (path, os.path.join(path, "unet")) if os.path.isfile(os.path.join(d, "config.json"))
+                 for w in (os.path.join(d, f"diffusion_pytorch_model.{ext}") for ext in exts) if os.path.isfile(w)]
+        if not found:
+            raise ValueError(f"folder {path!r} holds no config.json with a diffusion_pytorch_model.safetensors or .bin "
+                             f"(at its top or in unet/); pass a complete diffusers snapshot or the weights file")
+        path = found[0]
+    state_dict, settings, config_json = _read_weights(path), {}, os.path.join(os.path.dirname(path), "config.json")
+    if "conv_norm_out.weight" in state_dict:  # diffusers' UNet2DModel
+        if os.path.isfile(config_json):
+            with open(config_json) as f:
+                settings = json.load(f)
+        for key, (value, default) in DIFFUSERS_DDPM_SETTINGS.items():
+            if settings and settings.get(key, default) != value:
+                raise ValueError(f"{config_json} sets {key}={settings.get(key, default)!r} where the DDPM U-Net has "
+                                 f"{value!r}: it is another model, which this U-Net cannot reproduce")
+        state_dict = diffusers_to_official(state_dict)
+    elif "temb.dense.0.weight" not in state_dict:
+        raise ValueError(f"{path!r} is neither the official layout (temb.dense.0.weight, ...) nor diffusers' "
+                         f"UNet2DModel (conv_norm_out.weight, ...); its first keys are {list(state_dict)[:4]}")
+    try:
+        config = _config_from_weights(state_dict, settings.get("sample_size"),
+                                      f"{os.path.abspath(path)} {settings.get('_name_or_path', '')}", preset)
+        with torch.device("meta"):  # shapes only: the weights come from the file, so skip the initialisation
+            model, diffusion = ddpm.create_model_and_diffusion(config)
+        model.load_state_dict({k: v.float() for k, v in state_dict.items()}, assign=True)  # strict
+    except (KeyError, RuntimeError) as e:  # a key the architecture is read from, or torch's list of misfits
+        raise ValueError(f"{path!r} does not fit the DDPM U-Net its shapes describe; it is damaged or another "
+                         f"model: {type(e).__name__}: {e}") from None
+    return ddpm.optimize_model(model.to(device)).eval(), diffusion, config
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Models: every command loads through one function
 # ------------------------------------------------------------------------------------------------
 
 def add_model_args(parser):
@@ -107,11 +238,12 @@ def add_model_args(parser):
     parser.add_argument("--respacing", default="", help="fewer steps: '100', '50,25,10' or 'ddim50' (default: all T)")
 
 
-def load_model_from_args(args, device):
-    """(model, diffusion, config) for --checkpoint (EMA weights) or --weights, in eval mode: dropout off."""
-    model, diffusion, config = ddpm.load_for_sampling(args, device)
-    if args.respacing:  # fewer steps; the bound of the shorter chain is still a valid bound
-        diffusion = ddpm.respace(diffusion, args.respacing)
+def load_for_sampling(checkpoint=None, weights=None, device="cpu", respacing=""):
+    """(model, diffusion, config) in eval mode (dropout off): a training checkpoint's EMA weights (ddpm.load_model)
+    or released weights (load_pretrained), the diffusion respaced to `respacing` when given (ddpm.respace)."""
+    model, diffusion, config = load_pretrained(weights, device) if weights else ddpm.load_model(checkpoint, device)
+    if respacing:  # fewer steps; the bound of the shorter chain is still a valid bound
+        diffusion = ddpm.respace(diffusion, respacing)
     return model.eval(), diffusion, config
 
 
@@ -122,6 +254,41 @@ def model_name(args):
         path = os.path.abspath(args.checkpoint)
         return f"{os.path.basename(os.path.dirname(path))}-{os.path.splitext(os.path.basename(path))[0]}"
     return os.path.splitext(os.path.basename(args.weights.rstrip("/\\")))[0]
+
+
+def cmd_sample(args):
+    """`evaluate.py sample`: --n samples (50,000 for Table 1) from a checkpoint or released weights, the same images
+    as `ddpm.py sample` with the same flags, drawn in chunks of --batch-size that a rerun skips, then written by
+    ddpm.save_samples; or with --progressive, Figure 6 (ddpm.save_progressive)."""
+    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, torch.device(args.device),
+                                                 args.respacing)
+    source = os.path.abspath(args.checkpoint or args.weights)
+    out = args.out or (os.path.splitext(args.checkpoint)[0] + "-samples" if args.checkpoint
+                       else os.path.join("samples", os.path.basename(os.path.normpath(args.weights))))
+    os.makedirs(out, exist_ok=True)
+    if args.progressive:
+        return ddpm.save_progressive(model, diffusion, args.n, args.seed, out, args.ddim_eta)
+    H, C = config.model.resolution, config.model.in_channels
+    final = os.path.join(out, f"samples_{args.n}x{H}x{H}x{C}.npz")
+    if os.path.exists(final):
+        print(f"{final} already exists; nothing to do")
+        return final
+    chunks = [os.path.join(out, f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz")
+              for i in range(-(-args.n // args.batch_size))]
+    for i, path in enumerate(ddpm._progress(chunks, len(chunks), "chunks", len(chunks) > 1)):
+        size = min(args.batch_size, args.n - i * args.batch_size)  # the last chunk holds the remainder
+        if os.path.exists(path):  # done by an earlier run: check it came from this model
+            done = np.load(path)
+            if str(done["source"]) != source:
+                raise ValueError(f"{path} was sampled from {done['source']}, not {source}; use another --out")
+            if len(done["arr_0"]) == size:  # else an earlier run with another --n: draw it again
+                continue
+        x = ddpm.sample_batch(model, diffusion, args.seed, i, size, args.ddim_eta, progress=len(chunks) == 1)
+        atomic_savez(path, arr_0=x, source=np.array(source))  # a killed run leaves whole chunks
+    path = ddpm.save_samples(out, np.concatenate([np.load(p)["arr_0"] for p in chunks]))
+    for chunk in chunks:
+        os.remove(chunk)
+    return path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,7 +461,7 @@ def plot_rate_distortion(path, rate, rmse):
 
 def cmd_nll(args):
     device = torch.device(args.device)
-    model, diffusion, config = load_model_from_args(args, device)
+    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
     images = ddpm.load_data(args.data, args.split, resolution=config.model.resolution,
                             in_channels=config.model.in_channels)
     if args.max_examples is not None:
@@ -709,7 +876,7 @@ def plot_loss_curve(rows, out_path):
 
 def cmd_figures(args):
     device = torch.device(args.device)
-    model, diffusion, config = load_model_from_args(args, device)
+    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
     T, C, R = diffusion.num_timesteps, config.model.in_channels, config.model.resolution
     if args.interp_t is not None and not 1 <= args.interp_t <= T:
         raise ValueError(f"--interp-t must be a paper timestep 1..{T}, got {args.interp_t}")
@@ -766,6 +933,16 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="evaluate.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", allow_abbrev=False, help="samples for FID/IS (Table 1) in resumable chunks, or Figure 6")
+    add_model_args(p)
+    p.add_argument("--n", type=int, default=64, help="number of samples (50000 for FID)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per chunk; a rerun skips finished chunks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="output folder; default: next to the checkpoint, or samples/NAME")
+    p.add_argument("--progressive", action="store_true", help="Figure 6: x0 every T/20 steps, one row per sample")
+    p.add_argument("--ddim-eta", type=float, default=None, help="sample with DDIM at this eta (0: deterministic)")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("nll", allow_abbrev=False,
                        help="the bound in bits/dim, rate, distortion and Table 4 (Table 1's NLL column)")

@@ -602,12 +602,12 @@ def test_cifar10_diffusers_snapshot_loads_exactly_in_safetensors_and_bin(tmp_pat
     unet.save_pretrained(tmp_path / "bin", safe_serialization=False)
     assert (tmp_path / "safetensors" / "diffusion_pytorch_model.safetensors").exists()
     assert (tmp_path / "bin" / "diffusion_pytorch_model.bin").exists()
-    model, diffusion, config = ddpm.load_pretrained(tmp_path / "safetensors")
+    model, diffusion, config = evaluate.load_pretrained(tmp_path / "safetensors")
     assert not model.training and sum(p.numel() for p in model.parameters()) == 35_746_307
     assert config.preset == "cifar10" and config.model == ddpm.get_preset("cifar10").model
     assert (diffusion.model_mean_type, diffusion.model_var_type) == ("eps", "fixedlarge")
     assert_same_function(model, unet)
-    assert_same_weights(ddpm.load_pretrained(tmp_path / "bin")[0], model)
+    assert_same_weights(evaluate.load_pretrained(tmp_path / "bin")[0], model)
 
 
 def test_256_layout_at_reduced_width_loads_exactly_and_samples_with_fixedsmall(tmp_path):
@@ -617,7 +617,7 @@ def test_256_layout_at_reduced_width_loads_exactly_and_samples_with_fixedsmall(t
     unet = ddpm_unet2d((32, 32, 64, 64, 128, 128), attn_level=4, sample_size=32, dropout=0.0)
     snapshot = tmp_path / "models--google--ddpm-ema-church-256" / "snapshots" / "5a1118b"
     unet.save_pretrained(snapshot / "unet")
-    model, diffusion, config = ddpm.load_pretrained(snapshot)
+    model, diffusion, config = evaluate.load_pretrained(snapshot)
     assert config.preset == "lsun_church256" and diffusion.model_var_type == "fixedsmall"
     assert (config.model.ch, config.model.ch_mult, config.model.attn_resolutions, config.model.resolution) == \
         (32, (1, 1, 2, 2, 4, 4), (2,), 32)
@@ -635,23 +635,23 @@ def test_256_layout_at_reduced_width_loads_exactly_and_samples_with_fixedsmall(t
     (tmp_path / "plain").mkdir()
     torch.save(old, tmp_path / "plain" / "diffusion_pytorch_model.bin")
     (tmp_path / "plain" / "config.json").write_text((snapshot / "unet" / "config.json").read_text())
-    plain, diffusion, config = ddpm.load_pretrained(tmp_path / "plain")  # no dataset in the path: the 256 recipe
+    plain, diffusion, config = evaluate.load_pretrained(tmp_path / "plain")  # no dataset in the path: the 256 recipe
     assert config.preset == "256x256" and diffusion.model_var_type == "fixedsmall"
     assert_same_weights(plain, model)
 
 
 def test_sample_command_draws_from_a_diffusers_snapshot(tmp_path):
-    """`ddpm.py sample --weights FOLDER --n 16` samples a randomly initialised save_pretrained snapshot."""
+    """`evaluate.py sample --weights FOLDER --n 16` samples a randomly initialised save_pretrained snapshot."""
     torch.manual_seed(0)
     snapshot = tmp_path / "ddpm-ema-cat-256"  # the 256 family at width 32 and 32x32, so 1000 steps take seconds
     ddpm_unet2d((32, 32, 64, 64, 128, 128), attn_level=4, sample_size=32, dropout=0.0).save_pretrained(snapshot)
-    ddpm.main(["sample", "--weights", str(snapshot), "--n", "16", "--batch-size", "16", "--out", str(tmp_path / "s"),
+    evaluate.main(["sample", "--weights", str(snapshot), "--n", "16", "--batch-size", "16", "--out", str(tmp_path / "s"),
                "--respacing", "10"])  # 10 of the 1000 steps keep the test fast; the full loop is the same code
     images = np.load(tmp_path / "s" / "samples_16x32x32x3.npz")["arr_0"]
     assert images.shape == (16, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
     assert (tmp_path / "s" / "samples.png").exists()
     for run in ("d1", "d2"):  # deterministic DDIM (eta 0) on 10 respaced steps: the same images from the same seed
-        ddpm.main(["sample", "--weights", str(snapshot), "--n", "4", "--batch-size", "4", "--out", str(tmp_path / run),
+        evaluate.main(["sample", "--weights", str(snapshot), "--n", "4", "--batch-size", "4", "--out", str(tmp_path / run),
                    "--respacing", "ddim10", "--ddim-eta", "0"])
     d1, d2 = (np.load(tmp_path / r / "samples_4x32x32x3.npz")["arr_0"] for r in ("d1", "d2"))
     assert np.array_equal(d1, d2) and d1.std() > 0
@@ -664,8 +664,8 @@ def test_official_layout_state_dict_round_trips(tmp_path):
                       in_channels=1, resolution=8)
     torch.save(model.state_dict(), tmp_path / "model.ckpt")
     with pytest.raises(ValueError, match="preset="):  # ch_mult (1, 2) is no released model: say how it samples
-        ddpm.load_pretrained(tmp_path / "model.ckpt")
-    loaded, diffusion, config = ddpm.load_pretrained(tmp_path / "model.ckpt", preset="digits")
+        evaluate.load_pretrained(tmp_path / "model.ckpt")
+    loaded, diffusion, config = evaluate.load_pretrained(tmp_path / "model.ckpt", preset="digits")
     assert config.model == ddpm.ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                                             dropout=0.1, in_channels=1, resolution=8)
     assert_same_weights(loaded, model)
@@ -674,7 +674,7 @@ def test_official_layout_state_dict_round_trips(tmp_path):
     big = ddpm.UNet(ch=32, ch_mult=(1, 1, 2, 2, 4, 4), attn_resolutions=(16,), dropout=0.0, resolution=256)
     (tmp_path / "ema_diffusion_lsun_cat_model").mkdir()
     torch.save(big.state_dict(), tmp_path / "ema_diffusion_lsun_cat_model" / "model-1761000.ckpt")
-    loaded, diffusion, config = ddpm.load_pretrained(tmp_path / "ema_diffusion_lsun_cat_model" / "model-1761000.ckpt")
+    loaded, diffusion, config = evaluate.load_pretrained(tmp_path / "ema_diffusion_lsun_cat_model" / "model-1761000.ckpt")
     assert config.preset == "lsun_cat256" and diffusion.model_var_type == "fixedsmall"
     assert config.model.attn_resolutions == (16,) and config.model.resolution == 256
     assert_same_weights(loaded, big)
@@ -689,37 +689,37 @@ def test_bad_weights_give_clear_errors(tmp_path):
     data = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
-        ddpm.load_pretrained(tmp_path / "truncated.pt")
+        evaluate.load_pretrained(tmp_path / "truncated.pt")
     from safetensors.torch import save_file
     save_file(state, tmp_path / "good.safetensors")
     data = (tmp_path / "good.safetensors").read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
-        ddpm.load_pretrained(tmp_path / "truncated.safetensors")
+        evaluate.load_pretrained(tmp_path / "truncated.safetensors")
 
     torch.save({"fc.weight": torch.zeros(10, 4), "fc.bias": torch.zeros(10)}, tmp_path / "resnet.pt")
     with pytest.raises(ValueError, match="neither the official layout"):
-        ddpm.load_pretrained(tmp_path / "resnet.pt")
+        evaluate.load_pretrained(tmp_path / "resnet.pt")
     misfit = {k: v for k, v in state.items() if k != "mid.attn_1.q.bias"}
     misfit["conv_out.weight"], misfit["extra.weight"] = torch.zeros(6, 32, 3, 3), torch.zeros(1)
     torch.save(misfit, tmp_path / "misfit.pt")
     with pytest.raises(ValueError, match="does not fit the DDPM U-Net") as error:
-        ddpm.load_pretrained(tmp_path / "misfit.pt")
+        evaluate.load_pretrained(tmp_path / "misfit.pt")
     assert all(name in str(error.value) for name in ("mid.attn_1.q.bias", "extra.weight", "conv_out.weight"))
     del state["conv_in.weight"]
     torch.save(state, tmp_path / "no_conv_in.pt")
     with pytest.raises(ValueError, match="conv_in.weight"):
-        ddpm.load_pretrained(tmp_path / "no_conv_in.pt")
+        evaluate.load_pretrained(tmp_path / "no_conv_in.pt")
 
     (tmp_path / "snapshot").mkdir()
     (tmp_path / "snapshot" / "diffusion_pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="holds no config.json"):
-        ddpm.load_pretrained(tmp_path / "snapshot")
+        evaluate.load_pretrained(tmp_path / "snapshot")
     with pytest.raises(FileNotFoundError):
-        ddpm.load_pretrained(tmp_path / "nowhere")
+        evaluate.load_pretrained(tmp_path / "nowhere")
     (tmp_path / "weights.h5").write_bytes(b"")
     with pytest.raises(ValueError, match="not a .ckpt/.pt/.bin/.safetensors weights file"):
-        ddpm.load_pretrained(tmp_path / "weights.h5")
+        evaluate.load_pretrained(tmp_path / "weights.h5")
 
 
 def test_a_diffusers_snapshot_that_computes_differently_is_refused(tmp_path):
@@ -729,7 +729,7 @@ def test_a_diffusers_snapshot_that_computes_differently_is_refused(tmp_path):
     unet.register_to_config(flip_sin_to_cos=True)
     unet.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="flip_sin_to_cos=True"):
-        ddpm.load_pretrained(tmp_path / "other")
+        evaluate.load_pretrained(tmp_path / "other")
 
 
 @pytest.mark.parametrize("variance_type", ["fixed_large", "fixed_small"])
@@ -878,23 +878,25 @@ def test_train_and_sample_cli_smoke(tmp_path, images, capsys):
 
 
 def test_sample_chunks_resume(tmp_path, images):
-    """A sample run that finds chunks from an interrupted run reuses them and gives the same npz as a fresh run."""
+    """An `evaluate.py sample` run that finds chunks from an interrupted run reuses them and gives the same npz as a
+    fresh run, and as `ddpm.py sample` with the same flags."""
     config = tiny_config(tmp_path / "run", images, steps=1, ckpt_every=1)
     ckpt = os.path.join(ddpm.train(config), "ckpt-0000001.pt")
     args = ["sample", "--checkpoint", ckpt, "--n", "3", "--batch-size", "2", "--out"]
-    ddpm.main([*args, str(tmp_path / "fresh")])
+    evaluate.main([*args, str(tmp_path / "fresh")])
     model, diffusion, _ = ddpm.load_model(ckpt)
     seed = int(np.random.SeedSequence([0, 0]).generate_state(1)[0])  # chunk 0 of --seed 0
     chunk = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 2, seed))
     os.makedirs(tmp_path / "resumed")
     np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00000.npz", arr_0=chunk, source=np.array(os.path.abspath(ckpt)))
-    ddpm.main([*args, str(tmp_path / "resumed")])
-    fresh, resumed = (np.load(tmp_path / d / "samples_3x8x8x3.npz")["arr_0"] for d in ("fresh", "resumed"))
-    assert np.array_equal(fresh, resumed)
+    evaluate.main([*args, str(tmp_path / "resumed")])
+    ddpm.main([*args, str(tmp_path / "plain")])
+    fresh, resumed, plain = (np.load(tmp_path / d / "samples_3x8x8x3.npz")["arr_0"] for d in ("fresh", "resumed", "plain"))
+    assert np.array_equal(fresh, resumed) and np.array_equal(fresh, plain)
     # the last chunk draws only the remainder; one left by a run with another --n is drawn again at its size
     last = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 1, seed))
     np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00001.npz", arr_0=last, source=np.array(os.path.abspath(ckpt)))
-    ddpm.main([*args[:4], "4", *args[5:], str(tmp_path / "resumed")])
+    evaluate.main([*args[:4], "4", *args[5:], str(tmp_path / "resumed")])
     assert np.load(tmp_path / "resumed" / "samples_4x8x8x3.npz")["arr_0"].shape == (4, 8, 8, 3)
 
 
