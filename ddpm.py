@@ -169,7 +169,9 @@ class GaussianDiffusion:
     inputs) where it gathers, exactly as the official code does.
     """
 
-    def __init__(self, *, betas, model_mean_type="eps", model_var_type="fixedlarge", loss_type="mse"):
+    @staticmethod
+    def check_types(model_mean_type, model_var_type, loss_type):
+        """Raise a ValueError for an unknown type or a loss that cannot train the variance type."""
         for value, allowed, what in ((model_mean_type, MODEL_MEAN_TYPES, "model_mean_type"),
                                      (model_var_type, MODEL_VAR_TYPES, "model_var_type"),
                                      (loss_type, LOSS_TYPES, "loss_type")):
@@ -182,6 +184,9 @@ class GaussianDiffusion:
         if loss_type == "hybrid" and not learned:
             raise ValueError("loss_type 'hybrid' adds the bound to train a learned variance; with a fixed "
                              "variance it is plain L_simple, so use loss_type 'mse'")
+
+    def __init__(self, *, betas, model_mean_type="eps", model_var_type="fixedlarge", loss_type="mse"):
+        self.check_types(model_mean_type, model_var_type, loss_type)
         self.model_mean_type, self.model_var_type, self.loss_type = model_mean_type, model_var_type, loss_type
 
         betas = np.asarray(betas, dtype=np.float64)
@@ -629,15 +634,20 @@ class UNet(nn.Module):
     The CIFAR-10 defaults have 35,746,307 parameters (the paper's 35.7M).
     """
 
-    def __init__(self, *, ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                 dropout=0.1, in_channels=3, resolution=32):
-        super().__init__()
-        self.ch, self.resolution, self.in_channels = ch, resolution, in_channels
+    @staticmethod
+    def check_shape(ch, ch_mult, resolution):
+        """Raise a ValueError for widths GroupNorm(32) cannot split or a resolution the levels cannot halve."""
         for c in {ch * m for m in ch_mult}:
             if c % 32:
                 raise ValueError(f"every width ch*ch_mult must be a multiple of 32 for GroupNorm(32), got {c}")
         if resolution % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"resolution {resolution} must be divisible by 2^{len(ch_mult) - 1} for ch_mult {ch_mult}")
+
+    def __init__(self, *, ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                 dropout=0.1, in_channels=3, resolution=32):
+        super().__init__()
+        self.ch, self.resolution, self.in_channels = ch, resolution, in_channels
+        self.check_shape(ch, ch_mult, resolution)
         temb_ch = 4 * ch
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList([_init(nn.Linear(ch, temb_ch)), _init(nn.Linear(temb_ch, temb_ch))])
@@ -813,8 +823,10 @@ class Config:
         if not self.model.ch_mult or min(self.model.ch_mult) < 1:
             raise ValueError(f"--model.ch-mult needs one positive multiplier per level, got {self.model.ch_mult}")
         autocast("cpu", self.train.precision)  # an unknown precision raises here
-        with torch.device("meta"):  # the U-Net's and the diffusion's own checks, without allocating weights
-            create_model_and_diffusion(self)
+        UNet.check_shape(self.model.ch, self.model.ch_mult, self.model.resolution)
+        d = self.diffusion
+        GaussianDiffusion.check_types(d.model_mean_type, d.model_var_type, d.loss_type)
+        get_beta_schedule(d.beta_schedule, d.num_timesteps)  # an unknown schedule or a beta > 1 raises here
 
     def to_dict(self):
         """Plain nested dict of ints, floats, strings and lists: safe for torch.load(weights_only=True)."""
