@@ -727,10 +727,19 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def update_ema(ema_params, params, decay):
-    """ema <- ema - (1 - decay) (ema - param) for every pair, in place: TF's ExponentialMovingAverage
-    (decay 0.9999 in the paper), as one torch._foreach_lerp_ over all tensors, not a kernel per tensor."""
-    with torch.no_grad():
-        torch._foreach_lerp_(list(ema_params), list(params), 1.0 - decay)
+    """ema <- decay ema + (1 - decay) param for every pair, in place: TF's ExponentialMovingAverage (decay 0.9999
+    in the paper), as one multi-tensor lerp over all tensors (torch.optim.swa_utils' EMA), not a kernel per tensor."""
+    torch.optim.swa_utils.get_ema_multi_avg_fn(decay)(list(ema_params), list(params), None)
+
+
+def adam(params, lr):
+    """The paper's Adam (beta1 0.9, beta2 0.999, eps 1e-8), fused into one kernel over all tensors where this torch
+    supports it on the parameters' device (CUDA; CPU from torch 2.4), else torch's default multi-tensor Adam."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    except RuntimeError:  # "fused=True requires ... supported devices": an older torch on the CPU
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def autocast(device, precision="fp32"):
@@ -743,14 +752,13 @@ def autocast(device, precision="fp32"):
 
 
 def optimize_model(model, channels_last=True, compile=False):
-    """The model, moved in place to channels_last (NHWC) memory, which oneDNN and cuDNN convolve without
-    reordering, and with compile=True compiled in place by torch.compile (fused GroupNorm, swish and adds;
-    the first call takes minutes). Its state_dict keeps the official names and values."""
+    """The model moved in place to channels_last (NHWC) memory, which oneDNN and cuDNN convolve without reordering;
+    with compile=True, a torch.compile wrapper of it to call instead (fused GroupNorm, swish and adds; the first
+    call takes minutes). Save the model's own state_dict, which keeps the official names: the wrapper's adds
+    '_orig_mod.'."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    if compile:
-        model.compile()  # nn.Module.compile keeps the state_dict keys (torch.compile(model) adds '_orig_mod.')
-    return model
+    return torch.compile(model) if compile else model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1217,7 +1225,7 @@ def train(config, resume=False):
     model, diffusion = create_model_and_diffusion(config)
     optimize_model(model.to(device))  # channels_last, before the EMA copies the model
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)  # one kernel
+    opt = adam(model.parameters(), tc.lr)
     torch.manual_seed(tc.seed + 1 + rank)  # dropout: its own stream per rank
     generator = torch.Generator(device).manual_seed(tc.seed)  # t, noise and flips of the global batch, on every rank
 
@@ -1255,7 +1263,7 @@ def train(config, resume=False):
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimize_model(model, channels_last=False, compile=tc.compile)  # in place, around the DDP wrapper when there is one
+    model = optimize_model(model, channels_last=False, compile=tc.compile)  # around the DDP wrapper when there is one
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         print(json.dumps(config.to_dict(), indent=1))
