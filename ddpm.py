@@ -1235,10 +1235,14 @@ def train(config, resume=False):
         for path in reversed(list_checkpoints(out)):
             try:
                 ckpt = load_checkpoint(path)
+                if not isinstance(ckpt, dict) or not {"config", "optimizer", "rng"} <= ckpt.keys():
+                    raise ValueError(f"{path!r} lacks the config, optimizer or RNG state of a training checkpoint")
                 print(f"resuming from {path}")
                 break
-            except ValueError as e:
-                print(f"skipping unreadable checkpoint: {e}")
+            except ValueError as e:  # moved aside: out of list_checkpoints, so --keep-ckpts never counts it
+                ckpt = None
+                os.replace(path, path + ".unreadable")
+                print(f"skipping unreadable checkpoint: {e}; renamed it to {os.path.basename(path)}.unreadable")
         if resume and ckpt is None:
             print(f"--resume: no checkpoint in {out}, starting from scratch")
     if world > 1:
@@ -1439,11 +1443,13 @@ def sample_batch(model, diffusion, seed, i, n, ddim_eta=None, progress=False):
     return unnormalize_data(sample_images(model, diffusion, n, batch_seed, progress, ddim_eta))
 
 
-def save_samples(out, images):
+def save_samples(out, images, record=None):
     """Write uint8 images [N, H, W, C] as out/samples_{N}x{H}x{W}x{C}.npz (under 'arr_0', as the FID tools read
-    them) and the first 64 as out/samples.png; returns the .npz path."""
+    them; with `record`, a dict of the settings that made them, as JSON under 'record') and the first 64 as
+    out/samples.png; returns the .npz path."""
     path = os.path.join(out, "samples_{}.npz".format("x".join(map(str, images.shape))))
-    atomic_write(path, lambda f: np.savez(f, arr_0=images))
+    arrays = {"arr_0": images} if record is None else {"arr_0": images, "record": np.array(json.dumps(record))}
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     save_image_grid(images[:64], os.path.join(out, "samples.png"))
     print(f"wrote {path} (uint8 {images.shape}, key 'arr_0') and {os.path.join(out, 'samples.png')}")
     return path

@@ -256,10 +256,47 @@ def model_name(args):
     return os.path.splitext(os.path.basename(args.weights.rstrip("/\\")))[0]
 
 
+def weights_sha256(model):
+    """sha256 of a model's state dict (names, then values in logical order): the weights' content, whatever their
+    path or memory layout."""
+    h = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# Everything that decides `sample`'s images, with the flag that sets it; recorded in every chunk and final file.
+# The device too: CPU and CUDA generators draw different noise from the same seed.
+SAMPLE_SETTINGS = {"weights_sha256": "weights (--checkpoint/--weights)", "diffusion": "diffusion config",
+                   "respacing": "--respacing", "ddim_eta": "--ddim-eta", "clip_denoised": "x0 clipping",
+                   "seed": "--seed", "batch_size": "--batch-size", "n": "--n", "device": "--device"}
+
+
+def sample_record(model, config, source, respacing, ddim_eta, seed, batch_size, n):
+    """The settings of SAMPLE_SETTINGS for a `sample` run, plus the weights' path (informative only)."""
+    return {"weights_sha256": weights_sha256(model), "diffusion": dataclasses.asdict(config.diffusion),
+            "respacing": respacing, "ddim_eta": ddim_eta, "clip_denoised": True, "seed": seed,
+            "batch_size": batch_size, "n": n, "device": ddpm._model_device(model).type, "source": source}
+
+
+def check_samples_record(path, record, ignore=()):
+    """Raise, naming the first differing setting, unless the samples file `path` was made with `record`."""
+    with np.load(path) as f:
+        saved = json.loads(str(f["record"])) if "record" in f else None
+    if saved is None:
+        raise ValueError(f"{path} holds no record of the settings it was sampled with; delete it or use another --out")
+    show = lambda r, k: f"{r.get('source')} sha256 {str(r.get(k))[:12]}" if k == "weights_sha256" else repr(r.get(k))
+    for key, flag in SAMPLE_SETTINGS.items():
+        if key not in ignore and saved.get(key) != record[key]:
+            raise ValueError(f"{path} was sampled with other {flag} ({show(saved, key)}, now {show(record, key)}); "
+                             f"rerun with its settings, or use another --out (or delete the file)")
+
+
 def cmd_sample(args):
     """`evaluate.py sample`: --n samples (50,000 for Table 1) from a checkpoint or released weights, the same images
     as `ddpm.py sample` with the same flags, drawn in chunks of --batch-size that a rerun skips, then written by
-    ddpm.save_samples; or with --progressive, Figure 6 (ddpm.save_progressive)."""
+    ddpm.save_samples with the record of their settings; or with --progressive, Figure 6 (ddpm.save_progressive)."""
     model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, torch.device(args.device),
                                                  args.respacing)
     source = os.path.abspath(args.checkpoint or args.weights)
@@ -270,22 +307,22 @@ def cmd_sample(args):
         return ddpm.save_progressive(model, diffusion, args.n, args.seed, out, args.ddim_eta)
     H, C = config.model.resolution, config.model.in_channels
     final = os.path.join(out, f"samples_{args.n}x{H}x{H}x{C}.npz")
+    record = sample_record(model, config, source, args.respacing, args.ddim_eta, args.seed, args.batch_size, args.n)
     if os.path.exists(final):
-        print(f"{final} already exists; nothing to do")
+        check_samples_record(final, record)
+        print(f"{final} already exists with these settings; nothing to do")
         return final
     chunks = [os.path.join(out, f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz")
               for i in range(-(-args.n // args.batch_size))]
+    for path in filter(os.path.exists, chunks):  # left by an earlier run: refuse other settings before any work
+        check_samples_record(path, record, ignore=("n",))  # --n changes only the last chunk's size, checked below
     for i, path in enumerate(ddpm._progress(chunks, len(chunks), "chunks", len(chunks) > 1)):
         size = min(args.batch_size, args.n - i * args.batch_size)  # the last chunk holds the remainder
-        if os.path.exists(path):  # done by an earlier run: check it came from this model
-            done = np.load(path)
-            if str(done["source"]) != source:
-                raise ValueError(f"{path} was sampled from {done['source']}, not {source}; use another --out")
-            if len(done["arr_0"]) == size:  # else an earlier run with another --n: draw it again
-                continue
+        if os.path.exists(path) and len(np.load(path)["arr_0"]) == size:  # else a run with another --n: redraw
+            continue
         x = ddpm.sample_batch(model, diffusion, args.seed, i, size, args.ddim_eta, progress=len(chunks) == 1)
-        atomic_savez(path, arr_0=x, source=np.array(source))  # a killed run leaves whole chunks
-    path = ddpm.save_samples(out, np.concatenate([np.load(p)["arr_0"] for p in chunks]))
+        atomic_savez(path, arr_0=x, record=np.array(json.dumps(record)))  # a killed run leaves whole chunks
+    path = ddpm.save_samples(out, np.concatenate([np.load(p)["arr_0"] for p in chunks]), record)
     for chunk in chunks:
         os.remove(chunk)
     return path
@@ -294,15 +331,6 @@ def cmd_sample(args):
 # ------------------------------------------------------------------------------------------------
 # 2. NLL: the bound in bits/dim, its rate and distortion (Section 4.3) and the paper's Table 4
 # ------------------------------------------------------------------------------------------------
-
-def _model_sha256(model):
-    """A fingerprint of the weights, so that a resumed evaluation refuses batches of another model."""
-    h = hashlib.sha256()
-    for name, value in model.state_dict().items():
-        h.update(name.encode())
-        h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
 
 NLL_KEYS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
 
@@ -335,7 +363,7 @@ def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_deno
         # What the numbers depend on; run_info (paths, names) is recorded but not compared.
         # The device type too: CPU and CUDA generators draw different noise from the same seed.
         manifest = dict(num_examples=N, batch_size=batch_size, seed=seed, num_timesteps=T, device=device.type,
-                        clip_denoised=clip_denoised, model_sha256=_model_sha256(model),
+                        clip_denoised=clip_denoised, model_sha256=weights_sha256(model),
                         data_sha256=hashlib.sha256(x_start.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
         manifest_path = os.path.join(out_dir, "manifest.json")
         if os.path.exists(manifest_path):
