@@ -1199,6 +1199,154 @@ def setup_distributed():
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the config: theta, its EMA, Adam's moments and every RNG, at `step`."""
+    model: nn.Module                 # the raw weights theta (never the DDP or compile wrapper)
+    ema: nn.Module                   # what samples and the NLL use
+    opt: torch.optim.Optimizer
+    generator: torch.Generator       # t, noise and flips of the global batch, the same stream on every rank
+    step: int = 0
+    last_good: str = None            # the newest checkpoint written or resumed from, named by the NaN guard
+
+
+def resume_train_state(state, config, out, rank, world):
+    """Load the newest readable checkpoint in `out` into `state`, if there is one: rank 0 reads it (moving
+    unreadable ones aside as *.unreadable, so --keep-ckpts never counts them) and hands it to the other ranks,
+    so no shared disk is needed. A checkpoint of another config (beyond RESUMABLE_FIELDS) is refused."""
+    ckpt = None
+    for path in reversed(list_checkpoints(out) if rank == 0 else []):
+        try:
+            ckpt = load_checkpoint(path)
+            if not isinstance(ckpt, dict) or not {"config", "optimizer", "rng"} <= ckpt.keys():
+                raise ValueError(f"{path!r} lacks the config, optimizer or RNG state of a training checkpoint")
+            print(f"resuming from {path}")
+            break
+        except ValueError as e:
+            ckpt = None
+            os.replace(path, path + ".unreadable")
+            print(f"skipping unreadable checkpoint: {e}; renamed it to {os.path.basename(path)}.unreadable")
+    if world > 1:
+        box = [ckpt]
+        dist.broadcast_object_list(box, src=0)
+        ckpt = box[0]
+    if ckpt is None:
+        return
+    diff = [d for d in config_diff(config, Config.from_dict(ckpt["config"]))
+            if d.split(":")[0] not in {f"train.{f}" for f in RESUMABLE_FIELDS}]
+    if diff:
+        raise ValueError(f"the checkpoint in {out} was trained with another config ({'; '.join(diff)}); "
+                         f"resume with the run's own flags, or start a new --out")
+    state.model.load_state_dict(ckpt["model"])
+    state.ema.load_state_dict(ckpt["ema"])
+    state.opt.load_state_dict(ckpt["optimizer"])
+    _set_rng_state(ckpt["rng"], state.generator, rank, world)
+    state.step, state.last_good = ckpt["step"], f"ckpt-{ckpt['step']:07d}.pt"
+
+
+def save_train_state(state, config, out, rank, world):
+    """Write out/ckpt-{step:07d}.pt atomically (rank 0; every rank contributes its RNG state), then delete all but
+    the newest train.keep_ckpts checkpoints."""
+    ckpt = {"config": config.to_dict(), "step": state.step, "model": state.model.state_dict(),
+            "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(),
+            "rng": _rng_state(state.generator, world), "world_size": world}
+    state.last_good = f"ckpt-{state.step:07d}.pt"
+    if rank == 0:
+        save_checkpoint(os.path.join(out, state.last_good), ckpt)
+        for old in list_checkpoints(out)[:-config.train.keep_ckpts]:
+            os.remove(old)
+
+
+class Metrics:
+    """Sums between two log lines, kept on the device (no host sync per step) and all-reduced across ranks when
+    the line is written: the batch loss and gradient norm, and the per-example loss and count by quarter of t."""
+
+    def __init__(self, device, step):
+        self.loss, self.grad_norm = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.quarter_loss, self.quarter_count = torch.zeros(4, device=device), torch.zeros(4, device=device)
+        self.step, self.clock, self.paused = step, time.time(), 0.0  # paused: seconds of sampling and saving
+
+    def add(self, loss, grad_norm, losses, t, T):
+        with torch.no_grad():
+            quarter = t * 4 // T  # 0: t in the first quarter of 0..T-1, ..., 3: the last
+            self.loss += loss.detach()
+            self.grad_norm += grad_norm
+            self.quarter_loss.index_add_(0, quarter, losses.detach())
+            self.quarter_count.index_add_(0, quarter, torch.ones_like(losses))
+
+    def check_finite(self, step, last_good):
+        """The NaN guard: raise before anything is saved, so the last good checkpoint stays the newest."""
+        sums = (self.loss, self.grad_norm, self.quarter_loss)
+        if not all(torch.isfinite(s).all() for s in sums):
+            raise FloatingPointError(f"non-finite loss or gradient norm by step {step}; stopped without saving, "
+                                     f"so the last good checkpoint ({last_good}) stays: lower --lr or use fp32")
+
+    def log(self, step, lr, batch_size, stop_requested, rank, world, out):
+        """Write one `key=value` log line and one metrics.jsonl record (rank 0) and start new sums; return whether
+        any rank was asked to stop (the ranks agree on a stop here, where they all meet)."""
+        sums = torch.cat([self.loss[None], self.grad_norm[None], self.quarter_loss, self.quarter_count,
+                          torch.tensor([float(stop_requested)], device=self.loss.device)])
+        if world > 1:
+            dist.all_reduce(sums)
+        loss, grad_norm, quarter_loss, quarter_count, stop = sums.cpu().split([1, 1, 4, 4, 1])
+        n = step - self.step
+        if rank == 0:
+            record = {"step": step, "loss": loss.item() / (n * world),
+                      **{f"loss_q{q}": quarter_loss[q].item() / max(quarter_count[q].item(), 1) for q in range(4)},
+                      "grad_norm": grad_norm.item() / (n * world), "lr": lr,
+                      "img/s": n * batch_size / (time.time() - self.clock - self.paused)}
+            _log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({**record, "time": time.time()}) + "\n")
+        self.__init__(self.loss.device, step)
+        return stop.item() > 0
+
+
+class StopOnSignal:
+    """Within `with`, the first SIGINT/SIGTERM only sets self.signal, so the loop writes a checkpoint and exits
+    cleanly; a second one kills at once (the previous handler is back). Handlers need the main thread."""
+
+    def __enter__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def request(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def load_training_data(config, out, resume, rank, world):
+    """The training images, after refusing bad input before any work: the config, a batch that does not split
+    across the ranks, a run directory that holds checkpoints without --resume, fewer images than one batch."""
+    tc, m = config.train, config.model
+    config.check()
+    if tc.batch_size % world:
+        raise ValueError(f"--batch-size {tc.batch_size} does not split across {world} ranks; use a multiple of {world}")
+    if rank == 0 and list_checkpoints(out) and not resume:
+        raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue that run or a new --out")
+    data = load_data(tc.data, "train", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
+    if len(data) < tc.batch_size:
+        raise ValueError(f"--data {tc.data} holds {len(data)} images, fewer than one batch of {tc.batch_size}; "
+                         f"lower --batch-size or add images")
+    return data
+
+
+def write_run_config(config, out, model, data, world, device):
+    """Print the resolved config and write it to out/config.json; print the run's size and where it runs."""
+    os.makedirs(out, exist_ok=True)
+    print(json.dumps(config.to_dict(), indent=1))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=1)
+    print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(data):,} images; {world} rank(s) "
+          f"on {device.type}; {config.train.precision}; run directory {out}")
+
+
 def train(config, resume=False):
     """Algorithm 1 with the official recipe: t ~ U{0..T-1}, L_simple (or config.diffusion.loss_type) averaged over
     the global batch, Adam(eps 1e-8) with lr_k = lr * min(k / warmup, 1) for the k-th update (k from 0), gradients
@@ -1209,195 +1357,123 @@ def train(config, resume=False):
     (rank 0 only). resume=True continues from the newest readable checkpoint there, bit for bit on CPU.
     Returns the run directory.
     """
-    tc, m, T, t_start = config.train, config.model, config.diffusion.num_timesteps, time.time()
-    config.check()  # bad input fails here, before the data is read or a model is built
+    tc, T, t_start = config.train, config.diffusion.num_timesteps, time.time()
     rank, world, device = setup_distributed()
     out = tc.out or os.path.join("runs", config.preset)
-    if tc.batch_size % world:
-        raise ValueError(f"--batch-size {tc.batch_size} does not split across {world} ranks; use a multiple of {world}")
-    if rank == 0 and list_checkpoints(out) and not resume:
-        raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue that run or a new --out")
-    data = load_data(tc.data, "train", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
-    if len(data) < tc.batch_size:
-        raise ValueError(f"--data {tc.data} holds {len(data)} images, fewer than one batch of {tc.batch_size}; "
-                         f"lower --batch-size or add images")
+    data = load_training_data(config, out, resume, rank, world)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank and in every run with this seed
     model, diffusion = create_model_and_diffusion(config)
     optimize_model(model.to(device))  # channels_last, before the EMA copies the model
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = adam(model.parameters(), tc.lr)
+    state = TrainState(model, ema, adam(model.parameters(), tc.lr), torch.Generator(device).manual_seed(tc.seed))
     torch.manual_seed(tc.seed + 1 + rank)  # dropout: its own stream per rank
-    generator = torch.Generator(device).manual_seed(tc.seed)  # t, noise and flips of the global batch, on every rank
-
-    # Resume: rank 0 reads the newest readable checkpoint and hands it to the others (no shared disk needed).
-    ckpt, start = None, 0
-    if rank == 0:
-        for path in reversed(list_checkpoints(out)):
-            try:
-                ckpt = load_checkpoint(path)
-                if not isinstance(ckpt, dict) or not {"config", "optimizer", "rng"} <= ckpt.keys():
-                    raise ValueError(f"{path!r} lacks the config, optimizer or RNG state of a training checkpoint")
-                print(f"resuming from {path}")
-                break
-            except ValueError as e:  # moved aside: out of list_checkpoints, so --keep-ckpts never counts it
-                ckpt = None
-                os.replace(path, path + ".unreadable")
-                print(f"skipping unreadable checkpoint: {e}; renamed it to {os.path.basename(path)}.unreadable")
-        if resume and ckpt is None:
-            print(f"--resume: no checkpoint in {out}, starting from scratch")
+    resume_train_state(state, config, out, rank, world)
     if world > 1:
-        box = [ckpt]
-        dist.broadcast_object_list(box, src=0)
-        ckpt = box[0]
-    if ckpt is not None:
-        diff = [d for d in config_diff(config, Config.from_dict(ckpt["config"]))
-                if d.split(":")[0] not in {f"train.{f}" for f in RESUMABLE_FIELDS}]
-        if diff:
-            raise ValueError(f"the checkpoint in {out} was trained with another config ({'; '.join(diff)}); "
-                             f"resume with the run's own flags, or start a new --out")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"], generator, rank, world)
-        start = ckpt["step"]
-    last_good = f"ckpt-{start:07d}.pt" if ckpt is not None else None
-    del ckpt
-
-    raw = model  # the module whose weights are saved; `model` may be wrapped below
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    model = optimize_model(model, channels_last=False, compile=tc.compile)  # around the DDP wrapper when there is one
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = optimize_model(model, channels_last=False, compile=tc.compile)  # what runs; state.model is what is saved
     if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        print(json.dumps(config.to_dict(), indent=1))
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=1)
-        print(f"{sum(p.numel() for p in raw.parameters()):,} parameters; {len(data):,} images; {world} rank(s) "
-              f"on {device.type}; {tc.precision}; run directory {out}")
-
-    stop = []  # the first SIGINT/SIGTERM asks for a checkpoint and a clean exit; a second one kills at once
-    def request_stop(signum, frame):
-        stop.append(signal.Signals(signum).name)
-        signal.signal(signum, previous[signum])
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-
+        write_run_config(config, out, state.model, data, world, device)
     B, b = tc.batch_size, tc.batch_size // world
-    shard = slice(rank * b, (rank + 1) * b)
-    # Summed between log lines, on the device (no host sync per step): loss, grad norm, then per quarter of t
-    # the loss sum and the count, then the stop flag, all-reduced across ranks at log time.
-    stats = torch.zeros(11, device=device)
-
-    def check_finite(step):
-        if not torch.isfinite(stats).all():
-            raise FloatingPointError(f"non-finite loss or gradient norm by step {step}; stopped without saving, "
-                                     f"so the last good checkpoint ({last_good}) stays: lower --lr or use fp32")
-
-    def save(step):
-        check_finite(step)
-        state = {"config": config.to_dict(), "step": step, "model": raw.state_dict(), "ema": ema.state_dict(),
-                 "optimizer": opt.state_dict(), "rng": _rng_state(generator, world), "world_size": world}
-        if rank == 0:
-            save_checkpoint(os.path.join(out, f"ckpt-{step:07d}.pt"), state)
-            for old in list_checkpoints(out)[:-tc.keep_ckpts]:
-                os.remove(old)
-        return f"ckpt-{step:07d}.pt"
-
+    shard = slice(rank * b, (rank + 1) * b)  # this rank's part of the global batch
+    start, stopping, metrics = state.step, False, Metrics(device, state.step)
     model.train()
-    steps = range(start, tc.steps) if tc.steps else itertools.count(start)  # steps 0: until stopped
-    t_log, step_log, step, stopping = time.time(), start, start, False
-    try:
-        for step in _progress(steps, tc.steps - start, "training", rank == 0 and tc.steps > 0):
+    with StopOnSignal() as stop:
+        for step in _progress(range(start, tc.steps) if tc.steps else itertools.count(start),  # steps 0: until stopped
+                              tc.steps - start, "training", rank == 0 and tc.steps > 0):
             lr = tc.lr * min(step / tc.warmup, 1.0) if tc.warmup else tc.lr  # k = step: the first update has lr 0
-            for group in opt.param_groups:
+            for group in state.opt.param_groups:
                 group["lr"] = lr
-            # The global batch's examples, t, noise and flips are drawn identically on every rank, which keeps
-            # its slice: so N ranks compute exactly what one process would with the same global batch.
+            # x_0 ~ q(x_0), t ~ Uniform, eps ~ N(0, I) and the flips are drawn for the global batch on every rank,
+            # which keeps its slice: so N ranks compute exactly what one process would with the same global batch.
             x = normalize_data(data[batch_indices(step, B, len(data), tc.seed)[shard]]).to(device, non_blocking=True)
-            t = torch.randint(0, T, (B,), generator=generator, device=device)[shard]
-            noise = torch.randn((B, *x.shape[1:]), generator=generator, device=device)[shard]
-            flip = torch.rand(B, generator=generator, device=device)[shard] < 0.5
+            t = torch.randint(0, T, (B,), generator=state.generator, device=device)[shard]
+            noise = torch.randn((B, *x.shape[1:]), generator=state.generator, device=device)[shard]
+            flip = torch.rand(B, generator=state.generator, device=device)[shard] < 0.5
             if tc.randflip:
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
             x, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x, noise))  # like the model's
             with autocast(device, tc.precision):
                 losses = diffusion.training_losses(model, x, t, noise=noise)["loss"].float()  # [b]
             loss = losses.mean()
-            opt.zero_grad(set_to_none=True)
+            state.opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the rank means: the global batch mean
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip)
-            opt.step()
-            update_ema(ema.parameters(), raw.parameters(), 1e-10 if step == 0 else tc.ema_decay)  # step 0: a copy
-            with torch.no_grad():
-                quarter = t * 4 // T
-                stats[0] += loss.detach()
-                stats[1] += grad_norm
-                stats[2:6].index_add_(0, quarter, losses.detach())
-                stats[6:10].index_add_(0, quarter, torch.ones_like(losses))
-            step += 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip)
+            state.opt.step()
+            update_ema(ema.parameters(), state.model.parameters(), 1e-10 if step == 0 else tc.ema_decay)
+            metrics.add(loss, grad_norm, losses, t, T)
+            state.step = step = step + 1
 
+            stopping = stop.signal is not None and world == 1  # several ranks agree on a stop only at log steps
             if step % tc.log_every == 0 or step == tc.steps:
-                check_finite(step)
-                stats[10] = float(bool(stop))
-                if world > 1:
-                    dist.all_reduce(stats)
-                s, n = stats.tolist(), step - step_log
-                if rank == 0:
-                    record = {"step": step, "loss": s[0] / (n * world),
-                              **{f"loss_q{q}": s[2 + q] / max(s[6 + q], 1) for q in range(4)},
-                              "grad_norm": s[1] / (n * world), "lr": lr, "img/s": n * B / (time.time() - t_log)}
-                    _log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-                    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps({**record, "time": time.time()}) + "\n")
-                stopping = s[10] > 0
-                stats.zero_()
-                t_log, step_log = time.time(), step
-            else:
-                stopping = bool(stop) and world == 1  # ranks agree on a stop only at log steps
+                metrics.check_finite(step, state.last_good)
+                stopping = metrics.log(step, lr, B, stop.signal is not None, rank, world, out)
             t_pause = time.time()
             if rank == 0 and tc.sample_every and step % tc.sample_every == 0:  # the same noise every time
                 save_image_grid(unnormalize_data(sample_images(ema, diffusion, 64, seed=tc.seed)),
                                 os.path.join(out, f"samples-{step:07d}.png"))
             if step % tc.ckpt_every == 0 or step == tc.steps or stopping:
-                last_good = save(step)
-            t_log += time.time() - t_pause  # img/s counts training only
+                metrics.check_finite(step, state.last_good)
+                save_train_state(state, config, out, rank, world)
+            metrics.paused += time.time() - t_pause  # img/s counts training only
+            if stopping and rank == 0:
+                print(f"stopped by {stop.signal or 'a signal on another rank'} at step {step}; checkpoint "
+                      f"{state.last_good} written; continue with the same command plus --resume")
             if stopping:
-                if rank == 0:
-                    print(f"stopped by {stop[0] if stop else 'a signal on another rank'} at step {step}; checkpoint "
-                          f"{last_good} written; continue with the same command plus --resume")
                 break
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if rank == 0:
-        print(f"trained steps {start}..{step} in {(time.time() - t_start) / 60:.1f} min; run directory {out}")
-    if tc.eval_bpd and not stopping:  # each rank takes every world-th test image
-        test = load_data(tc.data, "test", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
-        bpd = dataset_bpd(ema, diffusion, test[:tc.eval_bpd][rank::world], tc.batch_size, seed=tc.seed + rank)
-        if world > 1:
-            parts = [None] * world
-            dist.all_gather_object(parts, bpd)
-            bpd = np.concatenate(parts)
-        if rank == 0:
-            print(f"test NLL {bpd.mean():.4f} +- {bpd.std(ddof=1) / len(bpd) ** 0.5:.4f} bits/dim on {len(bpd)} "
-                  f"{tc.data} test images (calc_bpd_loop, EMA weights, T={T})")
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, "test_bpd": float(bpd.mean()), "test_images": len(bpd)}) + "\n")
+        print(f"trained steps {start}..{state.step} in {(time.time() - t_start) / 60:.1f} min; run directory {out}")
+    if tc.eval_bpd and not stopping:
+        report_test_nll(ema, diffusion, config, out, state.step, rank, world)
     return out
 
 
-def dataset_bpd(model, diffusion, images, batch_size=256, seed=0):
-    """The variational bound L_T + ... + L_0 in bits/dim (an upper bound on the NLL) of each uint8 NHWC image,
-    via calc_bpd_loop with clipping and dropout off, as the official bpd_eval: numpy [N]."""
-    device, out = _model_device(model), []
-    generator = torch.Generator(device).manual_seed(seed)
+def report_test_nll(ema, diffusion, config, out, step, rank, world):
+    """`train --eval-bpd N`: dataset_bpd of the EMA on the first N test images (batches of train.batch_size, noise
+    from train.seed), the batches split across the ranks; prints and logs the mean. `evaluate.py nll` with the
+    same --batch-size, --seed and --max-examples prints the same number."""
+    tc, m = config.train, config.model
+    test = load_data(tc.data, "test", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
+    x_start, done = normalize_data(test[:tc.eval_bpd]), {}
+    batches = range(rank, -(-len(x_start) // tc.batch_size), world)
+    if len(batches):  # a rank may have none: 1 batch, 2 ranks
+        dataset_bpd(ema, diffusion, x_start, tc.batch_size, tc.seed, batches=batches, done=done, progress=rank == 0)
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, done)
+        done = {b: arrays for part in parts for b, arrays in part.items()}
+    bpd = np.concatenate([done[b]["total_bpd"] for b in sorted(done)])
+    if rank == 0:
+        print(f"test NLL {bpd.mean():.4f} +- {bpd.std(ddof=1) / len(bpd) ** 0.5:.4f} bits/dim on {len(bpd)} "
+              f"{tc.data} test images (calc_bpd_loop, EMA weights, T={config.diffusion.num_timesteps})")
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "test_bpd": float(bpd.mean()), "test_images": len(bpd)}) + "\n")
+
+
+NLL_KEYS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
+
+
+def dataset_bpd(model, diffusion, x_start, batch_size=256, seed=0, clip_denoised=True, batches=None, done=None,
+                progress=True):
+    """calc_bpd_loop over a data set batch by batch, with dropout off, as the official bpd_eval: the bound in
+    bits/dim and its terms. x_start: float [N, C, H, W] in [-1, 1] (each batch moves to the model's device).
+
+    Batch b holds images b*batch_size.. and draws its noise from a generator seeded seed + b on the model's
+    device, so every number depends on the model, the data, batch_size and seed only, not on which process or
+    run computes which batch. `batches`: the batch indices to compute (default: all). `done`: a dict of finished
+    batches b -> arrays that is read and filled (evaluate.py passes one backed by files to resume). Returns numpy
+    float32 arrays over the images of `batches`, as calc_bpd_loop's outputs: {'total_bpd' [n], 'prior_bpd' [n],
+    'vb' [n, T] (column 0 is the decoder L_0, column i > 0 is L_i), 'xstart_mse' [n, T], 'mse' [n, T]}.
+    """
+    device, done = _model_device(model), {} if done is None else done
+    batches = range(-(-len(x_start) // batch_size)) if batches is None else batches
     model.eval()
-    for i in _progress(range(0, len(images), batch_size), -(-len(images) // batch_size), "bits/dim"):
-        x = normalize_data(images[i:i + batch_size]).to(device)
-        terms = diffusion.calc_bpd_loop(model, x, progress=len(images) <= batch_size, generator=generator)
-        out.append(terms["total_bpd"].cpu())
-    return torch.cat(out).numpy()
+    for b in _progress(batches, len(batches), "bits/dim", progress):
+        if b not in done:
+            x = x_start[b * batch_size:(b + 1) * batch_size].to(device)
+            generator = torch.Generator(device).manual_seed(seed + b)
+            terms = diffusion.calc_bpd_loop(model, x, clip_denoised=clip_denoised, generator=generator)
+            done[b] = {k: terms[k].float().cpu().numpy() for k in NLL_KEYS}
+    return {k: np.concatenate([done[b][k] for b in batches]) for k in NLL_KEYS}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -332,38 +332,56 @@ def cmd_sample(args):
 # 2. NLL: the bound in bits/dim, its rate and distortion (Section 4.3) and the paper's Table 4
 # ------------------------------------------------------------------------------------------------
 
-NLL_KEYS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
+NLL_KEYS = ddpm.NLL_KEYS
+
+
+class BatchFolder(dict):
+    """Finished batches b -> arrays of ddpm.dataset_bpd, each written atomically to out_dir/batch-{b:05d}.npz as it
+    is set and read back by a rerun (an unreadable file, e.g. from a disk that filled up, is computed again)."""
+
+    def __init__(self, out_dir, num_batches):
+        super().__init__()
+        self.out_dir = out_dir
+        for b in range(num_batches):
+            if os.path.exists(self.path(b)):
+                try:
+                    with np.load(self.path(b)) as f:
+                        super().__setitem__(b, {k: f[k] for k in NLL_KEYS})
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                    print(f"recomputing {self.path(b)}: unreadable ({e})", file=sys.stderr)
+
+    def path(self, b):
+        return os.path.join(self.out_dir, f"batch-{b:05d}.npz")
+
+    def __setitem__(self, b, arrays):
+        atomic_savez(self.path(b), **arrays)
+        super().__setitem__(b, arrays)
 
 
 def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_denoised=True, out_dir=None,
                  run_info=None, progress=True):
-    """calc_bpd_loop over a whole data set, batch by batch, resumable.
+    """ddpm.dataset_bpd (the routine `train --eval-bpd` uses) over a whole data set, resumable.
 
-    x_start: float [N, C, H, W] in [-1, 1] (CPU; each batch moves to the model's device).
-    Returns numpy float32 arrays {'total_bpd' [N], 'prior_bpd' [N], 'vb' [N, T] (bits/dim; column 0 is the
-    decoder L_0, column i > 0 is L_i), 'xstart_mse' [N, T] and 'mse' [N, T]}, exactly calc_bpd_loop's outputs.
-
-    Batch b draws its noise from a torch.Generator seeded with seed + b, so the result depends on the model,
-    the data, batch_size and seed only. With `out_dir`, each finished batch is written atomically to
-    out_dir/batch-00000.npz and a rerun loads it instead of recomputing it: an interrupted evaluation
-    continues where it stopped and gives the same numbers. out_dir/manifest.json records what the batches
-    were computed from, and a rerun with another model, data, batch size, seed or device type refuses
-    to mix them.
+    x_start: float [N, C, H, W] in [-1, 1] (CPU; each batch moves to the model's device). Returns its numpy float32
+    arrays {'total_bpd' [N], 'prior_bpd' [N], 'vb' [N, T], 'xstart_mse' [N, T], 'mse' [N, T]}; batch b draws its
+    noise with seed + b. With `out_dir`, each finished batch is written atomically to out_dir/batch-00000.npz and
+    a rerun loads it instead of recomputing it: an interrupted evaluation continues where it stopped and gives the
+    same numbers. out_dir/manifest.json records what the batches were computed from, and a rerun with another
+    model, data, batch size, seed or device type refuses to mix them.
     """
     N, T = x_start.shape[0], diffusion.num_timesteps
     if N == 0:
         raise ValueError("no images to evaluate; check --data/--split/--max-examples")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    device = next(model.parameters()).device
-    num_batches = math.ceil(N / batch_size)
-    done = {}
+    done = None
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         # What the numbers depend on; run_info (paths, names) is recorded but not compared.
         # The device type too: CPU and CUDA generators draw different noise from the same seed.
-        manifest = dict(num_examples=N, batch_size=batch_size, seed=seed, num_timesteps=T, device=device.type,
-                        clip_denoised=clip_denoised, model_sha256=weights_sha256(model),
+        manifest = dict(num_examples=N, batch_size=batch_size, seed=seed, num_timesteps=T,
+                        device=ddpm._model_device(model).type, clip_denoised=clip_denoised,
+                        model_sha256=weights_sha256(model),
                         data_sha256=hashlib.sha256(x_start.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
         manifest_path = os.path.join(out_dir, "manifest.json")
         if os.path.exists(manifest_path):
@@ -378,30 +396,8 @@ def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_deno
             with open(manifest_path + ".tmp", "w") as f:
                 json.dump(dict(manifest, info=run_info or {}), f, indent=1)
             os.replace(manifest_path + ".tmp", manifest_path)
-        for b in range(num_batches):
-            path = os.path.join(out_dir, f"batch-{b:05d}.npz")
-            if os.path.exists(path):
-                try:
-                    with np.load(path) as f:
-                        done[b] = {k: f[k] for k in NLL_KEYS}
-                except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # e.g. a disk that filled up
-                    print(f"recomputing {path}: unreadable ({e})", file=sys.stderr)
-
-    bar = Progress(N, "nll", "img", initial=sum(len(r["total_bpd"]) for r in done.values()), enable=progress)
-    results = []
-    for b in range(num_batches):
-        if b not in done:
-            x = x_start[b * batch_size:(b + 1) * batch_size].to(device)
-            generator = torch.Generator(device=device).manual_seed(seed + b)
-            out = diffusion.calc_bpd_loop(model, x, clip_denoised=clip_denoised, generator=generator)
-            done[b] = {k: out[k].float().cpu().numpy() for k in NLL_KEYS}
-            if out_dir is not None:
-                atomic_savez(os.path.join(out_dir, f"batch-{b:05d}.npz"), **done[b])
-            so_far = np.concatenate([done[i]["total_bpd"] for i in sorted(done)])
-            bar.update(len(x), bpd=f"{so_far.mean():.4f}")
-        results.append(done[b])
-    bar.close()
-    return {k: np.concatenate([r[k] for r in results]) for k in NLL_KEYS}
+        done = BatchFolder(out_dir, math.ceil(N / batch_size))
+    return ddpm.dataset_bpd(model, diffusion, x_start, batch_size, seed, clip_denoised, done=done, progress=progress)
 
 
 def mean_and_stderr(values):

@@ -5,6 +5,7 @@ Monte Carlo, float64 reference values of the official TensorFlow code) and compa
 Run with `make test` (python -m pytest -q test_ddpm.py).
 """
 import math
+import re
 
 import numpy as np
 import pytest
@@ -1528,6 +1529,18 @@ def test_nll_resume_equals_uninterrupted(tmp_path, monkeypatch):
         assert np.array_equal(full[k], resumed[k]), k
     with pytest.raises(ValueError, match="batch_size"):
         evaluate.evaluate_nll(model, diffusion, x, batch_size=3, seed=3, out_dir=str(tmp_path / "b"), progress=False)
+
+
+def test_train_eval_bpd_and_evaluate_nll_print_the_same_number(tmp_path, images, capsys):
+    """`train --eval-bpd 5` and `evaluate.py nll` on the checkpoint it writes, with the same --batch-size, --seed
+    and --max-examples, print the same bound: both run ddpm.dataset_bpd with batch b's noise seeded seed + b."""
+    run = ddpm.train(tiny_config(tmp_path / "run", images, steps=2, ckpt_every=2, eval_bpd=5, batch_size=4, seed=3))
+    trained = re.search(r"test NLL (\d+\.\d{4})", capsys.readouterr().out)[1]
+    _, printed = _run_cli(capsys, ["nll", "--checkpoint", os.path.join(run, "ckpt-0000002.pt"), "--data", images,
+                                   "--split", "test", "--max-examples", "5", "--batch-size", "4", "--seed", "3",
+                                   "--out", str(tmp_path / "eval"), "--device", "cpu", "--no-progress"])
+    evaluated = re.search(r"NLL \(the bound\)\s+(\d+\.\d{4})", printed)[1]
+    assert trained == evaluated and float(trained) > 0
 
 
 def test_nll_cli_end_to_end(tmp_path, capsys):
