@@ -218,6 +218,9 @@ def test_bad_schedule_and_diffusion_options_raise_with_the_valid_choices():
     """Unknown names list the valid ones; mse with a learned variance points to hybrid."""
     with pytest.raises(ValueError, match="cosine"):
         ddpm.get_beta_schedule("sigmoid", 10)
+    for bad_T in (0, -3, 2.5, "10"):
+        with pytest.raises(ValueError, match="positive int"):
+            ddpm.get_beta_schedule("cosine", bad_T)
     with pytest.raises(ValueError, match="xprev"):
         diffusion_for(25, model_mean_type="v")
     with pytest.raises(ValueError, match="hybrid"):
@@ -276,6 +279,26 @@ def test_q_sample_moments_match_the_closed_form_and_preserve_unit_variance(betas
     assert abs(pooled.var().item() - 1) <= 6 * math.sqrt((1 + 4 * abar * (1 - abar)) / (2 * n))
 
 
+@math_check
+def test_default_noise_is_standard_normal_in_every_sampler_and_loss():
+    """Without `noise=`, training_losses, p_sample and ddim_sample draw N(0, I): L_simple of a zero network is
+    mean(eps^2) ~ 1, and sample - mean has variance sigma^2 (Monte Carlo over n = 40,000 values: a sample mean of
+    eps^2 has standard error sqrt(2/n) = 0.007, a sample variance sigma^2 sqrt(2/n); 6 standard errors)."""
+    torch.manual_seed(0)
+    d, n = diffusion_for(100), 40_000
+    x0, t = torch.zeros(4, 1, 100, 100, dtype=torch.float64), torch.tensor([0, 10, 50, 99])
+    zero = lambda x_, t_: torch.zeros_like(x_)
+    assert abs(d.training_losses(zero, x0, t)["loss"].mean().item() - 1) < 6 * math.sqrt(2 / n)
+    x, r = torch.ones(4, 1, 100, 100, dtype=torch.float64), Ref(d.betas)
+    cases = {"p_sample": (d.p_sample(zero, x, t)["sample"], d.p_mean_variance(zero, x, t)["mean"], r.large_var),
+             "ddim": (d.ddim_sample(zero, x, t, eta=0.5)["sample"],
+                      d.ddim_sample(zero, x, t, noise=torch.zeros_like(x), eta=0.5)["sample"], 0.25 * r.post_var)}
+    for name, (sample, mean, var) in cases.items():
+        want = np.where(t.numpy() > 0, var[t.numpy()], 0.0)  # no noise at index 0
+        got = (sample - mean).flatten(1).var(1).numpy()  # 10,000 values per example
+        assert (np.abs(got - want) <= 6 * want * math.sqrt(2 / 1e4) + 1e-15).all(), (name, got, want)
+
+
 # ---- 3. the posterior and the parameterisations ----
 
 
@@ -318,13 +341,17 @@ def test_posterior_at_index_0_is_the_data_and_the_log_variance_reuses_index_1(be
 
 
 @math_check
-def test_one_step_chain_floors_beta_tilde_at_1e_minus_20():
-    """T = 1: beta~_0 = 0 has no index 1 to borrow from, so its log is log(1e-20); fixedlarge is beta_0 itself."""
+def test_one_and_two_step_chains_at_index_0():
+    """T = 1: beta~_0 = 0 has no index 1 to borrow from, so its log is log(1e-20) and fixedlarge is beta_0 itself;
+    T = 2: index 0 borrows index 1's beta~ = b1 b0 / (b0 + b1 - b0 b1) for both."""
     x = torch.zeros(1, 1, dtype=torch.float64)
-    for var_type, logvar in (("fixedsmall", math.log(1e-20)), ("fixedlarge", math.log(0.3))):
-        d = ddpm.GaussianDiffusion(betas=np.array([0.3]), model_var_type=var_type)
+    tilde = 0.2 * 0.3 / (0.3 + 0.2 - 0.06)
+    for betas, var_type, logvar in (([0.3], "fixedsmall", math.log(1e-20)), ([0.3], "fixedlarge", math.log(0.3)),
+                                    ([0.3, 0.2], "fixedsmall", math.log(tilde)),
+                                    ([0.3, 0.2], "fixedlarge", math.log(tilde))):
+        d = ddpm.GaussianDiffusion(betas=np.array(betas), model_var_type=var_type)
         out = d.p_mean_variance(lambda x_, t_: torch.zeros_like(x_), x, torch.tensor([0]))
-        assert abs(float(out["log_variance"]) - logvar) < 1e-12
+        assert abs(float(out["log_variance"]) - logvar) < 1e-12, (betas, var_type)
 
 
 @math_check
@@ -746,6 +773,7 @@ def test_space_timesteps_examples():
     assert len(ddpm.space_timesteps(1000, "50,25,10")) == 85
     assert ddpm.space_timesteps(1000, "1000") == set(range(1000))
     assert sorted(ddpm.space_timesteps(37, "ddim5")) == [0, 8, 16, 24, 32]  # the first stride giving 5 steps
+    assert ddpm.space_timesteps(37, "ddim37") == set(range(37))  # stride 1
     for bad in ("ddim999", "20,600", "0"):
         with pytest.raises(ValueError):
             ddpm.space_timesteps(1000, bad)
@@ -948,6 +976,7 @@ def test_progressive_frames_start_at_t_equals_T():
     assert_close(frames[:, -1], ddpm.sample_images(model, d, 2, seed=3), rtol=0, atol=0)
 
 
+@math_check
 def test_diffusion_follows_the_input_dtype():
     """float64 inputs give float64 outputs (buffers cast at gather), float32 stays float32."""
     d = diffusion_for(25)
@@ -1231,6 +1260,9 @@ def test_unet_rejects_a_wrong_input_size_with_the_expected_one():
         tiny_unet()(torch.zeros(1, 1, 16, 16), torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="multiple of 32"):
         ddpm.UNet(ch=48)
+    with pytest.raises(ValueError, match="divisible by 2\\^3"):
+        ddpm.UNet(ch=32, resolution=36)  # 36 halves to 18 and 9, not a third time
+    ddpm.UNet(ch=32, resolution=40)  # 40, 20, 10, 5: fine
 
 
 # ---- 6. config and checkpoints ----
@@ -1893,7 +1925,10 @@ import warnings
 import torch.nn as nn
 import torch.nn.functional as F
 
-import evaluate
+try:
+    import evaluate
+except ModuleNotFoundError:  # ddpm.py and this file copied alone: the math check runs, these tests fail loudly
+    evaluate = None
 
 
 def _random_cov(rng, d, rank=None):
