@@ -435,7 +435,7 @@ def space_timesteps(num_timesteps, section_counts):
             raise ValueError(f"cannot take {count} steps from a section of {size} (T={num_timesteps}); "
                              f"use fewer steps or fewer sections")
         stride = (size - 1) / (count - 1) if count > 1 else 1
-        kept += [start + round(j * stride) for j in range(count)]
+        kept += [start + round(x) for x in itertools.accumulate([0.0] + [stride] * (count - 1))]  # as summed there
         start += size
     return set(kept)
 
