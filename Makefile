@@ -4,7 +4,7 @@ TORCH_VERSION ?= 2.13.0
 # CPU-only machine elsewhere: make install-cpu TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_INDEX ?=
 
-.PHONY: install install-cpu test demo bench bench-gpu
+.PHONY: install install-cpu math test demo bench bench-gpu
 
 install:            ## GPU or default machine: torch from PyPI, plus the test/bench tools
 	$(PYTHON) -m pip install -r requirements-dev.txt
@@ -13,7 +13,10 @@ install-cpu:        ## pin the CPU torch first (fast where it is on disk), then 
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_INDEX)
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 
-test:               ## the math check and everything else; a few minutes on 2 cores
+math:               ## the math check alone: every formula against an independent computation, seconds
+	$(PYTHON) -m pytest -q -m math test_ddpm.py
+
+test:               ## the math check and everything else; a couple of minutes on 2 cores
 	$(PYTHON) -m pytest -q test_ddpm.py
 
 # The offline CPU demo: 8x8 digits; writes runs/demo/samples-0001000.png and prints the test bits/dim.

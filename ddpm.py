@@ -31,8 +31,10 @@ import re
 import signal
 import sys
 import tarfile
+import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -456,6 +458,9 @@ def space_timesteps(num_timesteps, section_counts):
         raise ValueError(f"steps must look like '100', '50,25,10' or 'ddim50', got {section_counts!r}")
     if isinstance(section_counts, str) and section_counts.startswith("ddim"):
         count = int(section_counts[len("ddim"):])
+        if not 1 <= count <= num_timesteps:
+            raise ValueError(f"{section_counts!r} asks for {count} of {num_timesteps} steps; use ddimN with "
+                             f"1 <= N <= {num_timesteps}, such as 'ddim{min(50, num_timesteps)}'")
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == count:
                 return set(range(0, num_timesteps, stride))
@@ -471,7 +476,7 @@ def space_timesteps(num_timesteps, section_counts):
             raise ValueError(f"cannot take {count} steps from a section of {size} (T={num_timesteps}); "
                              f"use fewer steps or fewer sections")
         stride = (size - 1) / (count - 1) if count > 1 else 1
-        kept += [start + round(j * stride) for j in range(count)]
+        kept += [start + round(x) for x in itertools.accumulate([0.0] + [stride] * (count - 1))]  # as summed there
         start += size
     return set(kept)
 
@@ -821,15 +826,22 @@ class Config:
                 "model": {"ch": 1, "num_res_blocks": 1, "in_channels": 1, "resolution": 1, "dropout": 0},
                 "diffusion": {"num_timesteps": 1}}
         highs = {("train", "ema_decay"): 1, ("model", "dropout"): 0.999}
+        positive = {"lr", "grad_clip"}  # 0 would leave the weights as initialised
         for section, fields in lows.items():
             for name, low in fields.items():
                 value, high = getattr(getattr(self, section), name), highs.get((section, name), math.inf)
-                if not low <= value <= high:
+                if not (low < value if name in positive else low <= value) or value > high:
                     flag = "--" + ("" if section == "train" else section + ".") + name.replace("_", "-")
-                    bound = f"at least {low}" if high == math.inf else f"in [{low}, {high}]"
+                    bound = (f"in [{low}, {high}]" if high < math.inf else
+                             f"{'greater than' if name in positive else 'at least'} {low}")
                     raise ValueError(f"{flag} must be {bound}, got {value}")
-        if not self.model.ch_mult or min(self.model.ch_mult) < 1:
-            raise ValueError(f"--model.ch-mult needs one positive multiplier per level, got {self.model.ch_mult}")
+        m = self.model
+        if not m.ch_mult or min(m.ch_mult) < 1:
+            raise ValueError(f"--model.ch-mult needs one positive multiplier per level, got {m.ch_mult}")
+        levels = [m.resolution >> level for level in range(len(m.ch_mult))]
+        if set(m.attn_resolutions) - set(levels):
+            raise ValueError(f"--model.attn-resolutions {','.join(map(str, m.attn_resolutions))} names a size that is "
+                             f"no level of this U-Net; use some of {','.join(map(str, levels))}, or '' for none")
         autocast("cpu", self.train.precision)  # an unknown precision raises here
         UNet.check_shape(self.model.ch, self.model.ch_mult, self.model.resolution)
         d = self.diffusion
@@ -927,9 +939,29 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as its own RuntimeError
+        full = "the disk is full" if getattr(e, "errno", None) == 28 else "the disk is full or cannot be written"
+        raise OSError(f"could not write {path}: {full} ({str(e).strip().splitlines()[-1][:80]})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_out(path, folder=True):
+    """Raise a one-sentence error unless `path` can be written, a folder (made later if missing) or a file to
+    create: its nearest existing folder takes a file. Called before any work; creates nothing."""
+    path = os.path.abspath(path)
+    found, meant = ("a file", "a folder") if folder else ("a folder", "a file")
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise ValueError(f"--out {path} is {found}, where {meant} is meant; pass another --out")
+    parent = path if folder else os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    try:
+        tempfile.TemporaryFile(dir=parent).close()  # NotADirectoryError where `parent` is a file
+    except OSError as e:
+        raise ValueError(f"cannot write --out {path} ({parent}: {e.strerror}); pass an --out you can write to") \
+            from None
 
 
 def save_checkpoint(path, state):
@@ -937,23 +969,34 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def torch_load(path, map_location="cpu"):
+    """torch.load(weights_only=True), so a file from someone else cannot run code; its warnings (another pickle
+    protocol, ...) are silenced, as the callers' errors say what matters in one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint with weights_only=True, so a file from someone else cannot run code."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder, not a checkpoint file; pass one of its ckpt-*.pt files")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass the path of a ckpt-*.pt file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e}); the file is truncated "
-                         f"or not a ddpm checkpoint, so use an earlier ckpt-*.pt") from None
+        return torch_load(path, map_location)
+    except Exception:  # torch's message would advise weights_only=False, which runs the file's code: never say it
+        raise ValueError(f"{path!r} is not a ddpm checkpoint or is damaged (truncated); pass a ckpt-*.pt written by "
+                         f"ddpm.py train, or an earlier one") from None
 
 
 def load_model(path, device="cpu", use_ema=True):
     """(model, diffusion, config) from a training checkpoint: the EMA weights, in eval mode and channels_last."""
     ckpt = load_checkpoint(path)
-    if "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path!r} holds no 'config'/'model'; it is not a checkpoint written by ddpm.py train")
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path!r} holds no 'config'/'model', so it is not a checkpoint written by ddpm.py train; "
+                         f"pass released weights with --weights")
     config = Config.from_dict(ckpt["config"])
     model, diffusion = create_model_and_diffusion(config)
     model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
@@ -1073,14 +1116,18 @@ def load_data(source, split="train", *, resolution=None, in_channels=None, resiz
         raise FileNotFoundError(f"{source!r} is not 'cifar10' or 'digits' and no such file or folder exists; {hint}")
     elif os.path.isdir(source):
         x = load_image_folder(source, resolution, resize)
-    elif source.endswith(".npy"):
-        x = np.load(source, mmap_mode="r")
-    elif source.endswith(".npz"):
-        with np.load(source) as f:
-            keys = list(f.keys())
-            if "arr_0" not in keys and len(keys) != 1:
-                raise ValueError(f"{source} holds arrays {keys}; save the images under the key 'arr_0'")
-            x = f["arr_0" if "arr_0" in keys else keys[0]]
+    elif source.endswith((".npy", ".npz")):
+        try:  # a .npy is memory-mapped; a .npz is an archive of arrays, the images under 'arr_0'
+            x = np.load(source, mmap_mode="r")
+            if isinstance(x, np.lib.npyio.NpzFile):
+                with x:
+                    keys = list(x.keys())
+                    x = x["arr_0" if "arr_0" in keys else keys[0]] if "arr_0" in keys or len(keys) == 1 else keys
+        except Exception:  # numpy's message would advise allow_pickle=True, which runs the file's code
+            raise ValueError(f"cannot read {source}: it is not a numpy .npy/.npz file or it is damaged; save the "
+                             f"images as a uint8 NHWC array with numpy.save") from None
+        if isinstance(x, list):
+            raise ValueError(f"{source} holds arrays {x}; save the images under the key 'arr_0'")
     else:
         raise ValueError(f"--data {source!r} is a file but not .npy/.npz; pass a folder of images, or save "
                          f"the images as a uint8 NHWC array with numpy.save")
@@ -1092,13 +1139,14 @@ def load_data(source, split="train", *, resolution=None, in_channels=None, resiz
     if resolution and x.shape[1:3] != (resolution, resolution):
         if not resize:
             raise ValueError(f"{source} holds {x.shape[1]}x{x.shape[2]} images but the model is {resolution}x"
-                             f"{resolution}; pass --resize to center-crop and resize them, or set --model.resolution")
+                             f"{resolution}; resize them, or train with --resize (center-crop and resize) or "
+                             f"--model.resolution {x.shape[1]}")
         x = _resize(x, resolution)
     if in_channels and x.shape[-1] != in_channels:
         kind = {1: "grayscale", 3: "RGB"}
         raise ValueError(f"{source} holds {kind[x.shape[-1]]} images but the model takes "
                          f"{kind.get(in_channels, in_channels)} (in_channels={in_channels}); "
-                         f"set --model.in-channels {x.shape[-1]} or convert the images")
+                         f"convert the images, or train with --model.in-channels {x.shape[-1]}")
     return x
 
 
@@ -1250,9 +1298,13 @@ def save_train_state(state, config, out, rank, world):
     ckpt = {"config": config.to_dict(), "step": state.step, "model": state.model.state_dict(),
             "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(),
             "rng": _rng_state(state.generator, world), "world_size": world}
-    state.last_good = f"ckpt-{state.step:07d}.pt"
+    name, last_good, state.last_good = f"ckpt-{state.step:07d}.pt", state.last_good, f"ckpt-{state.step:07d}.pt"
     if rank == 0:
-        save_checkpoint(os.path.join(out, state.last_good), ckpt)
+        try:
+            save_checkpoint(os.path.join(out, name), ckpt)
+        except OSError as e:
+            good = f"{os.path.join(out, last_good)} is still good" if last_good else "no checkpoint was written yet"
+            raise OSError(f"{e}; {good}: free space, then rerun with --resume") from None
         for old in list_checkpoints(out)[:-config.train.keep_ckpts]:
             os.remove(old)
 
@@ -1330,6 +1382,8 @@ def load_training_data(config, out, resume, rank, world):
         raise ValueError(f"--batch-size {tc.batch_size} does not split across {world} ranks; use a multiple of {world}")
     if rank == 0 and list_checkpoints(out) and not resume:
         raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue that run or a new --out")
+    if rank == 0:
+        check_out(out)
     data = load_data(tc.data, "train", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
     if len(data) < tc.batch_size:
         raise ValueError(f"--data {tc.data} holds {len(data)} images, fewer than one batch of {tc.batch_size}; "
@@ -1547,11 +1601,12 @@ def sample_command(checkpoint, n=64, batch_size=256, seed=0, out="", progressive
     draws the same images in resumable chunks, and from released weights too."""
     if n < 1 or batch_size < 1:
         raise ValueError("--n and --batch-size must be at least 1")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = out or os.path.splitext(checkpoint)[0] + "-samples"
+    check_out(out)
     model, diffusion, _ = load_model(checkpoint, device)
     if respacing:  # fewer steps: the model still sees its original indices
         diffusion = respace(diffusion, respacing)
-    out = out or os.path.splitext(checkpoint)[0] + "-samples"
     os.makedirs(out, exist_ok=True)
     if progressive:
         return save_progressive(model, diffusion, n, seed, out, ddim_eta)
@@ -1601,6 +1656,30 @@ def config_from_args(args):
     return config
 
 
+def parse_device(name):
+    """torch.device(name), refused in one sentence unless this machine has it."""
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+        return device
+    except (RuntimeError, AssertionError):  # an unknown type, no CUDA, a GPU index out of range
+        raise ValueError(f"--device {name!r} is not a device of this machine"
+                         f"{' (no CUDA GPU is visible)' if 'cuda' in name and not torch.cuda.is_available() else ''}; "
+                         f"use cpu, or cuda / cuda:N with a visible GPU") from None
+
+
+def run_cli(command, args):
+    """command(args), where user error and a failed write (a full disk) exit with one 'error: ...' line and status 1,
+    and Ctrl-C with one 'interrupted' line (what is kept, how to continue) and status 130: never a traceback."""
+    try:
+        return command(args)
+    except KeyboardInterrupt as e:
+        print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except (ValueError, OSError, FloatingPointError, ImportError) as e:
+        sys.exit(f"error: {e}")
+
+
 def main(argv=None):
     """The command line: `train` and `sample`; bad input exits with one sentence, not a traceback."""
     parser = argparse.ArgumentParser(prog="ddpm.py", allow_abbrev=False, description=__doc__.split("\n")[0])
@@ -1619,15 +1698,13 @@ def main(argv=None):
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1, ...; default: cuda if available")
     p.add_argument("--respacing", default="", help="fewer steps: '100', '50,25,10' or 'ddim50' (space_timesteps)")
     p.add_argument("--ddim-eta", type=float, default=None, help="sample with DDIM at this eta (0: deterministic)")
+    for q in (parser, *commands.choices.values()):  # read "--lr -1e-3" as a value, as Python 3.13's argparse does
+        q._negative_number_matcher = re.compile(r"^-\.?\d")
     args = parser.parse_args(argv)
     try:
-        if args.command == "train":
-            train(config_from_args(args), resume=args.resume)
-        else:
-            sample_command(args.checkpoint, args.n, args.batch_size, args.seed, args.out, args.progressive, args.device,
-                           args.respacing, args.ddim_eta)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError, ConnectionError) as e:
-        sys.exit(f"error: {e}")
+        run_cli(lambda a: train(config_from_args(a), resume=a.resume) if a.command == "train" else
+                sample_command(a.checkpoint, a.n, a.batch_size, a.seed, a.out, a.progressive, a.device, a.respacing,
+                               a.ddim_eta), args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -143,12 +143,12 @@ def _read_weights(path):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
             return load_file(path)
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = ddpm.torch_load(path)
     except ImportError:
         raise ImportError(f"reading {path!r} needs the safetensors package: pip install safetensors") from None
-    except Exception as e:
-        raise ValueError(f"cannot read {path!r} ({type(e).__name__}: {e}); it is truncated or not a .ckpt/.pt/.bin/"
-                         f".safetensors weights file, so download it again") from None
+    except Exception:  # torch's message would advise weights_only=False, which runs the file's code: never say it
+        raise ValueError(f"cannot read {path!r}: it is not a .ckpt/.pt/.bin/.safetensors weights file or it is "
+                         f"damaged (truncated), so download it again") from None
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path!r} holds a {type(state_dict).__name__}, not a state dict of tensors")
     return state_dict
@@ -211,6 +211,8 @@ def load_pretrained(path, device="cpu", preset=None):
                 raise ValueError(f"{config_json} sets {key}={settings.get(key, default)!r} where the DDPM U-Net has "
                                  f"{value!r}: it is another model, which this U-Net cannot reproduce")
         state_dict = diffusers_to_official(state_dict)
+    elif {"config", "model", "ema"} <= state_dict.keys():
+        raise ValueError(f"{path!r} is a checkpoint of ddpm.py train, not released weights; pass it with --checkpoint")
     elif "temb.dense.0.weight" not in state_dict:
         raise ValueError(f"{path!r} is neither the official layout (temb.dense.0.weight, ...) nor diffusers' "
                          f"UNet2DModel (conv_norm_out.weight, ...); its first keys are {list(state_dict)[:4]}")
@@ -245,6 +247,17 @@ def load_for_sampling(checkpoint=None, weights=None, device="cpu", respacing="")
     if respacing:  # fewer steps; the bound of the shorter chain is still a valid bound
         diffusion = ddpm.respace(diffusion, respacing)
     return model.eval(), diffusion, config
+
+
+def load_data_for(config, data, split):
+    """ddpm.load_data's images, refused in one sentence unless their shape is the model's (evaluate.py has no flag
+    that changes the model or the images)."""
+    images = ddpm.load_data(data, split)
+    want = (config.model.resolution, config.model.resolution, config.model.in_channels)
+    if images.shape[1:] != want:
+        raise ValueError(f"{data} holds {'x'.join(map(str, images.shape[1:]))} images (H x W x C) but the model takes "
+                         f"{'x'.join(map(str, want))}; pass --data images of that shape")
+    return images
 
 
 def model_name(args):
@@ -297,11 +310,12 @@ def cmd_sample(args):
     """`evaluate.py sample`: --n samples (50,000 for Table 1) from a checkpoint or released weights, the same images
     as `ddpm.py sample` with the same flags, drawn in chunks of --batch-size that a rerun skips, then written by
     ddpm.save_samples with the record of their settings; or with --progressive, Figure 6 (ddpm.save_progressive)."""
-    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, torch.device(args.device),
-                                                 args.respacing)
     source = os.path.abspath(args.checkpoint or args.weights)
     out = args.out or (os.path.splitext(args.checkpoint)[0] + "-samples" if args.checkpoint
                        else os.path.join("samples", os.path.basename(os.path.normpath(args.weights))))
+    ddpm.check_out(out)
+    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, torch.device(args.device),
+                                                 args.respacing)
     os.makedirs(out, exist_ok=True)
     if args.progressive:
         return ddpm.save_progressive(model, diffusion, args.n, args.seed, out, args.ddim_eta)
@@ -316,12 +330,16 @@ def cmd_sample(args):
               for i in range(-(-args.n // args.batch_size))]
     for path in filter(os.path.exists, chunks):  # left by an earlier run: refuse other settings before any work
         check_samples_record(path, record, ignore=("n",))  # --n changes only the last chunk's size, checked below
-    for i, path in enumerate(ddpm._progress(chunks, len(chunks), "chunks", len(chunks) > 1)):
-        size = min(args.batch_size, args.n - i * args.batch_size)  # the last chunk holds the remainder
-        if os.path.exists(path) and len(np.load(path)["arr_0"]) == size:  # else a run with another --n: redraw
-            continue
-        x = ddpm.sample_batch(model, diffusion, args.seed, i, size, args.ddim_eta, progress=len(chunks) == 1)
-        atomic_savez(path, arr_0=x, record=np.array(json.dumps(record)))  # a killed run leaves whole chunks
+    try:
+        for i, path in enumerate(ddpm._progress(chunks, len(chunks), "chunks", len(chunks) > 1)):
+            size = min(args.batch_size, args.n - i * args.batch_size)  # the last chunk holds the remainder
+            if os.path.exists(path) and len(np.load(path)["arr_0"]) == size:  # else a run with another --n: redraw
+                continue
+            x = ddpm.sample_batch(model, diffusion, args.seed, i, size, args.ddim_eta, progress=len(chunks) == 1)
+            atomic_savez(path, arr_0=x, record=np.array(json.dumps(record)))  # a killed run leaves whole chunks
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{sum(map(os.path.exists, chunks))} of {len(chunks)} chunks are kept in {out}; "
+                                f"rerun the same command to continue") from None
     path = ddpm.save_samples(out, np.concatenate([np.load(p)["arr_0"] for p in chunks]), record)
     for chunk in chunks:
         os.remove(chunk)
@@ -486,8 +504,7 @@ def plot_rate_distortion(path, rate, rmse):
 def cmd_nll(args):
     device = torch.device(args.device)
     model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
-    images = ddpm.load_data(args.data, args.split, resolution=config.model.resolution,
-                            in_channels=config.model.in_channels)
+    images = load_data_for(config, args.data, args.split)
     if args.max_examples is not None:
         images = images[:args.max_examples]
     x_start = ddpm.normalize_data(images)
@@ -736,6 +753,13 @@ def is_stats_file(path):
     return True
 
 
+def check_count(images, need, source, what, fix=f"pass more (the paper uses {PAPER_NUM_SAMPLES:,})"):
+    """`images`, unless there are fewer than `need`: then one sentence saying what needs them."""
+    if len(images) < need:
+        raise ValueError(f"{source} holds {len(images)} image(s), but {what} needs at least {need}; {fix}")
+    return images
+
+
 def warn_protocol(n, what):
     if n < PAPER_NUM_SAMPLES:
         print(f"WARNING: {what} from {n:,} samples cannot be compared with the paper's ({PAPER_NUM_SAMPLES:,}); "
@@ -746,6 +770,7 @@ def cmd_fid_stats(args):
     images = load_images(args.data, args.split)
     if args.max_examples is not None:
         images = images[:args.max_examples]
+    check_count(images, 2, args.data, "the statistics (a covariance)")
     network, digest = load_inception(args.inception, args.device)
     features = inception_outputs(network, images, batch_size=args.batch_size, device=args.device,
                                  progress=not args.no_progress)
@@ -760,13 +785,13 @@ def cmd_fid_stats(args):
 
 def cmd_fid(args):
     # Read and check every input before the long Inception passes.
-    samples = load_images(args.samples)
+    samples = check_count(load_images(args.samples), 2, args.samples, "FID (a covariance)")
     if is_stats_file(args.ref):
         mu_ref, sigma_ref, info = load_fid_stats(args.ref)
         ref, ref_desc = None, args.ref + (f" ({info['num_images']:,} images of {info.get('source', '?')})"
                                           if "num_images" in info else "")
     else:
-        ref, info = load_images(args.ref, args.ref_split), {}
+        ref, info = check_count(load_images(args.ref, args.ref_split), 2, args.ref, "FID (a covariance)"), {}
         ref_desc = f"{args.ref} {args.ref_split} ({len(ref):,} images)"
         if ref.shape[1:3] != samples.shape[1:3]:
             print(f"WARNING: samples are {samples.shape[1]}x{samples.shape[2]} but the reference is "
@@ -788,7 +813,8 @@ def cmd_fid(args):
 
 
 def cmd_is(args):
-    samples = load_images(args.samples)
+    samples = check_count(load_images(args.samples), args.splits, args.samples, f"--splits {args.splits}",
+                          "lower --splits or pass more samples")
     network, _ = load_inception(args.inception, args.device)
     probs = inception_outputs(network, samples, what="probs", batch_size=args.batch_size, device=args.device,
                               progress=not args.no_progress)
@@ -912,7 +938,7 @@ def cmd_figures(args):
     # Source images for Figures 7 and 8: data when given (the paper uses test images), else fresh samples.
     sources = None
     if args.data:
-        images = ddpm.load_data(args.data, args.split, resolution=R, in_channels=C)
+        images = load_data_for(config, args.data, args.split)
         if len(images) < 2 * args.n:
             raise ValueError(f"{args.data} {args.split} has {len(images)} images; figures need 2 x --n = {2 * args.n}")
         sources = ddpm.normalize_data(images[:2 * args.n]).to(device)
@@ -1031,10 +1057,16 @@ def main(argv=None):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, ConnectionError) as e:  # bad input: one sentence
-        sys.exit(f"error: {e}")
+    return ddpm.run_cli(run, args)  # bad input, a full disk, Ctrl-C: one line, no traceback
+
+
+def run(args):
+    """args.func(args), after checking --device and --out: before any work."""
+    if getattr(args, "device", None):
+        ddpm.parse_device(args.device)
+    if getattr(args, "out", None):
+        ddpm.check_out(args.out, folder=args.command != "fid-stats")
+    return args.func(args)
 
 
 if __name__ == "__main__":
