@@ -44,25 +44,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _progress(iterable, total=None, desc="", enable=True):
-    """Wrap `iterable` in a tqdm bar if tqdm is installed, else print a plain line every 10%."""
+def progress_bar(iterable, total=None, desc="", enable=True):
+    """`iterable` with a progress bar: tqdm when installed (redrawn once a minute in a log file, so a week-long run
+    does not write gigabytes), else a plain line on stderr every 10% with the time spent and an estimate of the rest."""
     if not enable:
         return iterable
+    total = len(iterable) if total is None else total
     try:
         from tqdm.auto import tqdm
-        # In a log file (not a terminal) redraw once a minute, so a week-long run does not write gigabytes.
-        interval = 0.1 if sys.stderr.isatty() else 60
-        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=interval)
+        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 60)
     except ImportError:
-        pass
-    total = total if total is not None else len(iterable)
+        return _plain_progress(iterable, total, desc)
 
-    def plain():
-        for i, item in enumerate(iterable):
-            if i % max(1, total // 10) == 0:
-                print(f"{desc} {i}/{total}", file=sys.stderr, flush=True)
-            yield item
-    return plain()
+
+def _plain_progress(iterable, total, desc):
+    start = time.time()
+    for i, item in enumerate(iterable):
+        if i % max(1, total // 10) == 0:
+            spent = time.time() - start
+            rest = f", about {spent * (total - i) / i:.0f} s left" if i else ""
+            print(f"{desc} {i}/{total}, {spent:.0f} s{rest}", file=sys.stderr, flush=True)
+        yield item
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,7 +370,7 @@ class GaussianDiffusion:
         """
         N, T = x_start.shape[0], self.num_timesteps
         vb, xstart_mse, mse = (torch.zeros(N, T, device=x_start.device, dtype=x_start.dtype) for _ in range(3))
-        for i in _progress(range(T - 1, -1, -1), T, "bpd", progress):
+        for i in progress_bar(range(T - 1, -1, -1), T, "bpd", progress):
             t = torch.full((N,), i, dtype=torch.long, device=x_start.device)
             noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
             x_t = self.q_sample(x_start, t, noise=noise)
@@ -421,7 +423,7 @@ class GaussianDiffusion:
         device = device if device is not None else _model_device(model)
         img = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
         t_start = self.num_timesteps - 1 if t_start is None else t_start
-        for i in _progress(range(t_start, -1, -1), t_start + 1, "sampling", progress):
+        for i in progress_bar(range(t_start, -1, -1), t_start + 1, "sampling", progress):
             t = torch.full((len(img),), i, dtype=torch.long, device=img.device)
             z_shape = (1, *img.shape[1:]) if shared_noise else img.shape
             z = torch.randn(z_shape, generator=generator, device=img.device, dtype=img.dtype).expand_as(img)
@@ -1012,32 +1014,57 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 DIGITS_NUM_TRAIN = 1500  # digits split: images 0..1499 train, 1500..1796 (297 images) the held-out test set
 
 
-def _md5(path):
+def cache_dir():
+    """Where downloads are kept (CIFAR-10 here, the Inception network in evaluate.py): $DDPM_CACHE, else
+    ~/.cache/ddpm."""
+    return os.environ.get("DDPM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ddpm")
+
+
+def file_digest(path, algorithm="sha256"):
+    """The hex digest of a file ('md5', 'sha256', ...), read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
-        return hashlib.md5(f.read()).hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url, path, algorithm, digest, fix):
+    """`path`, downloaded from `url` the first time (kept only when its digest is `digest`) and checked on every
+    call, so a corrupt or substituted file is refused before it is used. `fix` says what to do without network."""
+    if not os.path.exists(path):
+        import urllib.request
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.part{os.getpid()}"
+        print(f"downloading {url} to {path}", file=sys.stderr)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    f.write(block)
+            if file_digest(tmp, algorithm) != digest:
+                raise ValueError(f"the file downloaded from {url} has the wrong {algorithm} (expected {digest}); the "
+                                 f"download is corrupt or the address serves another file, so nothing was kept: run "
+                                 f"again, or {fix}")
+            os.replace(tmp, path)
+        except OSError as e:  # urllib's URLError is an OSError
+            raise ConnectionError(f"cannot download {url} ({e}); {fix}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    if file_digest(path, algorithm) != digest:
+        raise ValueError(f"{path} has the wrong {algorithm} (corrupt, truncated or another file); delete it to "
+                         f"download it again, or {fix}")
+    return path
 
 
 def load_cifar10(split="train"):
     """CIFAR-10 as uint8 [N, 32, 32, 3] (50,000 train / 10,000 test), from the official python archive.
 
-    The archive is downloaded once into $DDPM_CACHE (default ~/.cache/ddpm) and its md5 checked on every
-    load, so a machine without network works as soon as the file is there. The pickles need numpy alone.
+    The archive is downloaded once into cache_dir() and its md5 checked on every load, so a machine without
+    network works as soon as the file is there. The pickles need numpy alone.
     """
-    cache = os.environ.get("DDPM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ddpm")
-    path = os.path.join(cache, "cifar-10-python.tar.gz")
-    if not os.path.isfile(path):
-        import urllib.request
-        os.makedirs(cache, exist_ok=True)
-        print(f"downloading {CIFAR10_URL} to {path}", file=sys.stderr)
-        try:
-            urllib.request.urlretrieve(CIFAR10_URL, path + ".part")
-        except OSError as e:
-            raise ConnectionError(f"cannot download CIFAR-10 ({e}); without network, copy cifar-10-python.tar.gz "
-                                  f"from {CIFAR10_URL} into {cache} (or set DDPM_CACHE)") from None
-        os.replace(path + ".part", path)
-    if _md5(path) != CIFAR10_MD5:
-        raise ValueError(f"{path} has the wrong md5 (corrupt or truncated download); delete it and run again "
-                         f"to download it afresh, or copy in a good cifar-10-python.tar.gz")
+    path = download(CIFAR10_URL, os.path.join(cache_dir(), "cifar-10-python.tar.gz"), "md5", CIFAR10_MD5,
+                    f"without network, copy cifar-10-python.tar.gz from {CIFAR10_URL} into {cache_dir()} (or set DDPM_CACHE)")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     with tarfile.open(path, "r:gz") as tar:
         # The md5 above pins the official file, so unpickling it is safe.
@@ -1077,7 +1104,7 @@ def load_image_folder(path, resolution=None, resize=False):
     if not files:
         raise ValueError(f"folder {path!r} holds no images; point --data at a folder of .png/.jpg files")
     images = []
-    for f in _progress(files, len(files), "reading images", len(files) > 1000):
+    for f in progress_bar(files, len(files), "reading images", len(files) > 1000):
         try:
             with Image.open(f) as im:
                 images.append(im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"))
@@ -1432,7 +1459,7 @@ def train(config, resume=False):
     start, stopping, metrics = state.step, False, Metrics(device, state.step)
     model.train()
     with StopOnSignal() as stop:
-        for step in _progress(range(start, tc.steps) if tc.steps else itertools.count(start),  # steps 0: until stopped
+        for step in progress_bar(range(start, tc.steps) if tc.steps else itertools.count(start),  # steps 0: until stopped
                               tc.steps - start, "training", rank == 0 and tc.steps > 0):
             lr = tc.lr * min(step / tc.warmup, 1.0) if tc.warmup else tc.lr  # k = step: the first update has lr 0
             for group in state.opt.param_groups:
@@ -1521,7 +1548,7 @@ def dataset_bpd(model, diffusion, x_start, batch_size=256, seed=0, clip_denoised
     device, done = _model_device(model), {} if done is None else done
     batches = range(-(-len(x_start) // batch_size)) if batches is None else batches
     model.eval()
-    for b in _progress(batches, len(batches), "bits/dim", progress):
+    for b in progress_bar(batches, len(batches), "bits/dim", progress):
         if b not in done:
             x = x_start[b * batch_size:(b + 1) * batch_size].to(device)
             generator = torch.Generator(device).manual_seed(seed + b)
@@ -1612,7 +1639,7 @@ def sample_command(checkpoint, n=64, batch_size=256, seed=0, out="", progressive
         return save_progressive(model, diffusion, n, seed, out, ddim_eta)
     sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
     batches = [sample_batch(model, diffusion, seed, i, size, ddim_eta, len(sizes) == 1)
-               for i, size in enumerate(_progress(sizes, len(sizes), "batches", len(sizes) > 1))]
+               for i, size in enumerate(progress_bar(sizes, len(sizes), "batches", len(sizes) > 1))]
     return save_samples(out, np.concatenate(batches))
 
 

@@ -22,9 +22,6 @@ import math
 import os
 import re
 import sys
-import time
-import urllib.error
-import urllib.request
 import warnings
 import zipfile
 
@@ -45,57 +42,9 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class Progress:
-    """A progress bar with an ETA over `total` units: tqdm when installed, else a plain line on stderr
-    at most every 10% or every minute. `initial` units count as done (resumed work) and are left out of
-    the rate, so the ETA after a resume is not fooled by the batches that were loaded from disk."""
-
-    def __init__(self, total, desc, unit="img", initial=0, enable=True):
-        self.total, self.desc, self.unit, self.enable = total, desc, unit, enable
-        self.n = self.start_n = self.last_n = initial
-        self.start = self.last = time.time()
-        self.bar = None
-        if enable:
-            try:
-                from tqdm.auto import tqdm
-                self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, k, **postfix):
-        self.n += k
-        if self.bar is not None:
-            self.bar.update(k)
-            if postfix:
-                self.bar.set_postfix(postfix)
-            return
-        now = time.time()
-        if not self.enable or (self.n < self.total and self.n - self.last_n < self.total / 10 and now - self.last < 60):
-            return
-        self.last, self.last_n = now, self.n
-        rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
-        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-        fmt = lambda s: f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}" if math.isfinite(s) else "?"
-        extra = "".join(f", {k} {v}" for k, v in postfix.items())
-        print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%), "
-              f"elapsed {fmt(now - self.start)}, ETA {fmt(eta)}{extra}", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def atomic_savez(path, **arrays):
     """np.savez written atomically (ddpm.atomic_write): a crash never leaves half a file."""
     ddpm.atomic_write(path, lambda f: np.savez(f, **arrays))
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,7 +280,7 @@ def cmd_sample(args):
     for path in filter(os.path.exists, chunks):  # left by an earlier run: refuse other settings before any work
         check_samples_record(path, record, ignore=("n",))  # --n changes only the last chunk's size, checked below
     try:
-        for i, path in enumerate(ddpm._progress(chunks, len(chunks), "chunks", len(chunks) > 1)):
+        for i, path in enumerate(ddpm.progress_bar(chunks, len(chunks), "chunks", len(chunks) > 1)):
             size = min(args.batch_size, args.n - i * args.batch_size)  # the last chunk holds the remainder
             if os.path.exists(path) and len(np.load(path)["arr_0"]) == size:  # else a run with another --n: redraw
                 continue
@@ -558,41 +507,12 @@ INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrain
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 
 
-def cache_dir():
-    """Where downloads live, as for ddpm.py's CIFAR-10 archive: $DDPM_CACHE, else ~/.cache/ddpm."""
-    return os.environ.get("DDPM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ddpm")
-
-
 def download_inception(url=INCEPTION_URL, cache=None, sha256=INCEPTION_SHA256):
-    """The path of the Inception network in the cache folder (cache_dir()), downloaded once and checked
+    """The path of the Inception network in the cache folder (ddpm.cache_dir()), downloaded once and checked
     against `sha256` each time, so a corrupt or substituted file is refused before it produces a number."""
-    cache = cache or cache_dir()
-    path = os.path.join(cache, INCEPTION_FILENAME)
-    if not os.path.exists(path):
-        os.makedirs(cache, exist_ok=True)
-        tmp = f"{path}.part{os.getpid()}"
-        print(f"downloading {url} to {path}", file=sys.stderr)
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    f.write(block)
-            got = sha256_file(tmp)
-            if got != sha256:
-                raise ValueError(f"the file downloaded from {url} has sha256 {got}, expected {sha256}; the download "
-                                 f"is corrupt or the address serves another file, so nothing was kept: run again, or "
-                                 f"fetch {INCEPTION_FILENAME} by hand and pass --inception PATH")
-            os.replace(tmp, path)
-        except (urllib.error.URLError, OSError) as e:
-            raise ConnectionError(f"cannot download the Inception network ({e}); on a machine with internet "
-                                  f"access fetch {url} and pass --inception PATH, or copy it to {path}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    got = sha256_file(path)
-    if got != sha256:
-        raise ValueError(f"{path} has sha256 {got}, expected {sha256}; it is corrupt or another network, so "
-                         f"delete it to download it again, or pass the right file with --inception PATH")
-    return path
+    path = os.path.join(cache or ddpm.cache_dir(), INCEPTION_FILENAME)
+    return ddpm.download(url, path, "sha256", sha256, f"on a machine with internet access fetch {url} and pass "
+                                                      f"--inception PATH, or copy it to {path}")
 
 
 def load_inception(path=None, device="cpu"):
@@ -608,7 +528,7 @@ def load_inception(path=None, device="cpu"):
     elif not os.path.isfile(path):
         raise FileNotFoundError(f"--inception {path!r} does not exist; download {INCEPTION_URL} "
                                 f"(sha256 {INCEPTION_SHA256[:12]}...) and pass its path")
-    digest = sha256_file(path)
+    digest = ddpm.file_digest(path)
     if digest != INCEPTION_SHA256:
         warnings.warn(f"{path} is not the standard {INCEPTION_FILENAME} (sha256 {digest[:12]}..., expected "
                       f"{INCEPTION_SHA256[:12]}...): FID and IS from it cannot be compared with published ones")
@@ -641,14 +561,11 @@ def inception_outputs(network, images, *, what="features", batch_size=200, devic
         raise ValueError(f"unknown what={what!r}; choose 'features' or 'probs'")
     kwargs = {"return_features": True} if what == "features" else {"no_output_bias": True}
     outputs = []
-    bar = Progress(len(images), f"inception {what}", "img", enable=progress)
-    for s in range(0, len(images), batch_size):
+    for s in ddpm.progress_bar(range(0, len(images), batch_size), None, f"inception {what}", progress):
         x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).to(device).permute(0, 3, 1, 2)
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         outputs.append(network(x, **kwargs).float().cpu().numpy())
-        bar.update(len(x))
-    bar.close()
     return np.concatenate(outputs)
 
 
@@ -869,26 +786,9 @@ def interpolate(model, diffusion, x_a, x_b, t, num_steps=11, generator=None):
     return sample_from(model, diffusion, (1 - lam) * x_t[0] + lam * x_t[1], t, generator, shared_noise=True)
 
 
-def image_grid(rows, pad=2):
-    """float images [R, K, C, H, W] in [-1, 1] -> one uint8 image [R (H+pad) + pad, K (W+pad) + pad, C],
-    white between the images."""
-    R, K, C, H, W = rows.shape
-    tiles = ddpm.unnormalize_data(rows.reshape(R * K, C, H, W)).reshape(R, K, H, W, C)
-    grid = np.full((R * (H + pad) + pad, K * (W + pad) + pad, C), 255, dtype=np.uint8)
-    for r in range(R):
-        for k in range(K):
-            grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + k * (W + pad):pad + k * (W + pad) + W] = tiles[r, k]
-    return grid
-
-
-def save_png(path, image, scale=1):
-    """Write a uint8 [H, W, C] image as PNG (Pillow), nearest-neighbour enlarged `scale` times."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise ImportError("writing figures needs Pillow: pip install pillow") from None
-    image = image.repeat(scale, axis=0).repeat(scale, axis=1)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+def save_rows(rows, path):
+    """Write float images [R, K, C, H, W] in [-1, 1] as one PNG of R rows and K columns (ddpm.save_image_grid)."""
+    ddpm.save_image_grid(ddpm.unnormalize_data(rows.flatten(0, 1)), path, nrow=rows.shape[1])
 
 
 def read_metrics(path):
@@ -945,11 +845,10 @@ def cmd_figures(args):
     out = args.out or os.path.join("runs", "eval", model_name(args))
     os.makedirs(out, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    scale = max(1, 64 // R)  # enlarge tiny images (digits are 8x8) so the PNGs can be looked at
     written = []
 
     rows = progressive_generation(model, diffusion, args.n, args.frames, generator)
-    save_png(os.path.join(out, "fig6-progressive.png"), image_grid(rows), scale)
+    save_rows(rows, os.path.join(out, "fig6-progressive.png"))
     written.append("fig6-progressive.png")
 
     if sources is None:
@@ -958,14 +857,14 @@ def cmd_figures(args):
     ts = sorted({max(0, round(f * T) - 1) for f in (1.0, 0.75, 0.5, 0.25)}, reverse=True)  # paper t = 1000,750,500,250
     rows = shared_latents(model, diffusion, sources[0], ts, args.samples_per_latent, generator)
     rows = torch.cat([sources[0].expand(len(ts), 1, -1, -1, -1), rows], dim=1)  # x_0 | x_t | samples
-    save_png(os.path.join(out, "fig7-shared-latents.png"), image_grid(rows), scale)
+    save_rows(rows, os.path.join(out, "fig7-shared-latents.png"))
     written.append("fig7-shared-latents.png")
 
     t = (args.interp_t or max(1, T // 2)) - 1  # the paper interpolates 256x256 images at t = 500 of 1000
     rows = torch.stack([torch.cat([sources[2 * k][None], interpolate(model, diffusion, sources[2 * k],
                                                                      sources[2 * k + 1], t, 11, generator),
                                    sources[2 * k + 1][None]]) for k in range(args.n)])
-    save_png(os.path.join(out, "fig8-interpolation.png"), image_grid(rows), scale)
+    save_rows(rows, os.path.join(out, "fig8-interpolation.png"))
     written.append("fig8-interpolation.png")
 
     if metrics and plot_loss_curve(metrics, os.path.join(out, "loss.png")):

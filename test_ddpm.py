@@ -1836,7 +1836,7 @@ def fake_cifar10(cache, monkeypatch, corrupt=False):
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
     monkeypatch.setenv("DDPM_CACHE", str(cache))
-    monkeypatch.setattr(ddpm, "CIFAR10_MD5", ddpm._md5(path))
+    monkeypatch.setattr(ddpm, "CIFAR10_MD5", ddpm.file_digest(path, "md5"))
     if corrupt:
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
@@ -1862,7 +1862,7 @@ def test_cifar10_bad_md5_and_offline(tmp_path, monkeypatch):
 
     def offline(*args, **kwargs):
         raise OSError("Network is unreachable")
-    monkeypatch.setattr("urllib.request.urlretrieve", offline)
+    monkeypatch.setattr("urllib.request.urlopen", offline)
     with pytest.raises(ConnectionError, match="copy cifar-10-python.tar.gz"):
         ddpm.load_data("cifar10")
 
@@ -2127,13 +2127,13 @@ def test_inception_download_checks_sha256(tmp_path, monkeypatch, inception_stand
     """A download with the right sha256 is cached and loads; a wrong one is refused and nothing is kept;
     a cached file that changed is refused; a missing --inception file raises."""
     _, path = inception_standin
-    digest = evaluate.sha256_file(path)
+    digest = ddpm.file_digest(path)
     url = "file://" + os.path.abspath(path)
     with pytest.raises(ValueError, match="sha256"):
         evaluate.download_inception(url, str(tmp_path / "cache"), sha256="0" * 64)
     assert not os.path.exists(tmp_path / "cache" / evaluate.INCEPTION_FILENAME)
     cached = evaluate.download_inception(url, str(tmp_path / "cache"), sha256=digest)
-    assert evaluate.sha256_file(cached) == digest
+    assert ddpm.file_digest(cached) == digest
     with pytest.raises(ValueError, match="sha256"):
         evaluate.download_inception(url, str(tmp_path / "cache"))  # the cached stand-in is not the real network
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "offline"))  # offline and nothing cached: say where to put it
@@ -2290,11 +2290,11 @@ def test_figures_cli(tmp_path, capsys):
     paths, _ = _run_cli(capsys, ["figures", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "2", "--frames", "4",
                                  "--samples-per-latent", "3", "--data", "digits", "--interp-t", "5", "--out", out,
                                  "--device", "cpu"])
-    scale, tile = 8, 8 + 2  # 8x8 digits enlarged 8x; each tile has a 2-pixel border
+    scale, tile = 4, 8 + 1  # 8x8 digits enlarged 4x by save_image_grid; 1-pixel gaps between the tiles
     sizes = {os.path.basename(p): PIL.open(p).size for p in paths}
-    assert sizes["fig6-progressive.png"] == ((4 * tile + 2) * scale, (2 * tile + 2) * scale)
-    assert sizes["fig7-shared-latents.png"] == ((5 * tile + 2) * scale, (4 * tile + 2) * scale)  # x0, xt, 3 samples
-    assert sizes["fig8-interpolation.png"] == ((13 * tile + 2) * scale, (2 * tile + 2) * scale)  # x0, 11 lambdas, x0'
+    assert sizes["fig6-progressive.png"] == ((4 * tile - 1) * scale, (2 * tile - 1) * scale)
+    assert sizes["fig7-shared-latents.png"] == ((5 * tile - 1) * scale, (4 * tile - 1) * scale)  # x0, xt, 3 samples
+    assert sizes["fig8-interpolation.png"] == ((13 * tile - 1) * scale, (2 * tile - 1) * scale)  # x0, 11 lambdas, x0'
     try:
         import matplotlib  # noqa: F401
         assert "loss.png" in sizes
