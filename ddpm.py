@@ -52,7 +52,8 @@ def progress_bar(iterable, total=None, desc="", enable=True):
     total = len(iterable) if total is None else total
     try:
         from tqdm.auto import tqdm
-        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 60)
+        interval = 0.1 if sys.stderr.isatty() else 60
+        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=interval)
     except ImportError:
         return _plain_progress(iterable, total, desc)
 
@@ -67,9 +68,7 @@ def _plain_progress(iterable, total, desc):
         yield item
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. Beta schedules (official `get_beta_schedule`, plus improved-diffusion's cosine)
-# ------------------------------------------------------------------------------------------------
+# ---- 1. Beta schedules (official `get_beta_schedule`, plus improved-diffusion's cosine) ----------------------------
 
 BETA_SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
 
@@ -110,9 +109,7 @@ def get_beta_schedule(name, num_timesteps):
     return betas
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. Gaussian helpers: the KL between Gaussians and the discretised decoder L_0 (nats)
-# ------------------------------------------------------------------------------------------------
+# ---- 2. Gaussian helpers: the KL between Gaussians and the discretised decoder L_0 (nats) --------------------------
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats. Arguments broadcast."""
@@ -149,9 +146,7 @@ def mean_flat(x):
     return x.mean(dim=tuple(range(1, x.dim())))
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. The diffusion: forward process, reverse process, losses and the bound (Sections 2-3)
-# ------------------------------------------------------------------------------------------------
+# ---- 3. The diffusion: q, the posterior, p and the bound, the losses, sampling (Sections 2-3, Algorithms 1-2) -----
 
 MODEL_MEAN_TYPES = ("eps", "xstart", "xprev")
 MODEL_VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
@@ -301,7 +296,7 @@ class GaussianDiffusion:
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
         else:
-            assert model_output.shape == x.shape, f"model returned {tuple(model_output.shape)}, expected {tuple(x.shape)}"
+            assert model_output.shape == x.shape, f"model gave {tuple(model_output.shape)}, expected {tuple(x.shape)}"
             variance, log_variance = (("fixedlarge_variance", "fixedlarge_log_variance")
                                       if self.model_var_type == "fixedlarge"
                                       else ("posterior_variance", "posterior_log_variance_clipped"))
@@ -326,34 +321,11 @@ class GaussianDiffusion:
         index t > 0, and the decoder L_0 = -log p(x_0 | x_1) at index 0 (Eq. 5). output: [N]."""
         true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])) / math.log(2.0)
+        kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
+        kl = mean_flat(kl) / math.log(2.0)
         decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
             x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])) / math.log(2.0)
         return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
-
-    def training_losses(self, model, x_start, t, noise=None):
-        """Algorithm 1's per-example loss at indices t [N], as a dict with 'loss' [N] and, where they
-        apply, 'mse' (the squared error of the network's target) and 'vb' (the bound term, bits/dim)."""
-        if noise is None:
-            noise = torch.randn_like(x_start)
-        x_t = self.q_sample(x_start, t, noise=noise)
-        terms = {}
-        if self.loss_type == "kl":  # the true bound; unclipped, as in training the official 'kl' models
-            terms["loss"] = terms["vb"] = self.vb_terms_bpd(model, x_start, x_t, t, clip_denoised=False)["output"]
-            return terms
-        model_output = model(x_t, t)
-        C = x_t.shape[1]
-        if self.loss_type == "hybrid":  # the bound trains only the variance: the mean is frozen
-            frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
-            vb = self.vb_terms_bpd(lambda *_: frozen, x_start, x_t, t, clip_denoised=False)["output"]
-            terms["vb"] = vb * self.num_timesteps / 1000.0
-            model_output = model_output[:, :C]
-        target = {"xprev": lambda: self.q_posterior_mean_variance(x_start, x_t, t)[0],
-                  "xstart": lambda: x_start, "eps": lambda: noise}[self.model_mean_type]()
-        assert model_output.shape == target.shape == x_start.shape
-        terms["mse"] = mean_flat((target - model_output) ** 2)
-        terms["loss"] = terms["mse"] + terms.get("vb", 0.0)
-        return terms
 
     def prior_bpd(self, x_start):
         """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, [N]. It has no parameters: ~1e-5 for 'linear'."""
@@ -381,6 +353,30 @@ class GaussianDiffusion:
         prior_bpd = self.prior_bpd(x_start)
         return {"total_bpd": vb.sum(dim=1) + prior_bpd, "prior_bpd": prior_bpd, "vb": vb,
                 "xstart_mse": xstart_mse, "mse": mse}
+
+    def training_losses(self, model, x_start, t, noise=None):
+        """Algorithm 1's per-example loss at indices t [N], as a dict with 'loss' [N] and, where they
+        apply, 'mse' (the squared error of the network's target) and 'vb' (the bound term, bits/dim)."""
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise=noise)
+        terms = {}
+        if self.loss_type == "kl":  # the true bound; unclipped, as in training the official 'kl' models
+            terms["loss"] = terms["vb"] = self.vb_terms_bpd(model, x_start, x_t, t, clip_denoised=False)["output"]
+            return terms
+        model_output = model(x_t, t)
+        C = x_t.shape[1]
+        if self.loss_type == "hybrid":  # the bound trains only the variance: the mean is frozen
+            frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
+            vb = self.vb_terms_bpd(lambda *_: frozen, x_start, x_t, t, clip_denoised=False)["output"]
+            terms["vb"] = vb * self.num_timesteps / 1000.0
+            model_output = model_output[:, :C]
+        target = {"xprev": lambda: self.q_posterior_mean_variance(x_start, x_t, t)[0],
+                  "xstart": lambda: x_start, "eps": lambda: noise}[self.model_mean_type]()
+        assert model_output.shape == target.shape == x_start.shape
+        terms["mse"] = mean_flat((target - model_output) ** 2)
+        terms["loss"] = terms["mse"] + terms.get("vb", 0.0)
+        return terms
 
     # --- sampling: Algorithm 2, DDIM, and the one loop both run in ----------------------------------
 
@@ -445,9 +441,7 @@ class GaussianDiffusion:
         return self.p_sample_loop(model, shape, step=functools.partial(self.ddim_sample, eta=eta), **kwargs)
 
 
-# ------------------------------------------------------------------------------------------------
-# 3b. Fewer steps: respacing (improved-diffusion) and DDIM (Song, Meng & Ermon 2021)
-# ------------------------------------------------------------------------------------------------
+# ---- 4. Fewer steps: respacing (improved-diffusion's SpacedDiffusion; with ddim_sample, DDIM's schedule) ----------
 
 def space_timesteps(num_timesteps, section_counts):
     """The set of original indices 0..T-1 that a respaced diffusion keeps (improved-diffusion's rule).
@@ -539,9 +533,7 @@ def _model_device(model):
         return torch.device("cpu")
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. The U-Net (official models/unet.py; names follow its variable layout, so weights load key for key)
-# ------------------------------------------------------------------------------------------------
+# ---- 5. The U-Net (official models/unet.py; names follow its variable layout, so weights load key for key) ---------
 
 def get_timestep_embedding(timesteps, embedding_dim):
     """Sinusoidal embedding of integer indices [N] -> [N, dim]: [sin | cos] with frequencies
@@ -726,9 +718,7 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-# ------------------------------------------------------------------------------------------------
-# 4b. Running the U-Net fast: these change how it runs, never what it computes or its weights' names
-# ------------------------------------------------------------------------------------------------
+# ---- 6. Running the U-Net fast: these change how it runs, never what it computes or its weights' names -------------
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -768,9 +758,7 @@ def optimize_model(model, channels_last=True, compile=False):
     return torch.compile(model) if compile else model
 
 
-# ------------------------------------------------------------------------------------------------
-# 5. Configuration: one dataclass per concern, and the paper's recipes as presets
-# ------------------------------------------------------------------------------------------------
+# ---- 7. Configuration: one dataclass per concern, and the paper's recipes as presets -------------------------------
 
 @dataclass
 class ModelConfig:
@@ -801,12 +789,12 @@ class TrainConfig:
     grad_clip: float = 1.0                   # global gradient norm
     ema_decay: float = 0.9999
     randflip: bool = True                    # random horizontal flips, p=0.5 per image
-    steps: int = 800_000                     # the paper's CIFAR-10 run; the released checkpoint is at 790k; 0 = until stopped
+    steps: int = 800_000                     # the paper's CIFAR-10 run (released checkpoint: 790k); 0 = until stopped
     seed: int = 0                            # model init, data order, t, noise, flips and dropout all follow from it
     resize: bool = False                     # center-crop and resize images of another size to model.resolution
     log_every: int = 100                     # steps per log line; also how often DDP ranks agree to stop on a signal
     sample_every: int = 10_000               # steps per EMA sample grid (samples-{step}.png); 0 = never
-    ckpt_every: int = 5000                   # steps per checkpoint; one is also written at the end and on SIGINT/SIGTERM
+    ckpt_every: int = 5000                   # steps per checkpoint; also one at the end and on SIGINT/SIGTERM
     keep_ckpts: int = 2                      # keep the newest K checkpoints (the official keep_checkpoint_max=2)
     eval_bpd: int = 0                        # after training, the test-set NLL of the EMA on this many images; 0 = skip
     precision: str = "fp32"                  # fp32 | bf16: bf16 autocasts the forward; weights, Adam and EMA stay fp32
@@ -926,9 +914,7 @@ def create_model_and_diffusion(config):
     return model, diffusion
 
 
-# ------------------------------------------------------------------------------------------------
-# 6. Checkpoints: plain tensors and Python values, written atomically
-# ------------------------------------------------------------------------------------------------
+# ---- 8. Checkpoints: plain tensors and Python values, written atomically -------------------------------------------
 
 def atomic_write(path, write):
     """Call write(f) on a temporary file, fsync, then rename it over `path`: a crash or Ctrl-C mid-write
@@ -1005,9 +991,7 @@ def load_model(path, device="cpu", use_ema=True):
     return optimize_model(model.to(device)).eval(), diffusion, config
 
 
-# ------------------------------------------------------------------------------------------------
-# 8. Data: uint8 NHWC arrays in memory, scaled to [-1, 1] per batch as the official tpu_utils does
-# ------------------------------------------------------------------------------------------------
+# ---- 9. Data: uint8 NHWC arrays in memory, scaled to [-1, 1] per batch as the official tpu_utils does --------------
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -1064,7 +1048,8 @@ def load_cifar10(split="train"):
     network works as soon as the file is there. The pickles need numpy alone.
     """
     path = download(CIFAR10_URL, os.path.join(cache_dir(), "cifar-10-python.tar.gz"), "md5", CIFAR10_MD5,
-                    f"without network, copy cifar-10-python.tar.gz from {CIFAR10_URL} into {cache_dir()} (or set DDPM_CACHE)")
+                    f"without network, copy cifar-10-python.tar.gz from {CIFAR10_URL} into {cache_dir()} "
+                    f"(or set DDPM_CACHE)")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     with tarfile.open(path, "r:gz") as tar:
         # The md5 above pins the official file, so unpickling it is safe.
@@ -1190,9 +1175,7 @@ def unnormalize_data(x):
     return ((x.detach().float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-# ------------------------------------------------------------------------------------------------
-# 9. Training (Algorithm 1): Adam with warmup, global-norm clipping, EMA, crash-safe checkpoints, DDP
-# ------------------------------------------------------------------------------------------------
+# ---- 10. Training (Algorithm 1): Adam with warmup, global-norm clipping, EMA, crash-safe checkpoints, DDP ----------
 
 # train fields a resumed run may change; any other difference from the checkpoint's config refuses to resume
 RESUMABLE_FIELDS = ("steps", "log_every", "sample_every", "ckpt_every", "keep_ckpts", "eval_bpd", "precision",
@@ -1450,7 +1433,8 @@ def train(config, resume=False):
     torch.manual_seed(tc.seed + 1 + rank)  # dropout: its own stream per rank
     resume_train_state(state, config, out, rank, world)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     model = optimize_model(model, channels_last=False, compile=tc.compile)  # what runs; state.model is what is saved
     if rank == 0:
         write_run_config(config, out, state.model, data, world, device)
@@ -1459,8 +1443,8 @@ def train(config, resume=False):
     start, stopping, metrics = state.step, False, Metrics(device, state.step)
     model.train()
     with StopOnSignal() as stop:
-        for step in progress_bar(range(start, tc.steps) if tc.steps else itertools.count(start),  # steps 0: until stopped
-                              tc.steps - start, "training", rank == 0 and tc.steps > 0):
+        steps = range(start, tc.steps) if tc.steps else itertools.count(start)  # steps 0: until stopped
+        for step in progress_bar(steps, tc.steps - start, "training", rank == 0 and tc.steps > 0):
             lr = tc.lr * min(step / tc.warmup, 1.0) if tc.warmup else tc.lr  # k = step: the first update has lr 0
             for group in state.opt.param_groups:
                 group["lr"] = lr
@@ -1557,9 +1541,7 @@ def dataset_bpd(model, diffusion, x_start, batch_size=256, seed=0, clip_denoised
     return {k: np.concatenate([done[b][k] for b in batches]) for k in NLL_KEYS}
 
 
-# ------------------------------------------------------------------------------------------------
-# 10. Sampling (Algorithm 2) and the command line
-# ------------------------------------------------------------------------------------------------
+# ---- 11. Sampling a checkpoint and the command line ---------------------------------------------------------------
 
 def save_image_grid(images, path, nrow=8):
     """Write uint8 images [N, H, W, C] as one PNG, nrow per row, 1-pixel gray gaps between them; images

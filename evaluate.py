@@ -117,7 +117,8 @@ def _config_from_weights(state_dict, resolution, hint, preset):
         preset = {"celeba": "celebahq256"}.get(names[-1], f"lsun_{names[-1]}256") if names else None
     elif preset is None:
         raise ValueError(f"the weights have ch_mult {ch_mult}, neither the CIFAR-10 (1, 2, 2, 2) nor the 256x256 "
-                         f"(1, 1, 2, 2, 4, 4) U-Net; pass preset=NAME ({', '.join(ddpm.PRESETS)}) to say how it samples")
+                         f"(1, 1, 2, 2, 4, 4) U-Net; pass preset=NAME ({', '.join(ddpm.PRESETS)}) to say how it "
+                         f"samples")
     # Without a dataset name the 256x256 recipe still samples right (eps, fixedsmall): the dataset is only a label.
     config = ddpm.get_preset(preset or "celebahq256")
     if not preset:
@@ -883,7 +884,8 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("sample", allow_abbrev=False, help="samples for FID/IS (Table 1) in resumable chunks, or Figure 6")
+    p = sub.add_parser("sample", allow_abbrev=False,
+                       help="samples for FID/IS (Table 1) in resumable chunks, or Figure 6")
     add_model_args(p)
     p.add_argument("--n", type=int, default=64, help="number of samples (50000 for FID)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per chunk; a rerun skips finished chunks")
