@@ -208,6 +208,9 @@ class GaussianDiffusion:
             else np.maximum(self.posterior_variance, 1e-20))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        # mu~ solved for x_0 with both ratios in float64 (improved-diffusion's _predict_xstart_from_xprev)
+        self.recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
+        self.posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
         # Sigma_theta = beta_t ('fixedlarge'), except beta~ at index 0 for a better decoder likelihood
         self.fixedlarge_variance = np.append(self.posterior_variance[1], betas[1:]) if T > 1 else betas
         self.fixedlarge_log_variance = np.log(self.fixedlarge_variance)
@@ -261,9 +264,9 @@ class GaussianDiffusion:
                 / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
     def predict_start_from_prev(self, x_t, t, x_prev):
-        """x_0 from the posterior mean mu~(x_t, x_0) = coef1 x_0 + coef2 x_t, solved for x_0."""
-        return ((x_prev - self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
-                / self._extract(self.posterior_mean_coef1, t, x_t))
+        """x_0 = (1/coef1) mu~ - (coef2/coef1) x_t, from mu~(x_t, x_0) = coef1 x_0 + coef2 x_t (Eq. 7)."""
+        return (self._extract(self.recip_posterior_mean_coef1, t, x_t) * x_prev
+                - self._extract(self.posterior_mean_coef2_over_coef1, t, x_t) * x_t)
 
     # --- reverse process p_theta ------------------------------------------------------------------
 

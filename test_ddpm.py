@@ -215,6 +215,38 @@ def test_clipped_sampling_clips_x0_then_takes_the_posterior_mean():
     assert (unclipped - out["mean"]).abs().min() > 0.01  # coef1 * (x0_hat - 1) ~ 0.05 here
 
 
+@pytest.mark.math
+@pytest.mark.parametrize("clip", [False, True])
+def test_xprev_x0_is_the_official_arithmetic(clip):
+    """mu~-prediction: x0_hat = (1/coef1) mu~ - (coef2/coef1) x_t with both ratios from float64 (improved-diffusion's
+    _predict_xstart_from_xprev): equal to a float64 reference, and to the official float32 arithmetic to 2 ulp."""
+    T = 1000
+    betas = np.linspace(1e-4, 0.02, T)
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    coef1 = betas * np.sqrt(abar_prev) / (1 - abar)
+    coef2 = (1 - abar_prev) * np.sqrt(1 - betas) / (1 - abar)
+    rng = np.random.default_rng(0)
+    x0 = rng.uniform(-1.2, 1.2, (T, 16))  # a few beyond [-1, 1], so clipping acts
+    xt = np.sqrt(abar)[:, None] * x0 + np.sqrt(1 - abar)[:, None] * rng.standard_normal((T, 16))
+    mu = coef1[:, None] * x0 + coef2[:, None] * xt  # a model that predicts mu~ exactly
+    d = diffusion_for(T, model_mean_type="xprev")
+    t = torch.arange(T)
+    maybe_clip = (lambda v: np.clip(v, -1, 1)) if clip else (lambda v: v)
+    # float64 in, float64 out: only float64 rounding, amplified by 1/coef1 <= 7.8e3 at t=999
+    out = d.p_mean_variance(lambda *_: torch.from_numpy(mu), torch.from_numpy(xt), t, clip_denoised=clip)
+    np.testing.assert_allclose(out["pred_xstart"].numpy(), maybe_clip(x0), rtol=0, atol=1e-10)
+    assert torch.equal(out["mean"], torch.from_numpy(mu))  # the network's output is the mean
+    # float32: the official graph casts 1/coef1 and coef2/coef1 to float32, multiplies and subtracts in float32
+    mu32, xt32 = mu.astype(np.float32), xt.astype(np.float32)
+    official = maybe_clip((1 / coef1).astype(np.float32)[:, None] * mu32
+                          - (coef2 / coef1).astype(np.float32)[:, None] * xt32)
+    out = d.p_mean_variance(lambda *_: torch.from_numpy(mu32), torch.from_numpy(xt32), t, clip_denoised=clip)
+    ulp = np.spacing(np.abs(official).astype(np.float32))
+    assert (np.abs(out["pred_xstart"].numpy() - official) <= 2 * ulp).all()  # (x_prev - coef2 x_t)/coef1 errs 1e-3
+    assert torch.equal(out["mean"], torch.from_numpy(mu32))
+
+
 def test_variances_of_every_type():
     """fixedlarge is beta (beta~[1] at index 0), fixedsmall beta~, learned exp(output), learned_range interpolates."""
     T = 25
