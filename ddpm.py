@@ -1366,10 +1366,14 @@ def train(config, resume=False):
         for path in reversed(list_checkpoints(out)):
             try:
                 ckpt = load_checkpoint(path)
+                if not isinstance(ckpt, dict) or not {"config", "optimizer", "rng"} <= ckpt.keys():
+                    raise ValueError(f"{path!r} lacks the config, optimizer or RNG state of a training checkpoint")
                 print(f"resuming from {path}")
                 break
-            except ValueError as e:
-                print(f"skipping unreadable checkpoint: {e}")
+            except ValueError as e:  # moved aside: out of list_checkpoints, so --keep-ckpts never counts it
+                ckpt = None
+                os.replace(path, path + ".unreadable")
+                print(f"skipping unreadable checkpoint: {e}; renamed it to {os.path.basename(path)}.unreadable")
         if resume and ckpt is None:
             print(f"--resume: no checkpoint in {out}, starting from scratch")
     if world > 1:
@@ -1573,6 +1577,48 @@ def load_for_sampling(args, device):
     return load_model(args.checkpoint, device, use_ema=True)
 
 
+def weights_sha256(model):
+    """sha256 of a model's state dict (names, then values in logical order): the weights' content, whatever their
+    path or memory layout."""
+    h = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# Everything that decides `sample`'s images, with the flag that sets it; recorded in every chunk and final file.
+# The device too: CPU and CUDA generators draw different noise from the same seed.
+SAMPLE_SETTINGS = {"weights_sha256": "weights (--checkpoint/--weights)", "diffusion": "diffusion config",
+                   "respacing": "--respacing", "ddim_eta": "--ddim-eta", "clip_denoised": "x0 clipping",
+                   "seed": "--seed", "batch_size": "--batch-size", "n": "--n", "device": "--device"}
+
+
+def sample_record(args, model, config, source):
+    """The settings of SAMPLE_SETTINGS for this `sample` run, plus the weights' path (informative only)."""
+    return {"weights_sha256": weights_sha256(model), "diffusion": dataclasses.asdict(config.diffusion),
+            "respacing": args.respacing, "ddim_eta": args.ddim_eta, "clip_denoised": True, "seed": args.seed,
+            "batch_size": args.batch_size, "n": args.n, "device": _model_device(model).type, "source": source}
+
+
+def save_samples(path, images, record):
+    """Write uint8 NHWC images under 'arr_0' (as the FID tools read) and their record as JSON, atomically."""
+    atomic_write(path, lambda f: np.savez(f, arr_0=images, record=np.array(json.dumps(record))))
+
+
+def check_samples_record(path, record, ignore=()):
+    """Raise, naming the first differing setting, unless the samples file `path` was made with `record`."""
+    with np.load(path) as f:
+        saved = json.loads(str(f["record"])) if "record" in f else None
+    if saved is None:
+        raise ValueError(f"{path} holds no record of the settings it was sampled with; delete it or use another --out")
+    show = lambda r, k: f"{r.get('source')} sha256 {str(r.get(k))[:12]}" if k == "weights_sha256" else repr(r.get(k))
+    for key, flag in SAMPLE_SETTINGS.items():
+        if key not in ignore and saved.get(key) != record[key]:
+            raise ValueError(f"{path} was sampled with other {flag} ({show(saved, key)}, now {show(record, key)}); "
+                             f"rerun with its settings, or use another --out (or delete the file)")
+
+
 def sample_command(args):
     """`ddpm.py sample`: a PNG grid and samples_{N}x{H}x{W}x{C}.npz (uint8 NHWC under 'arr_0', as the FID tools
     read), made in chunks of --batch-size that a rerun skips; or, with --progressive, Figure 6 as a PNG."""
@@ -1595,25 +1641,25 @@ def sample_command(args):
         return
     H, C = config.model.resolution, config.model.in_channels
     final = os.path.join(out, f"samples_{args.n}x{H}x{H}x{C}.npz")
+    record = sample_record(args, model, config, source)
     if os.path.exists(final):
-        print(f"{final} already exists; nothing to do")
+        check_samples_record(final, record)
+        print(f"{final} already exists with these settings; nothing to do")
         return
     chunks = [os.path.join(out, f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz")
               for i in range(-(-args.n // args.batch_size))]
+    for path in filter(os.path.exists, chunks):  # left by an earlier run: refuse other settings before any work
+        check_samples_record(path, record, ignore=("n",))  # --n changes only the last chunk's size, checked below
     for i, path in enumerate(_progress(chunks, len(chunks), "chunks", len(chunks) > 1)):
         size = min(args.batch_size, args.n - i * args.batch_size)  # the last chunk holds the remainder
-        if os.path.exists(path):  # done by an earlier run: check it came from this model
-            done = np.load(path)
-            if str(done["source"]) != source:
-                raise ValueError(f"{path} was sampled from {done['source']}, not {source}; use another --out")
-            if len(done["arr_0"]) == size:  # else an earlier run with another --n: draw it again
-                continue
+        if os.path.exists(path) and len(np.load(path)["arr_0"]) == size:  # else a run with another --n: redraw
+            continue
         chunk_seed = int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0])  # the same in every run
         x = unnormalize_data(sample_images(model, diffusion, size, chunk_seed, progress=len(chunks) == 1,
                                            ddim_eta=args.ddim_eta))
-        atomic_write(path, lambda f: np.savez(f, arr_0=x, source=np.array(source)))  # a killed run leaves whole chunks
+        save_samples(path, x, record)  # atomic: a killed run leaves whole chunks
     images = np.concatenate([np.load(p)["arr_0"] for p in chunks])
-    atomic_write(final, lambda f: np.savez(f, arr_0=images))
+    save_samples(final, images, record)
     save_image_grid(images[:64], os.path.join(out, "samples.png"))
     for path in chunks:
         os.remove(path)

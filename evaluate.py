@@ -128,15 +128,6 @@ def model_name(args):
 # 2. NLL: the bound in bits/dim, its rate and distortion (Section 4.3) and the paper's Table 4
 # ------------------------------------------------------------------------------------------------
 
-def _model_sha256(model):
-    """A fingerprint of the weights, so that a resumed evaluation refuses batches of another model."""
-    h = hashlib.sha256()
-    for name, value in model.state_dict().items():
-        h.update(name.encode())
-        h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 NLL_KEYS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
 
 
@@ -168,7 +159,7 @@ def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_deno
         # What the numbers depend on; run_info (paths, names) is recorded but not compared.
         # The device type too: CPU and CUDA generators draw different noise from the same seed.
         manifest = dict(num_examples=N, batch_size=batch_size, seed=seed, num_timesteps=T, device=device.type,
-                        clip_denoised=clip_denoised, model_sha256=_model_sha256(model),
+                        clip_denoised=clip_denoised, model_sha256=ddpm.weights_sha256(model),
                         data_sha256=hashlib.sha256(x_start.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
         manifest_path = os.path.join(out_dir, "manifest.json")
         if os.path.exists(manifest_path):

@@ -910,13 +910,14 @@ def test_sample_chunks_resume(tmp_path, images):
     seed = int(np.random.SeedSequence([0, 0]).generate_state(1)[0])  # chunk 0 of --seed 0
     chunk = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 2, seed))
     os.makedirs(tmp_path / "resumed")
-    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00000.npz", arr_0=chunk, source=np.array(os.path.abspath(ckpt)))
+    record = np.load(tmp_path / "fresh" / "samples_3x8x8x3.npz")["record"]  # the settings, as a chunk records them
+    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00000.npz", arr_0=chunk, record=record)
     ddpm.main([*args, str(tmp_path / "resumed")])
     fresh, resumed = (np.load(tmp_path / d / "samples_3x8x8x3.npz")["arr_0"] for d in ("fresh", "resumed"))
     assert np.array_equal(fresh, resumed)
     # the last chunk draws only the remainder; one left by a run with another --n is drawn again at its size
     last = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 1, seed))
-    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00001.npz", arr_0=last, source=np.array(os.path.abspath(ckpt)))
+    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00001.npz", arr_0=last, record=record)
     ddpm.main([*args[:4], "4", *args[5:], str(tmp_path / "resumed")])
     assert np.load(tmp_path / "resumed" / "samples_4x8x8x3.npz")["arr_0"].shape == (4, 8, 8, 3)
 
@@ -1811,3 +1812,84 @@ def test_bench_networks_match_and_run():
                                                       "channels_last": True, "batch_size": 2, "small": True})
     assert n_params == 2_245_763 and all(steps[row]() > 0 for row in ("train", "sample", "nll"))
     assert peak_memory() > 0
+
+
+# --- bad input (issue 13) ---
+
+def _sample_cli(ckpt, out, *flags):
+    """`ddpm.py sample` of 3 images in chunks of 2 from `ckpt` into `out`; the npz it writes, loaded."""
+    ddpm.main(["sample", "--checkpoint", str(ckpt), "--n", "3", "--batch-size", "2", "--out", str(out), *flags])
+    return np.load(os.path.join(out, "samples_3x8x8x1.npz"))["arr_0"]  # the digits preset: 1 channel
+
+
+def test_sample_never_mixes_chunks_of_other_settings(tmp_path, one_thread, monkeypatch):
+    """A run interrupted after its first chunk, rerun with another --respacing, --ddim-eta or --seed... into the same
+    --out, is refused before any sampling and leaves the chunk; the original settings then finish it exactly."""
+    _tiny_model_checkpoint(tmp_path / "ckpt.pt")
+    fresh = _sample_cli(tmp_path / "ckpt.pt", tmp_path / "fresh")
+    calls, sample_images = [], ddpm.sample_images
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return sample_images(*a, **kw)
+    monkeypatch.setattr(ddpm, "sample_images", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _sample_cli(tmp_path / "ckpt.pt", tmp_path / "out")
+    monkeypatch.setattr(ddpm, "sample_images", sample_images)
+    assert sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz"]
+    chunk = np.load(tmp_path / "out" / "chunk-seed0-batch2-00000.npz")["arr_0"]
+    for flags, setting in ((["--respacing", "10"], "--respacing"), (["--ddim-eta", "0"], "--ddim-eta")):
+        calls.clear()
+        monkeypatch.setattr(ddpm, "sample_images", interrupted)  # a refusal draws nothing
+        with pytest.raises(SystemExit, match=f"^error: .*chunk-seed0-batch2-00000.npz was sampled with other {setting} "
+                                             f".*use another --out"):
+            _sample_cli(tmp_path / "ckpt.pt", tmp_path / "out", *flags)
+        assert calls == [] and sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz"]
+        assert np.array_equal(np.load(tmp_path / "out" / "chunk-seed0-batch2-00000.npz")["arr_0"], chunk)
+    monkeypatch.setattr(ddpm, "sample_images", sample_images)
+    other = ddpm.load_checkpoint(tmp_path / "ckpt.pt")  # the same config with other weights, at the same path
+    other["ema"] = {k: v + 0.01 for k, v in other["ema"].items()}
+    ddpm.save_checkpoint(tmp_path / "other.pt", other)
+    with pytest.raises(SystemExit, match=r"was sampled with other weights .*ckpt.pt sha256 [0-9a-f]{12}, now .*other.pt"):
+        _sample_cli(tmp_path / "other.pt", tmp_path / "out")
+    assert np.array_equal(_sample_cli(tmp_path / "ckpt.pt", tmp_path / "out"), fresh)  # the chunk reused, the rest drawn
+    # the record is the weights' content, not their path: a copy at another path reuses the file
+    assert np.array_equal(np.load(tmp_path / "out" / "samples_3x8x8x1.npz")["arr_0"], fresh)
+
+
+def test_sample_refuses_a_stale_final_file(tmp_path, one_thread, capsys):
+    """A finished samples_*.npz from other weights or another --respacing is refused (and kept) rather than reported
+    as done; from the same weights (even at another path) and settings it is done."""
+    _tiny_model_checkpoint(tmp_path / "a.pt", seed=0)
+    _tiny_model_checkpoint(tmp_path / "b.pt", seed=1)
+    made = _sample_cli(tmp_path / "a.pt", tmp_path / "out")
+    stamp = os.stat(tmp_path / "out" / "samples_3x8x8x1.npz").st_mtime_ns
+    for ckpt, flags, setting in (("b.pt", [], "weights"), ("a.pt", ["--respacing", "10"], "--respacing"),
+                                 ("a.pt", ["--seed", "1"], "--seed"), ("a.pt", ["--batch-size", "3"], "--batch-size")):
+        with pytest.raises(SystemExit, match=f"^error: .*samples_3x8x8x1.npz was sampled with other {setting} "):
+            _sample_cli(tmp_path / ckpt, tmp_path / "out", *flags)  # a later --batch-size overrides the first
+    assert os.stat(tmp_path / "out" / "samples_3x8x8x1.npz").st_mtime_ns == stamp  # kept as it was
+    import shutil
+    shutil.copy(tmp_path / "a.pt", tmp_path / "copy.pt")
+    capsys.readouterr()
+    assert np.array_equal(_sample_cli(tmp_path / "copy.pt", tmp_path / "out"), made)
+    assert "already exists with these settings; nothing to do" in capsys.readouterr().out
+    np.savez(tmp_path / "out" / "samples_3x8x8x1.npz", arr_0=made)  # a file with no record: not taken as done
+    with pytest.raises(SystemExit, match="holds no record of the settings it was sampled with; delete it"):
+        _sample_cli(tmp_path / "a.pt", tmp_path / "out")
+
+
+def test_keep_ckpts_never_deletes_a_readable_checkpoint_for_an_unreadable_one(tmp_path, images, capsys):
+    """Good checkpoints at steps 1 and 2 and a truncated one at step 5: --resume continues from step 2, moves the
+    truncated file aside (not counted by --keep-ckpts 2), and keeps step 2 beside the new step 3."""
+    run = ddpm.train(tiny_config(tmp_path / "run", images, steps=2, ckpt_every=1, keep_ckpts=2))
+    with open(os.path.join(run, "ckpt-0000005.pt"), "wb") as f:
+        f.write(open(os.path.join(run, "ckpt-0000002.pt"), "rb").read()[:1000])
+    ddpm.train(tiny_config(tmp_path / "run", images, steps=3, ckpt_every=1, keep_ckpts=2), resume=True)
+    assert ddpm.list_checkpoints(run) == [os.path.join(run, f"ckpt-000000{s}.pt") for s in (2, 3)]
+    log = capsys.readouterr().out
+    assert "renamed it to ckpt-0000005.pt.unreadable" in log and "resuming from" in log
+    assert ddpm.load_checkpoint(os.path.join(run, "ckpt-0000002.pt"))["step"] == 2
+    assert ddpm.load_checkpoint(os.path.join(run, "ckpt-0000003.pt"))["step"] == 3
+    assert os.path.getsize(os.path.join(run, "ckpt-0000005.pt.unreadable")) == 1000  # kept, for a person to inspect
