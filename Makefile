@@ -1,4 +1,4 @@
-# An index of the README's commands. `make demo`, `make test` and `make bench` install what is missing first.
+# An index of the README's commands. Every target installs what is missing first (make install).
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install -q
 # torch: `auto` takes PyPI's default (CUDA) build where nvidia-smi finds a GPU and the CPU build elsewhere;
@@ -27,7 +27,7 @@ endef
 export CHECK_PY
 CHECK = $(PYTHON) -c "$$CHECK_PY"
 
-.PHONY: install install-cpu test demo bench bench-gpu
+.PHONY: install install-cpu math test demo bench bench-gpu
 
 install:            ## idempotent: torch for this machine, then requirements-dev.txt; only when something is missing
 	@$(CHECK) $(MODULES) || { \
@@ -43,7 +43,10 @@ install:            ## idempotent: torch for this machine, then requirements-dev
 install-cpu:        ## the same with the CPU build of torch, even where there is a GPU
 	@$(MAKE) --no-print-directory install TORCH=cpu
 
-test: install       ## the whole suite: the math check and everything else; a few minutes on 2 cores
+math: install       ## the math check alone: every formula against an independent computation, seconds
+	$(PYTHON) -m pytest -q -m math test_ddpm.py
+
+test: install       ## the whole suite: the math check and everything else; a couple of minutes on 2 cores
 	$(PYTHON) -m pytest -q test_ddpm.py
 
 # The offline CPU demo: 8x8 digits; writes runs/demo/samples-0001000.png and prints the test bits/dim.
