@@ -2648,10 +2648,10 @@ def test_data_and_samples_files_that_cannot_serve_get_one_line(tmp_path, capsys)
 
 
 def test_ctrl_c_during_sample_says_what_is_kept(tmp_path):
-    """A real SIGINT to `ddpm.py sample` after its first chunk: status 130, one line saying which chunks are kept
+    """A real SIGINT to `evaluate.py sample` after its first chunk: status 130, one line saying which chunks are kept
     and that a rerun continues, and no traceback (test_sample_never_mixes_... shows the rerun continues exactly)."""
     _tiny_model_checkpoint(tmp_path / "ckpt.pt")
-    argv = [sys.executable, DDPM_PY, "sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "40", "--batch-size",
+    argv = [sys.executable, os.path.join(os.path.dirname(DDPM_PY), "evaluate.py"), "sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "40", "--batch-size",
             "1", "--out", str(tmp_path / "out")]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
