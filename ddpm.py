@@ -13,7 +13,8 @@ index 0 already means one step of noise and x_0 (the data) has no index of its o
     python ddpm.py train                      # the paper's CIFAR-10 run (a GPU week)
     python ddpm.py sample --checkpoint runs/cifar10/ckpt-*.pt --n 64
 
-It imports torch, numpy and the standard library only, so it can be copied alone.
+It imports torch, numpy and the standard library only, so it can be copied alone. evaluate.py adds what only
+Table 1 needs (the released weights, 50,000 samples in resumable chunks, FID, IS, the NLL's rate and distortion).
 """
 import argparse
 import copy
@@ -1699,10 +1700,10 @@ def main(argv=None):
     add_config_flags(p)
     p = commands.add_parser("sample", allow_abbrev=False, help="draw samples with the EMA weights (Algorithm 2)")
     p.add_argument("--checkpoint", required=True, help="a ckpt-*.pt written by train")
-    p.add_argument("--n", type=int, default=64, help="number of samples (50000 for FID)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per chunk; a rerun skips finished chunks")
+    p.add_argument("--n", type=int, default=64, help="number of samples (evaluate.py sample: 50,000, resumable)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples drawn at once")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="", help="output folder; default: next to the checkpoint, or samples/NAME")
+    p.add_argument("--out", default="", help="output folder; default: next to the checkpoint")
     p.add_argument("--progressive", action="store_true", help="Figure 6: x0 every T/20 steps, one row per sample")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1, ...; default: cuda if available")
     p.add_argument("--respacing", default="", help="fewer steps: '100', '50,25,10' or 'ddim50' (space_timesteps)")
