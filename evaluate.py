@@ -1,13 +1,14 @@
 """The paper's Table 1 for any ddpm checkpoint: NLL in bits/dim (with rate, distortion and Table 4),
 FID and IS with the standard TF-compatible Inception, and the paper's figures.
 
+    python evaluate.py sample --checkpoint runs/cifar10/ckpt-0800000.pt --n 50000 --batch-size 1000   # resumable
     python evaluate.py nll --checkpoint runs/cifar10/ckpt-0800000.pt --data cifar10 --split test
     python evaluate.py fid-stats --data cifar10 --split train          # reference mu/sigma, once
     python evaluate.py fid samples.npz --ref runs/eval/fid_stats_cifar10_train.npz
     python evaluate.py is samples.npz
     python evaluate.py figures --checkpoint runs/cifar10/ckpt-0800000.pt
 
-`--weights PATH` replaces `--checkpoint PATH` for the authors' released models (ddpm.load_pretrained).
+`--weights PATH` replaces `--checkpoint PATH` for the authors' released models (load_pretrained, below).
 It imports ddpm.py, torch, numpy and scipy; matplotlib (plots) and Pillow (PNGs) only where used.
 
 Timestep convention, as in ddpm.py: code index t = 0..T-1 is the paper's t = 1..T.
@@ -914,14 +915,14 @@ def build_parser():
         p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("fid", allow_abbrev=False, help="FID of samples against reference statistics or a data set")
-    p.add_argument("samples", help="a .npz of uint8 NHWC samples (ddpm.py sample) or a folder of PNGs")
+    p.add_argument("samples", help="a .npz of uint8 NHWC samples (evaluate.py sample) or a folder of PNGs")
     p.add_argument("--ref", required=True, help="a fid-stats .npz (mu, sigma) or a data set: cifar10, a folder, ...")
     p.add_argument("--ref-split", default="train", choices=("train", "test"), help="the paper: train")
     inception_args(p)
     p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser("is", allow_abbrev=False, help="Inception Score of samples (10 splits)")
-    p.add_argument("samples", help="a .npz of uint8 NHWC samples (ddpm.py sample) or a folder of PNGs")
+    p.add_argument("samples", help="a .npz of uint8 NHWC samples (evaluate.py sample) or a folder of PNGs")
     p.add_argument("--splits", type=int, default=10)
     inception_args(p)
     p.set_defaults(func=cmd_is)
