@@ -1494,15 +1494,16 @@ def train(config, resume=False):
 
 
 def report_test_nll(ema, diffusion, config, out, step, rank, world):
-    """`train --eval-bpd N`: dataset_bpd of the EMA on the first N test images (batches of train.batch_size, noise
-    from train.seed), the batches split across the ranks; prints and logs the mean. `evaluate.py nll` with the
-    same --batch-size, --seed and --max-examples prints the same number."""
+    """`train --eval-bpd N`: dataset_bpd of the EMA on the first N test images in batches of the per-rank batch size
+    (train.batch_size / ranks), noise from train.seed, the batches split across the ranks; prints and logs the
+    mean. `evaluate.py nll` with that --batch-size, --seed and --max-examples prints the same number."""
     tc, m = config.train, config.model
     test = load_data(tc.data, "test", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
     x_start, done = normalize_data(test[:tc.eval_bpd]), {}
-    batches = range(rank, -(-len(x_start) // tc.batch_size), world)
+    batch_size = tc.batch_size // world
+    batches = range(rank, -(-len(x_start) // batch_size), world)
     if len(batches):  # a rank may have none: 1 batch, 2 ranks
-        dataset_bpd(ema, diffusion, x_start, tc.batch_size, tc.seed, batches=batches, done=done, progress=rank == 0)
+        dataset_bpd(ema, diffusion, x_start, batch_size, tc.seed, batches=batches, done=done, progress=rank == 0)
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, done)
@@ -1510,7 +1511,8 @@ def report_test_nll(ema, diffusion, config, out, step, rank, world):
     bpd = np.concatenate([done[b]["total_bpd"] for b in sorted(done)])
     if rank == 0:
         print(f"test NLL {bpd.mean():.4f} +- {bpd.std(ddof=1) / len(bpd) ** 0.5:.4f} bits/dim on {len(bpd)} "
-              f"{tc.data} test images (calc_bpd_loop, EMA weights, T={config.diffusion.num_timesteps})")
+              f"{tc.data} test images (calc_bpd_loop, EMA weights, T={config.diffusion.num_timesteps}, batch "
+              f"{batch_size}, seed {tc.seed})")
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, "test_bpd": float(bpd.mean()), "test_images": len(bpd)}) + "\n")
 
