@@ -1632,13 +1632,14 @@ def test_sample_chunks_resume(tmp_path, images):
     seed = int(np.random.SeedSequence([0, 0]).generate_state(1)[0])  # chunk 0 of --seed 0
     chunk = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 2, seed))
     os.makedirs(tmp_path / "resumed")
-    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00000.npz", arr_0=chunk, source=np.array(os.path.abspath(ckpt)))
+    record = np.load(tmp_path / "fresh" / "samples_3x8x8x3.npz")["record"]  # the settings, as a chunk records them
+    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00000.npz", arr_0=chunk, record=record)
     ddpm.main([*args, str(tmp_path / "resumed")])
     fresh, resumed = (np.load(tmp_path / d / "samples_3x8x8x3.npz")["arr_0"] for d in ("fresh", "resumed"))
     assert np.array_equal(fresh, resumed)
     # the last chunk draws only the remainder; one left by a run with another --n is drawn again at its size
     last = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 1, seed))
-    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00001.npz", arr_0=last, source=np.array(os.path.abspath(ckpt)))
+    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00001.npz", arr_0=last, record=record)
     ddpm.main([*args[:4], "4", *args[5:], str(tmp_path / "resumed")])
     assert np.load(tmp_path / "resumed" / "samples_4x8x8x3.npz")["arr_0"].shape == (4, 8, 8, 3)
 
@@ -1696,7 +1697,7 @@ def test_resume_refuses_other_config_and_unasked_overwrite(tmp_path, images):
 
 
 @pytest.mark.parametrize("section, field, value, message", [
-    ("train", "log_every", 0, "--log-every must be at least 1"), ("train", "lr", -1.0, "--lr must be at least 0"),
+    ("train", "log_every", 0, "--log-every must be at least 1"), ("train", "lr", -1.0, "--lr must be greater than 0"),
     ("train", "ema_decay", 2.0, r"--ema-decay must be in \[0, 1\]"), ("train", "precision", "fp16", "unknown precision"),
     ("model", "ch", 0, "--model.ch must be at least 1"), ("model", "resolution", 0, "--model.resolution must be"),
     ("model", "ch_mult", (), "--model.ch-mult needs one positive"), ("model", "ch", 48, "multiple of 32"),
@@ -2396,3 +2397,248 @@ def test_bench_networks_match_and_run():
                                                       "channels_last": True, "batch_size": 2, "small": True})
     assert n_params == 2_245_763 and all(steps[row]() > 0 for row in ("train", "sample", "nll"))
     assert peak_memory() > 0
+
+
+# --- bad input (issue 13) ---
+
+def _sample_cli(ckpt, out, *flags):
+    """`ddpm.py sample` of 3 images in chunks of 2 from `ckpt` into `out`; the npz it writes, loaded."""
+    ddpm.main(["sample", "--checkpoint", str(ckpt), "--n", "3", "--batch-size", "2", "--out", str(out), *flags])
+    return np.load(os.path.join(out, "samples_3x8x8x1.npz"))["arr_0"]  # the digits preset: 1 channel
+
+
+def test_sample_never_mixes_chunks_of_other_settings(tmp_path, one_thread, monkeypatch, capsys):
+    """A run interrupted after its first chunk, rerun with another --respacing, --ddim-eta or --seed... into the same
+    --out, is refused before any sampling and leaves the chunk; the original settings then finish it exactly."""
+    _tiny_model_checkpoint(tmp_path / "ckpt.pt")
+    fresh = _sample_cli(tmp_path / "ckpt.pt", tmp_path / "fresh")
+    calls, sample_images = [], ddpm.sample_images
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return sample_images(*a, **kw)
+    monkeypatch.setattr(ddpm, "sample_images", interrupted)
+    with pytest.raises(SystemExit) as e:  # Ctrl-C: one line that says what is kept and how to continue
+        _sample_cli(tmp_path / "ckpt.pt", tmp_path / "out")
+    assert e.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"interrupted: 1 of 2 chunks are kept in {tmp_path / 'out'}; rerun the same command to continue"
+    monkeypatch.setattr(ddpm, "sample_images", sample_images)
+    assert sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz"]
+    chunk = np.load(tmp_path / "out" / "chunk-seed0-batch2-00000.npz")["arr_0"]
+    for flags, setting in ((["--respacing", "10"], "--respacing"), (["--ddim-eta", "0"], "--ddim-eta")):
+        calls.clear()
+        monkeypatch.setattr(ddpm, "sample_images", interrupted)  # a refusal draws nothing
+        with pytest.raises(SystemExit, match=f"^error: .*chunk-seed0-batch2-00000.npz was sampled with other {setting} "
+                                             f".*use another --out"):
+            _sample_cli(tmp_path / "ckpt.pt", tmp_path / "out", *flags)
+        assert calls == [] and sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz"]
+        assert np.array_equal(np.load(tmp_path / "out" / "chunk-seed0-batch2-00000.npz")["arr_0"], chunk)
+    monkeypatch.setattr(ddpm, "sample_images", sample_images)
+    other = ddpm.load_checkpoint(tmp_path / "ckpt.pt")  # the same config with other weights, at the same path
+    other["ema"] = {k: v + 0.01 for k, v in other["ema"].items()}
+    ddpm.save_checkpoint(tmp_path / "other.pt", other)
+    with pytest.raises(SystemExit, match=r"was sampled with other weights .*ckpt.pt sha256 [0-9a-f]{12}, now .*other.pt"):
+        _sample_cli(tmp_path / "other.pt", tmp_path / "out")
+    assert np.array_equal(_sample_cli(tmp_path / "ckpt.pt", tmp_path / "out"), fresh)  # the chunk reused, the rest drawn
+    # the record is the weights' content, not their path: a copy at another path reuses the file
+    assert np.array_equal(np.load(tmp_path / "out" / "samples_3x8x8x1.npz")["arr_0"], fresh)
+
+
+def test_sample_refuses_a_stale_final_file(tmp_path, one_thread, capsys):
+    """A finished samples_*.npz from other weights or another --respacing is refused (and kept) rather than reported
+    as done; from the same weights (even at another path) and settings it is done."""
+    _tiny_model_checkpoint(tmp_path / "a.pt", seed=0)
+    _tiny_model_checkpoint(tmp_path / "b.pt", seed=1)
+    made = _sample_cli(tmp_path / "a.pt", tmp_path / "out")
+    stamp = os.stat(tmp_path / "out" / "samples_3x8x8x1.npz").st_mtime_ns
+    for ckpt, flags, setting in (("b.pt", [], "weights"), ("a.pt", ["--respacing", "10"], "--respacing"),
+                                 ("a.pt", ["--seed", "1"], "--seed"), ("a.pt", ["--batch-size", "3"], "--batch-size")):
+        with pytest.raises(SystemExit, match=f"^error: .*samples_3x8x8x1.npz was sampled with other {setting} "):
+            _sample_cli(tmp_path / ckpt, tmp_path / "out", *flags)  # a later --batch-size overrides the first
+    assert os.stat(tmp_path / "out" / "samples_3x8x8x1.npz").st_mtime_ns == stamp  # kept as it was
+    import shutil
+    shutil.copy(tmp_path / "a.pt", tmp_path / "copy.pt")
+    capsys.readouterr()
+    assert np.array_equal(_sample_cli(tmp_path / "copy.pt", tmp_path / "out"), made)
+    assert "already exists with these settings; nothing to do" in capsys.readouterr().out
+    np.savez(tmp_path / "out" / "samples_3x8x8x1.npz", arr_0=made)  # a file with no record: not taken as done
+    with pytest.raises(SystemExit, match="holds no record of the settings it was sampled with; delete it"):
+        _sample_cli(tmp_path / "a.pt", tmp_path / "out")
+
+
+def test_keep_ckpts_never_deletes_a_readable_checkpoint_for_an_unreadable_one(tmp_path, images, capsys):
+    """Good checkpoints at steps 1 and 2 and a truncated one at step 5: --resume continues from step 2, moves the
+    truncated file aside (not counted by --keep-ckpts 2), and keeps step 2 beside the new step 3."""
+    run = ddpm.train(tiny_config(tmp_path / "run", images, steps=2, ckpt_every=1, keep_ckpts=2))
+    with open(os.path.join(run, "ckpt-0000005.pt"), "wb") as f:
+        f.write(open(os.path.join(run, "ckpt-0000002.pt"), "rb").read()[:1000])
+    ddpm.train(tiny_config(tmp_path / "run", images, steps=3, ckpt_every=1, keep_ckpts=2), resume=True)
+    assert ddpm.list_checkpoints(run) == [os.path.join(run, f"ckpt-000000{s}.pt") for s in (2, 3)]
+    log = capsys.readouterr().out
+    assert "renamed it to ckpt-0000005.pt.unreadable" in log and "resuming from" in log
+    assert ddpm.load_checkpoint(os.path.join(run, "ckpt-0000002.pt"))["step"] == 2
+    assert ddpm.load_checkpoint(os.path.join(run, "ckpt-0000003.pt"))["step"] == 3
+    assert os.path.getsize(os.path.join(run, "ckpt-0000005.pt.unreadable")) == 1000  # kept, for a person to inspect
+
+
+import re
+import time
+
+
+def _one_line_error(capsys, main, argv, *patterns):
+    """main(argv) exits non-zero with one line 'error: ...' matching every pattern, and prints no traceback; the
+    line never advises weights_only=False or allow_pickle (both run a file's code)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    message, err = str(e.value.code), capsys.readouterr().err
+    assert e.value.code not in (0, None) and message.startswith("error: ") and "\n" not in message, message
+    assert "Traceback" not in err and "weights_only" not in message and "allow_pickle" not in message, message
+    for pattern in patterns:
+        assert re.search(pattern, message), (pattern, message)
+    return message
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading a model or data fails the test: what is checked with it must be checked before any work."""
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the input was checked")
+    for module, name in ((ddpm, "load_for_sampling"), (ddpm, "load_data"), (evaluate, "load_images")):
+        monkeypatch.setattr(module, name, work)
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, no_work):
+    """--out in /proc or /sys, under a file, or naming a file where a folder is meant (and the reverse for
+    fid-stats) is refused in one sentence before a model or data is loaded (root ignores chmod, so no chmod case)."""
+    (tmp_path / "file").write_text("x")
+    os.makedirs(tmp_path / "folder")
+    sample = ["sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--out"]
+    for out, why in (("/proc/ddpm-out", r"cannot write --out /proc/ddpm-out \(/proc: "),
+                     ("/sys/ddpm-out", r"cannot write --out /sys/ddpm-out \(/sys: "),
+                     (str(tmp_path / "file" / "sub"), r"\(.*file: Not a directory\)"),
+                     (str(tmp_path / "file"), r"is a file, where a folder is meant")):
+        _one_line_error(capsys, ddpm.main, [*sample, out], why, "pass (an|another) --out")
+        _one_line_error(capsys, ddpm.main, ["train", "--data", "digits", "--out", out], why)
+    _one_line_error(capsys, evaluate.main, ["nll", "--checkpoint", "c.pt", "--out", str(tmp_path / "file")],
+                    "is a file, where a folder is meant; pass another --out")
+    _one_line_error(capsys, evaluate.main, ["fid-stats", "--out", str(tmp_path / "folder")],
+                    "is a folder, where a file is meant; pass another --out")
+    _one_line_error(capsys, evaluate.main, ["fid-stats", "--out", "/proc/stats.npz"], "cannot write --out")
+    assert sorted(os.listdir(tmp_path)) == ["file", "folder"]  # nothing made
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")])
+def test_a_full_disk_while_a_checkpoint_is_written_names_the_good_one(tmp_path, images, capsys, monkeypatch, failure):
+    """A write that fails (ENOSPC, or torch's own RuntimeError for it) stops the run with one sentence that says
+    the disk is full and which checkpoint is still good; that checkpoint is whole and nothing half-written stays."""
+    save, calls = torch.save, []
+    def full_disk(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"x" * 100)
+            raise failure
+        save(obj, f)
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    _one_line_error(capsys, ddpm.main, ["train", *TINY_FLAGS, "--data", images, "--out", str(out), "--steps", "3",
+                                        "--ckpt-every", "1", "--log-every", "1"],
+                    f"could not write {out / 'ckpt-0000002.pt'}: the disk is full",
+                    f"{out / 'ckpt-0000001.pt'} is still good: free space, then rerun with --resume")
+    assert ddpm.list_checkpoints(str(out)) == [str(out / "ckpt-0000001.pt")]
+    assert ddpm.load_checkpoint(out / "ckpt-0000001.pt")["step"] == 1
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
+
+
+def test_the_device_is_checked_at_start(capsys, no_work):
+    """--device foo, and a CUDA device this machine does not have, are refused before the model is loaded."""
+    for device in ("foo", "cuda:99") + (() if torch.cuda.is_available() else ("cuda",)):
+        message = _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", "c.pt", "--device", device],
+                                  f"--device '{device}' is not a device of this machine", "use cpu, or cuda")
+        assert ("no CUDA GPU" in message) == (device.startswith("cuda") and not torch.cuda.is_available())
+        _one_line_error(capsys, evaluate.main, ["nll", "--checkpoint", "c.pt", "--device", device], "use cpu")
+
+
+def test_a_file_that_is_not_a_ddpm_checkpoint_gets_one_line(tmp_path, capsys):
+    """Random bytes, a pickled object, a config.json, a folder, released weights given as --checkpoint and a training
+    checkpoint given as --weights each get one line naming the problem and the fix, never torch's weights_only advice."""
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    with open(tmp_path / "object.pt", "wb") as f:
+        pickle.dump({"model": ddpm.ModelConfig()}, f)  # an object: torch.load(weights_only=True) refuses it
+    (tmp_path / "config.json").write_text('{"model": {"ch": 32}}')
+    os.makedirs(tmp_path / "run")
+    _tiny_model_checkpoint(tmp_path / "ckpt.pt")
+    torch.save(ddpm.load_checkpoint(tmp_path / "ckpt.pt")["model"], tmp_path / "state_dict.pt")
+    for name in ("random.pt", "object.pt", "config.json"):
+        _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / name), "--out", str(tmp_path)],
+                        "is not a ddpm checkpoint or is damaged", "pass a ckpt-.*pt written by ddpm.py train")
+        _one_line_error(capsys, ddpm.main, ["sample", "--weights", str(tmp_path / name), "--out", str(tmp_path)],
+                        "not a .*weights file or it is damaged")
+    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path)],
+                    "is a folder, not a checkpoint file; pass one of its ckpt-\\*.pt files")
+    _one_line_error(capsys, ddpm.main, ["sample", "--weights", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path)],
+                    "is a checkpoint of ddpm.py train, not released weights; pass it with --checkpoint")
+    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "state_dict.pt"), "--out",
+                                        str(tmp_path)], "not a checkpoint written by ddpm.py train; pass released "
+                                                        "weights with --weights")
+    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path),
+                                        "--respacing", "ddim0"], "'ddim0' asks for 0 of 25 steps; use ddimN with "
+                                                                  "1 <= N <= 25, such as 'ddim25'")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "0"], r"--lr must be greater than 0, got 0\.0$"),
+    (["--lr", "-1e-3"], r"--lr must be greater than 0, got -0\.001$"),  # a value, not a flag
+    (["--lr=-1e-3"], r"--lr must be greater than 0, got -0\.001$"),
+    (["--grad-clip", "0"], r"--grad-clip must be greater than 0, got 0\.0$"),
+    (["--model.attn-resolutions", "3"], r"--model.attn-resolutions 3 names a size that is no level of this U-Net; "
+                                        r"use some of 8,4, or '' for none$")])
+def test_values_that_would_train_nothing_or_silently_differ_are_refused(tmp_path, capsys, no_work, argv, message):
+    """--lr 0 or below (also written '--lr -1e-3'), --grad-clip 0, and an attention resolution that matches no level
+    of the U-Net are refused before the data is read."""
+    _one_line_error(capsys, ddpm.main, ["train", "--preset", "digits", "--out", str(tmp_path / "run"), *argv], message)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_data_and_samples_files_that_cannot_serve_get_one_line(tmp_path, capsys):
+    """A text file named .npy, a samples file with 0 or 1 images for FID, fewer samples than IS splits, and RGB
+    data for a grayscale model in `evaluate.py nll` each get one line whose fix is a flag of that command."""
+    (tmp_path / "text.npy").write_text("not an array")
+    _one_line_error(capsys, ddpm.main, ["train", "--preset", "digits", "--data", str(tmp_path / "text.npy"),
+                                        "--out", str(tmp_path / "run")],
+                    "cannot read .*text.npy: it is not a numpy .npy/.npz file or it is damaged; save the images")
+    _one_line_error(capsys, evaluate.main, ["is", str(tmp_path / "text.npy")], "it is not a numpy .npy/.npz file")
+    for n in (0, 1):
+        np.savez(tmp_path / f"{n}.npz", arr_0=np.zeros((n, 8, 8, 3), np.uint8))
+        _one_line_error(capsys, evaluate.main, ["fid", str(tmp_path / f"{n}.npz"), "--ref", str(tmp_path / "1.npz")],
+                        f"{n}.npz holds {n} image\\(s\\), but FID \\(a covariance\\) needs at least 2; pass more")
+    np.savez(tmp_path / "20.npz", arr_0=np.zeros((20, 8, 8, 3), np.uint8))
+    _one_line_error(capsys, evaluate.main, ["is", str(tmp_path / "20.npz"), "--splits", "50"],
+                    "holds 20 image\\(s\\), but --splits 50 needs at least 50; lower --splits or pass more samples")
+    _tiny_model_checkpoint(tmp_path / "ckpt.pt")  # grayscale 8x8
+    message = _one_line_error(capsys, evaluate.main, ["nll", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data",
+                                                      str(tmp_path / "20.npz"), "--out", str(tmp_path / "eval")],
+                              "holds 8x8x3 images \\(H x W x C\\) but the model takes 8x8x1; pass --data images of "
+                              "that shape")
+    assert "--model" not in message and "--resize" not in message  # flags evaluate.py does not have
+
+
+def test_ctrl_c_during_sample_says_what_is_kept(tmp_path):
+    """A real SIGINT to `ddpm.py sample` after its first chunk: status 130, one line saying which chunks are kept
+    and that a rerun continues, and no traceback (test_sample_never_mixes_... shows the rerun continues exactly)."""
+    _tiny_model_checkpoint(tmp_path / "ckpt.pt")
+    argv = [sys.executable, DDPM_PY, "sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "40", "--batch-size",
+            "1", "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while proc.poll() is None and not os.path.exists(tmp_path / "out" / "chunk-seed0-batch1-00000.npz"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, err
+    kept = sorted(os.listdir(tmp_path / "out"))
+    assert "Traceback" not in err and [line for line in err.splitlines() if "interrupted" in line] == \
+        [f"interrupted: {len(kept)} of 40 chunks are kept in {tmp_path / 'out'}; rerun the same command to continue"]
+    assert 1 <= len(kept) < 40 and all(k.startswith("chunk-seed0-batch1-") for k in kept)
