@@ -946,7 +946,7 @@ def atomic_write(path, write):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as its own RuntimeError
         full = "the disk is full" if getattr(e, "errno", None) == 28 else "the disk is full or cannot be written"
-        raise OSError(f"could not write {path}: {full} ({str(e).strip().splitlines()[-1][:80]})") from None
+        raise OSError(f"could not write {path}: {full} ({(str(e).strip().splitlines() or [''])[-1][:80]})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -2481,6 +2481,7 @@ def test_keep_ckpts_never_deletes_a_readable_checkpoint_for_an_unreadable_one(tm
 
 
 import re
+import time
 
 
 def _one_line_error(capsys, main, argv, *patterns):
@@ -2619,3 +2620,22 @@ def test_data_and_samples_files_that_cannot_serve_get_one_line(tmp_path, capsys)
                               "holds 8x8x3 images \\(H x W x C\\) but the model takes 8x8x1; pass --data images of "
                               "that shape")
     assert "--model" not in message and "--resize" not in message  # flags evaluate.py does not have
+
+
+def test_ctrl_c_during_sample_says_what_is_kept(tmp_path):
+    """A real SIGINT to `ddpm.py sample` after its first chunk: status 130, one line saying which chunks are kept
+    and that a rerun continues, and no traceback (test_sample_never_mixes_... shows the rerun continues exactly)."""
+    _tiny_model_checkpoint(tmp_path / "ckpt.pt")
+    argv = [sys.executable, DDPM_PY, "sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "40", "--batch-size",
+            "1", "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while proc.poll() is None and not os.path.exists(tmp_path / "out" / "chunk-seed0-batch1-00000.npz"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, err
+    kept = sorted(os.listdir(tmp_path / "out"))
+    assert "Traceback" not in err and [line for line in err.splitlines() if "interrupted" in line] == \
+        [f"interrupted: {len(kept)} of 40 chunks are kept in {tmp_path / 'out'}; rerun the same command to continue"]
+    assert 1 <= len(kept) < 40 and all(k.startswith("chunk-seed0-batch1-") for k in kept)
