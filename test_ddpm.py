@@ -399,8 +399,9 @@ def test_p_mean_variance_and_p_sample_for_every_mean_and_variance_type(betas, me
     x = rng.standard_normal((T, 2, 3)) * 1.5
     x[:, 0, 0], x[:, 1, 0] = 3.0, -0.2  # x0_hat far outside [-1, 1] and, at small t, inside it
     out = fake_network_np(x, t, C=2, extra=2 if learned else 0)
+    clip_arg = {} if clip else {"clip_denoised": False}  # clipping is the default
     got = d.p_mean_variance(fake_network(C=2, extra=2 if learned else 0), torch.from_numpy(x), torch.from_numpy(t),
-                            clip_denoised=clip)
+                            **clip_arg)
     mean, var, logvar, x0 = ref_p_mean_variance(r, out, x, t, mean_type, var_type, clip)
     if clip and mean_type != "xprev":
         assert 0 < (np.abs(x0) == 1).mean() < 1  # clipping acts on some entries, not all
@@ -409,7 +410,7 @@ def test_p_mean_variance_and_p_sample_for_every_mean_and_variance_type(betas, me
         assert_close64(got[key], want, scale if key in ("pred_xstart", "mean") else np.abs(want))
     z = rng.standard_normal(x.shape)
     sample = d.p_sample(fake_network(C=2, extra=2 if learned else 0), torch.from_numpy(x), torch.from_numpy(t),
-                        noise=torch.from_numpy(z), clip_denoised=clip)["sample"]
+                        noise=torch.from_numpy(z), **clip_arg)["sample"]
     assert_close64(sample, mean + (t > 0)[:, None, None] * np.exp(0.5 * logvar) * z, scale)
 
 
@@ -658,7 +659,8 @@ def test_bound_terms_are_the_kl_and_the_decoder(betas, mean_type, var_type, clip
     x0 = rng.integers(0, 256, (T, 1, 2, 3)) / 127.5 - 1  # pixel values, so the decoder's bins apply
     xt = ref_q_sample(r, x0, t, rng.standard_normal(x0.shape))
     network = fake_network(C=1, extra=1 if learned else 0)
-    got = d.vb_terms_bpd(network, torch.from_numpy(x0), torch.from_numpy(xt), torch.from_numpy(t), clip_denoised=clip)
+    clip_arg = {} if clip else {"clip_denoised": False}  # clipping is the default
+    got = d.vb_terms_bpd(network, torch.from_numpy(x0), torch.from_numpy(xt), torch.from_numpy(t), **clip_arg)
     out = fake_network_np(xt, t, C=1, extra=1 if learned else 0)
     want = ref_vb_bpd(r, out, x0, xt, t, mean_type, var_type, clip)
     # the KL's (m1 - m2)^2 / sigma^2 amplifies the rounding of the means by up to ~1/(coef1 sigma^2)
@@ -854,8 +856,9 @@ def test_ddim_step_is_song_et_al_eq_12(betas, eta, clip):
     t = np.arange(T)
     x, z = rng.standard_normal((T, 1, 2, 2)) * 1.5, rng.standard_normal((T, 1, 2, 2))
     d = ddpm.GaussianDiffusion(betas=betas)
+    clip_arg = {} if clip else {"clip_denoised": False}  # clipping is the default
     got = d.ddim_sample(fake_network(), torch.from_numpy(x), torch.from_numpy(t), noise=torch.from_numpy(z),
-                        clip_denoised=clip, eta=eta)
+                        eta=eta, **clip_arg)
     want = ref_ddim_step(r, fake_network_np(x, t), x, t, eta, clip, z)
     assert_close64(got["sample"], want, (1 + 1 / np.sqrt(r.abar)).reshape(-1, 1, 1, 1))
 
