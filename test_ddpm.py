@@ -776,9 +776,13 @@ def test_space_timesteps_examples():
     assert ddpm.space_timesteps(1000, "1000") == set(range(1000))
     assert sorted(ddpm.space_timesteps(37, "ddim5")) == [0, 8, 16, 24, 32]  # the first stride giving 5 steps
     assert ddpm.space_timesteps(37, "ddim37") == set(range(37))  # stride 1
-    for bad in ("ddim999", "20,600", "0"):
+    for bad in ("ddim999", "20,600", "0", "ddim0", "ddim1001"):
         with pytest.raises(ValueError):
             ddpm.space_timesteps(1000, bad)
+    betas = ddpm.get_beta_schedule("cosine", 10)
+    for bad in ({0, 5, 10}, {-1, 3}, set()):  # indices outside 0..T-1, or none
+        with pytest.raises(ValueError, match="use_timesteps"):
+            ddpm.SpacedDiffusion(bad, betas=betas)
     for bad in ("foo", "ddimx", "10,", "1.5"):  # a typo on the command line gets the accepted forms, not int()'s
         with pytest.raises(ValueError, match="steps must look like '100', '50,25,10' or 'ddim50'"):
             ddpm.space_timesteps(1000, bad)
