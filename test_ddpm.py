@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 import ddpm
@@ -520,19 +520,19 @@ def test_sampling_loop_is_algorithm_2_step_by_step(schedule, T):
     as the reference, written in float64 numpy with the generator's draws replayed in the loop's order."""
     r = Ref(ddpm.get_beta_schedule(schedule, T))
     d = ddpm.GaussianDiffusion(betas=r.betas)
-    shape = (3, 1, 2, 2)
+    shape = (3, 2, 2, 2)  # N != C, so that a t of the wrong length cannot broadcast
     xT = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    steps = list(d.p_sample_loop_progressive(fake_network(), shape, noise=xT,
+    steps = list(d.p_sample_loop_progressive(fake_network(C=2), shape, noise=xT,
                                              generator=torch.Generator().manual_seed(1)))
     assert [s["t"] for s in steps] == list(range(T - 1, -1, -1))
     g, x = torch.Generator().manual_seed(1), xT.numpy()
     for i, step in zip(range(T - 1, -1, -1), steps):
         z = torch.randn(shape, generator=g, dtype=torch.float64).numpy()
         t = np.full(3, i)
-        mean, _, logvar, _ = ref_p_mean_variance(r, fake_network_np(x, t), x, t, "eps", "fixedlarge", True)
+        mean, _, logvar, _ = ref_p_mean_variance(r, fake_network_np(x, t, C=2), x, t, "eps", "fixedlarge", True)
         x = mean + (i > 0) * np.exp(0.5 * logvar) * z
         assert_close64(step["sample"], x, 1 / np.sqrt(r.abar[i]))
-    final = d.p_sample_loop(fake_network(), shape, noise=xT, generator=torch.Generator().manual_seed(1))
+    final = d.p_sample_loop(fake_network(C=2), shape, noise=xT, generator=torch.Generator().manual_seed(1))
     assert torch.equal(final, steps[-1]["sample"])
 
 
@@ -780,6 +780,13 @@ def test_space_timesteps_examples():
     for bad in ("ddim999", "20,600", "0"):
         with pytest.raises(ValueError):
             ddpm.space_timesteps(1000, bad)
+    for bad in ("ddim0", "ddim1001"):
+        with pytest.raises(ValueError, match="1 <= N <= 1000"):
+            ddpm.space_timesteps(1000, bad)
+    betas = ddpm.get_beta_schedule("cosine", 10)
+    for bad in ({0, 5, 10}, {-1, 3}, set()):  # indices outside 0..T-1, or none
+        with pytest.raises(ValueError, match="use_timesteps"):
+            ddpm.SpacedDiffusion(bad, betas=betas)
     for bad in ("foo", "ddimx", "10,", "1.5"):  # a typo on the command line gets the accepted forms, not int()'s
         with pytest.raises(ValueError, match="steps must look like '100', '50,25,10' or 'ddim50'"):
             ddpm.space_timesteps(1000, bad)
@@ -872,15 +879,15 @@ def test_ddim_loop_at_eta_one_half_is_the_reference_chain():
     tmap = np.array(sorted(ddpm.space_timesteps(40, "ddim8")))
     kept = np.cumprod(1 - base.betas)[tmap]
     r = Ref(1 - kept / np.concatenate([[1.0], kept[:-1]]))
-    shape = (2, 1, 2, 2)
+    shape = (3, 2, 2, 2)  # N != C, so that a t of the wrong length cannot broadcast
     g = torch.Generator().manual_seed(4)
-    got = d.ddim_sample_loop(fake_network(), shape, eta=0.5, generator=g, device="cpu")
+    got = d.ddim_sample_loop(fake_network(C=2), shape, eta=0.5, generator=g, device="cpu")
     g = torch.Generator().manual_seed(4)
     x = torch.randn(shape, generator=g).double().numpy()  # x_T, then one z per step, in the loop's order
     for i in range(r.T - 1, -1, -1):
         z = torch.randn(shape, generator=g).double().numpy()
-        t = np.full(2, i)
-        x = ref_ddim_step(r, fake_network_np(x, tmap[t]), x, t, 0.5, True, z)
+        t = np.full(3, i)
+        x = ref_ddim_step(r, fake_network_np(x, tmap[t], C=2), x, t, 0.5, True, z)
     # the loop runs in float32 (x_T is drawn in float32): float32 rounding through 8 steps of O(1) values
     np.testing.assert_allclose(np64(got), x, rtol=0, atol=2e-5)
 
