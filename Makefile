@@ -5,7 +5,7 @@ PIP = $(PYTHON) -m pip install -q
 # `make install TORCH=cpu` or `TORCH=cuda` chooses. The CPU build is TORCH_VERSION: a local wheel where pip's
 # find-links hold one (tried with --no-index, so it fails at once elsewhere), else PyTorch's CPU index.
 TORCH ?= auto
-TORCH_MIN = 2.4
+TORCH_MIN = 2.1
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # The import names of requirements-dev.txt's packages.
