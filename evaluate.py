@@ -1208,10 +1208,12 @@ def table2_task(key, task, settings, out, threads=1, log=False):
     start, cpu = time.time(), time.process_time()
     result = {"status": "ok"}
     try:
+        ckpt = os.path.join(folder, f"ckpt-{settings['steps']:07d}.pt")
         if task == "train":
             ddpm.train(table2_config(row, settings, folder), resume=True)
+            if not os.path.isfile(ckpt):  # stopped by a signal: no json, so a rerun resumes the training
+                raise RuntimeError(f"training stopped before step {settings['steps']}; rerun to resume it")
         else:
-            ckpt = os.path.join(folder, f"ckpt-{settings['steps']:07d}.pt")
             model, diffusion, _ = ddpm.load_model(ckpt)
             if task == "samples":
                 images = digits_samples(model, diffusion, settings["n"], settings["seed"],
