@@ -16,6 +16,7 @@ import argparse
 import concurrent.futures
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -868,14 +869,25 @@ DIGITS_CLASSIFIER_VERSION = 1   # part of the cache file's name: bump it when th
 DIGITS_CLASSIFIER_EPOCHS = 20
 
 
+@functools.lru_cache(maxsize=2)
+def _digits(split):
+    """ddpm.load_digits(split), read-only and read once per process (scikit-learn parses a CSV on every call)."""
+    images = ddpm.load_digits(split)
+    images.setflags(write=False)
+    return images
+
+
+@functools.lru_cache(maxsize=2)
 def digits_labels(split):
-    """The classes 0..9 of ddpm.load_digits(split)'s images, in the same order: int64 numpy [N]."""
+    """The classes 0..9 of ddpm.load_digits(split)'s images, in the same order: int64 numpy [N], read-only."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise ImportError("the digits score needs scikit-learn: pip install scikit-learn") from None
     y = load_digits().target.astype(np.int64)
-    return y[:ddpm.DIGITS_NUM_TRAIN] if split == "train" else y[ddpm.DIGITS_NUM_TRAIN:]
+    y = y[:ddpm.DIGITS_NUM_TRAIN] if split == "train" else y[ddpm.DIGITS_NUM_TRAIN:]
+    y.setflags(write=False)
+    return y
 
 
 class DigitsClassifier(nn.Module):
@@ -912,7 +924,7 @@ def _augment_digits(x, generator):
 def train_digits_classifier(seed=0, epochs=DIGITS_CLASSIFIER_EPOCHS, batch_size=50, lr=2e-3):
     """DigitsClassifier trained on the digits train split with Adam (cosine lr, weight decay 1e-4) and
     _augment_digits, in eval mode. One CPU thread and RNGs of its own: the weights are a function of the seed."""
-    x, y = ddpm.normalize_data(ddpm.load_digits("train")), torch.from_numpy(digits_labels("train"))
+    x, y = ddpm.normalize_data(_digits("train")), torch.tensor(digits_labels("train"))
     generator, threads = torch.Generator().manual_seed(seed), torch.get_num_threads()
     total = epochs * math.ceil(len(x) / batch_size)
     torch.set_num_threads(1)
@@ -944,7 +956,7 @@ def load_digits_classifier(seed=0):
     from cache_dir(); the file name holds the version and a hash of the train split. Prints the test accuracy."""
     if seed in _DIGITS_CLASSIFIERS:
         return _DIGITS_CLASSIFIERS[seed]
-    train_key = hashlib.sha256(ddpm.load_digits("train").tobytes()).hexdigest()[:12]
+    train_key = hashlib.sha256(_digits("train").tobytes()).hexdigest()[:12]
     path = os.path.join(cache_dir(), f"digits-classifier-v{DIGITS_CLASSIFIER_VERSION}-seed{seed}-{train_key}.pt")
     model, how = DigitsClassifier(), f"read from {path}"
     try:
@@ -956,7 +968,7 @@ def load_digits_classifier(seed=0):
         ddpm.save_checkpoint(path, {"model": model.state_dict(), "seed": seed})
         how = f"trained in {time.time() - start:.0f} s, cached in {path}"
     model.eval()
-    test = ddpm.load_digits("test")
+    test = _digits("test")
     probs = digits_classifier_outputs(model, test)[1]
     accuracy = float((probs.argmax(1) == digits_labels("test")).mean())
     print(f"digits classifier (seed {seed}; {how}): test accuracy {100 * accuracy:.1f} % on the {len(test)} "
@@ -989,7 +1001,7 @@ class DigitsScore:
 
     def __init__(self, seed=0, num_bootstrap=DIGITS_BOOTSTRAP):
         self.classifier, self.accuracy = load_digits_classifier(seed)
-        train_features = digits_classifier_outputs(self.classifier, ddpm.load_digits("train"))[0]
+        train_features = digits_classifier_outputs(self.classifier, _digits("train"))[0]
         self.reference = feature_statistics(train_features)
         self.seed, self.num_bootstrap = seed, num_bootstrap
 
@@ -1042,7 +1054,7 @@ def digits_nll_references(test_images):
     """The reference points of a digits NLL in bits/dim, computed from the data: the per-pixel categorical
     model's NLL of `test_images` (mean, standard error), uniform over the grey levels the train split uses
     (log2 of their number) and uniform over 256 levels."""
-    categorical = PixelCategorical(ddpm.load_digits("train"))
+    categorical = PixelCategorical(_digits("train"))
     return {"categorical": mean_and_stderr(categorical.nll_bpd(test_images)), "num_levels": len(categorical.levels),
             "uniform_levels": math.log2(len(categorical.levels)), "uniform_256": math.log2(256)}
 
@@ -1050,10 +1062,10 @@ def digits_nll_references(test_images):
 def digits_score_scale(score, n=DIGITS_SCORE_N, seed=0):
     """The scale printed with every digits score, at the same n: 'floor' = the first n held-out real digits,
     'baseline' = n samples of the per-pixel categorical model."""
-    test = ddpm.load_digits("test")
+    test = _digits("test")
     if not 2 <= n <= len(test):
         raise ValueError(f"--n {n} must be in [2, {len(test)}]: the floor is n of the {len(test)} held-out digits")
-    return {"floor": score(test[:n]), "baseline": score(PixelCategorical(ddpm.load_digits("train")).sample(n, seed))}
+    return {"floor": score(test[:n]), "baseline": score(PixelCategorical(_digits("train")).sample(n, seed))}
 
 
 def _pm(mean, std, digits=2):
@@ -1067,11 +1079,16 @@ def _check_digits_model(config, source):
                          f"(ddpm.py train --preset digits)")
 
 
-def digits_samples(model, diffusion, n, seed, path, sampler="ancestral"):
+def digits_samples(model, diffusion, n, seed, folder, sampler="ancestral"):
     """n uint8 samples [n, 8, 8, 1] by ddpm.sample_images (Algorithm 2, or DDIM with eta = 0 for
-    sampler='ddim'), cached at `path` with the weights' fingerprint: a rerun on the same model reads them.
+    sampler='ddim'), cached in folder/<sampler>-<steps>-n<n>-seed<seed>.npz with the weights' fingerprint and
+    the kept timesteps, so digits-score and steps share them and a rerun on the same model reads them.
     Raises FloatingPointError for non-finite samples (a diverged learned variance)."""
-    key = f"{_model_sha256(model)} T={diffusion.num_timesteps} {sampler} n={n} seed={seed}"
+    T = diffusion.num_timesteps
+    kept = np.asarray(getattr(diffusion, "timestep_map", range(T)), dtype=np.int64)  # respaced: the original indices
+    kept_sha = hashlib.sha256(kept.tobytes()).hexdigest()[:16]
+    key = f"{_model_sha256(model)} {sampler} timesteps={kept_sha} n={n} seed={seed}"
+    path = os.path.join(folder, f"{sampler}-{T}-n{n}-seed{seed}.npz")
     if os.path.isfile(path):
         with np.load(path) as f:
             if "key" in f and str(f["key"]) == key:
@@ -1080,6 +1097,7 @@ def digits_samples(model, diffusion, n, seed, path, sampler="ancestral"):
     if not torch.isfinite(x).all():
         raise FloatingPointError(f"{int((~torch.isfinite(x)).sum())} non-finite pixels in {n} samples")
     images = ddpm.unnormalize_data(x)
+    os.makedirs(folder, exist_ok=True)
     atomic_savez(path, arr_0=images, key=np.array(key))
     return images
 
@@ -1087,7 +1105,7 @@ def digits_samples(model, diffusion, n, seed, path, sampler="ancestral"):
 def digits_test_nll(model, diffusion, num_images, seed=0):
     """The bound in bits/dim on the first num_images held-out digits (ddpm.dataset_bpd: calc_bpd_loop, x0
     clipped) as (mean, standard error). Raises FloatingPointError when it is not finite."""
-    bpd = ddpm.dataset_bpd(model, diffusion, ddpm.load_digits("test")[:num_images], seed=seed)
+    bpd = ddpm.dataset_bpd(model, diffusion, _digits("test")[:num_images], seed=seed)
     if not np.isfinite(bpd).all():
         raise FloatingPointError(f"the bound is not finite for {int((~np.isfinite(bpd)).sum())} test images")
     return mean_and_stderr(bpd)
@@ -1118,14 +1136,14 @@ def cmd_digits_score(args):
     score = DigitsScore(args.seed, args.bootstrap)
     start = time.time()
     nll = digits_test_nll(model, diffusion, args.nll_images, args.seed)
-    refs = digits_nll_references(ddpm.load_digits("test")[:args.nll_images])
+    refs = digits_nll_references(_digits("test")[:args.nll_images])
     print(f"  test NLL bound {_pm(*nll)} bits/dim on the first {args.nll_images} held-out digits "
           f"({time.time() - start:.0f} s)")
     print(f"    per-pixel categorical model {_pm(*refs['categorical'])}   (independent pixels, add-one smoothing)")
     print(f"    uniform over the {refs['num_levels']} grey levels {refs['uniform_levels']:.2f}")
     print(f"    uniform over 256 levels {refs['uniform_256']:.2f}")
     start = time.time()
-    images = digits_samples(model, diffusion, args.n, args.seed, os.path.join(out, f"samples-n{args.n}.npz"))
+    images = digits_samples(model, diffusion, args.n, args.seed, os.path.join(os.path.dirname(out), "digits-samples"))
     ddpm.save_image_grid(images[:64], os.path.join(out, "samples.png"))
     s, scale = score(images), digits_score_scale(score, args.n, args.seed)
     print(f"  samples ({args.n}, {time.time() - start:.0f} s)        digits-FD {_pm(s['fd'], s['fd_std']):>16}   "
@@ -1196,15 +1214,16 @@ def _redirect_output(path):
         os.dup2(f.fileno(), 2)
 
 
-def table2_task(key, task, settings, out, threads=1, log=False):
+def table2_task(key, task, settings, out, threads=None, log=False):
     """One unit of table2's work on one row: 'train' it, score its 'samples', or its test 'nll'. Returns the
     result, also written to out/<key>/<task>.json, the cache a rerun reads instead of running the task again.
-    With log=True (a worker process), its output goes to out/<key>/<task>.log."""
+    A worker process passes log=True (its output goes to out/<key>/<task>.log) and its share of the CPU threads."""
     row, folder = next(r for r in TABLE2_ROWS if r.key == key), os.path.join(out, key)
     os.makedirs(folder, exist_ok=True)
     if log:
         _redirect_output(os.path.join(folder, f"{task}.log"))
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     start, cpu = time.time(), time.process_time()
     result = {"status": "ok"}
     try:
@@ -1216,8 +1235,8 @@ def table2_task(key, task, settings, out, threads=1, log=False):
         else:
             model, diffusion, _ = ddpm.load_model(ckpt)
             if task == "samples":
-                images = digits_samples(model, diffusion, settings["n"], settings["seed"],
-                                        os.path.join(folder, "samples.npz"))
+                images = digits_samples(model, diffusion, settings["n"], settings["seed"], folder)
+                atomic_savez(os.path.join(folder, "samples.npz"), arr_0=images)  # for the figure
                 result["score"] = DigitsScore(settings["seed"], settings["bootstrap"])(images)
             else:
                 result["nll"] = digits_test_nll(model, diffusion, settings["nll_images"], settings["seed"])
@@ -1246,8 +1265,8 @@ def _table2_todo(results, submitted):
 
 def run_table2_tasks(settings, out, jobs=2):
     """Every row's tasks, `jobs` at a time in worker processes with cpu_count // jobs threads each (jobs=1: in
-    this process). Finished tasks are read from their json; a task that crashes is reported and left for a
-    rerun, and the others go on. Returns {row key: {task: result}}."""
+    this process, with its threads). Finished tasks are read from their json; a task that crashes is reported
+    and left for a rerun, and the others go on. Returns {row key: {task: result}}."""
     results = {row.key: {} for row in TABLE2_ROWS}
     for row in TABLE2_ROWS:
         for task in TABLE2_TASKS:
@@ -1266,7 +1285,7 @@ def run_table2_tasks(settings, out, jobs=2):
     if jobs == 1:
         while todo := _table2_todo(results, submitted):
             submitted.add(todo[0])
-            finish(*todo[0], table2_task(*todo[0], settings, out, threads))
+            finish(*todo[0], table2_task(*todo[0], settings, out))
         return results
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = {}
@@ -1361,7 +1380,7 @@ def plot_table2_samples(results, out, path, per_row=16):
 def cmd_table2(args):
     settings = dict(steps=args.steps, n=args.n, nll_images=args.nll_images, timesteps=args.timesteps, seed=args.seed,
                     bootstrap=args.bootstrap)
-    test = ddpm.load_digits("test")
+    test = _digits("test")
     if not 1 <= args.nll_images <= len(test):
         raise ValueError(f"--nll-images must be in [1, {len(test)}], the held-out digits, got {args.nll_images}")
     if args.steps < 2 or args.jobs < 1:
@@ -1413,6 +1432,7 @@ def cmd_steps(args):
         raise ValueError(f"--counts must be comma-separated step counts in [1, {T}] (the model's T), "
                          f"got {args.counts!r}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(source)), "steps")
+    samples = os.path.join(os.path.dirname(os.path.abspath(out)), "digits-samples")  # shared with digits-score
     os.makedirs(out, exist_ok=True)
     score = DigitsScore(args.seed, args.bootstrap)
     scale = digits_score_scale(score, args.n, args.seed)
@@ -1422,8 +1442,7 @@ def cmd_steps(args):
         for count in counts:
             spaced = ddpm.respace(diffusion, f"ddim{count}" if sampler == "ddim" else str(count))
             start = time.time()
-            images = digits_samples(model, spaced, args.n, args.seed, os.path.join(out, f"{sampler}-{count}.npz"),
-                                    sampler)
+            images = digits_samples(model, spaced, args.n, args.seed, samples, sampler)
             rows.append(dict(sampler=sampler, evaluations=count, seconds=time.time() - start, **score(images)))
             print(f"  {sampler:9s} {count:5d}  digits-FD {_pm(rows[-1]['fd'], rows[-1]['fd_std']):>16}  "
                   f"digits-IS {_pm(rows[-1]['is'], rows[-1]['is_std'])}  ({rows[-1]['seconds']:.0f} s)", flush=True)

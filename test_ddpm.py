@@ -1798,7 +1798,7 @@ def _frechet_by_eigh(a, b):
 
 @pytest.fixture(scope="module")
 def digits_score():
-    return evaluate.DigitsScore(seed=0)  # trains the classifier once (seconds) or reads it from the cache
+    return evaluate.DigitsScore(seed=0, num_bootstrap=20)  # trains the classifier once (seconds) or reads its cache
 
 
 def test_digits_score_floor_baseline_and_identity(digits_score):
@@ -1845,8 +1845,8 @@ def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_
     'unstable' in every cell), a rerun reads the finished rows instead of training again and refuses other
     settings; `evaluate.py steps` on one row's checkpoint prints both samplers at each count and the answer."""
     out = str(tmp_path / "table2")
-    argv = ["table2", "--steps", "2", "--timesteps", "25", "--n", "16", "--nll-images", "3", "--jobs", "1",
-            "--bootstrap", "5", "--out", out]
+    argv = ["table2", "--steps", "2", "--timesteps", "25", "--n", "8", "--nll-images", "2", "--jobs", "1",
+            "--bootstrap", "3", "--out", out]
     results, printed = _run_cli(capsys, argv)
     rows = [line for line in printed.splitlines() if line.startswith("| ") and "**" not in line]
     assert len(rows) == 1 + 7 + 2  # header, the paper's six rows and the hybrid, floor and baseline
@@ -1863,15 +1863,15 @@ def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_
     with pytest.raises(SystemExit, match="error: .* holds rows made with"):
         evaluate.main(argv[:2] + ["3"] + argv[3:])
     ckpt = os.path.join(out, "eps-Lsimple", "ckpt-0000002.pt")
-    steps, printed = _run_cli(capsys, ["steps", "--checkpoint", ckpt, "--counts", "25,5", "--n", "16", "--device",
-                                       "cpu", "--bootstrap", "5", "--out", str(tmp_path / "steps")])
+    steps, printed = _run_cli(capsys, ["steps", "--checkpoint", ckpt, "--counts", "25,5", "--n", "8", "--device",
+                                       "cpu", "--bootstrap", "3", "--out", str(tmp_path / "steps")])
     assert [(r["sampler"], r["evaluations"]) for r in steps] == [("ancestral", 25), ("ancestral", 5), ("ddim", 25),
                                                                   ("ddim", 5)]
     assert "Within the uncertainty of 25 ancestral steps" in printed
     with pytest.raises(SystemExit, match="error: --counts must be"):
         evaluate.main(["steps", "--checkpoint", ckpt, "--counts", "50", "--device", "cpu"])
-    report, printed = _run_cli(capsys, ["digits-score", "--checkpoint", ckpt, "--n", "16", "--nll-images", "3",
-                                        "--device", "cpu", "--bootstrap", "5", "--out", str(tmp_path / "score")])
+    report, printed = _run_cli(capsys, ["digits-score", "--checkpoint", ckpt, "--n", "8", "--nll-images", "2",
+                                        "--device", "cpu", "--bootstrap", "3", "--out", str(tmp_path / "score")])
     for words in ("test NLL bound", "per-pixel categorical model", "uniform over the 17 grey levels 4.09",
                   "uniform over 256 levels 8.00", "digits-FD", "floor: real held-out digits", "How to read"):
         assert words in printed
