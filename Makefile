@@ -1,19 +1,52 @@
-# An index of the README's commands.
+# An index of the README's commands. Every target installs what is missing first (make install).
 PYTHON ?= python3
+PIP = $(PYTHON) -m pip install -q
+# torch: `auto` takes PyPI's default (CUDA) build where nvidia-smi finds a GPU and the CPU build elsewhere;
+# `make install TORCH=cpu` or `TORCH=cuda` chooses. The CPU build is TORCH_VERSION: a local wheel where pip's
+# find-links hold one (tried with --no-index, so it fails at once elsewhere), else PyTorch's CPU index.
+TORCH ?= auto
+TORCH_MIN = 2.4
 TORCH_VERSION ?= 2.13.0
-# CPU-only machine elsewhere: make install-cpu TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
-TORCH_INDEX ?=
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# The import names of requirements-dev.txt's packages.
+MODULES = torch numpy scipy pytest hypothesis sklearn PIL tqdm matplotlib diffusers safetensors
 
-.PHONY: install install-cpu test demo table2 steps bench bench-gpu
+# Exits 1 and names what is missing when a module in argv cannot be found (or torch is older than TORCH_MIN);
+# it imports nothing, so the check takes a fraction of a second.
+define CHECK_PY
+import sys, importlib.util, importlib.metadata
+missing = [name for name in sys.argv[1:] if importlib.util.find_spec(name) is None]
+if "torch" in sys.argv[1:] and "torch" not in missing:
+    version = importlib.metadata.version("torch").split("+")[0].split(".")
+    if (int(version[0]), int(version[1])) < tuple(map(int, "$(TORCH_MIN)".split("."))):
+        missing.append("torch>=$(TORCH_MIN) (found " + importlib.metadata.version("torch") + ")")
+if missing:
+    print("installing: " + ", ".join(missing))
+sys.exit(1 if missing else 0)
+endef
+export CHECK_PY
+CHECK = $(PYTHON) -c "$$CHECK_PY"
 
-install:            ## GPU or default machine: torch from PyPI, plus the test/bench tools
-	$(PYTHON) -m pip install -r requirements-dev.txt
+.PHONY: install install-cpu math test demo table2 steps bench bench-gpu
 
-install-cpu:        ## pin the CPU torch first (fast where it is on disk), then the rest
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_INDEX)
-	$(PYTHON) -m pip install -q -r requirements-dev.txt
+install:            ## idempotent: torch for this machine, then requirements-dev.txt; only when something is missing
+	@$(CHECK) $(MODULES) || { \
+	  if ! $(CHECK) torch >/dev/null; then \
+	    target=$(TORCH); \
+	    if [ $$target = auto ]; then if nvidia-smi -L >/dev/null 2>&1; then target=cuda; else target=cpu; fi; fi; \
+	    if [ $$target = cuda ]; then $(PIP) "torch>=$(TORCH_MIN)"; \
+	    else { $(PIP) --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null && $(PIP) torch==$(TORCH_VERSION); } \
+	      || $(PIP) torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX); fi || exit 1; \
+	  fi; \
+	  $(PIP) -r requirements-dev.txt; }
 
-test:               ## the math check and everything else; a few minutes on 2 cores
+install-cpu:        ## the same with the CPU build of torch, even where there is a GPU
+	@$(MAKE) --no-print-directory install TORCH=cpu
+
+math: install       ## the math check alone: every formula against an independent computation, seconds
+	$(PYTHON) -m pytest -q -m math test_ddpm.py
+
+test: install       ## the whole suite: the math check and everything else; a couple of minutes on 2 cores
 	$(PYTHON) -m pytest -q test_ddpm.py
 
 # The offline CPU demo: 8x8 digits; writes runs/demo/samples-0001000.png, then prints the test bits/dim and the
@@ -22,20 +55,20 @@ test:               ## the math check and everything else; a few minutes on 2 co
 # barriers (on a shared 2-core machine one process with 2 threads measured 3x slower than with 1). The scoring
 # that follows runs single-threaded for the same reason.
 DEMO_PROCS ?= 2
-demo:               ## train the digits preset on 2 CPU cores, then test NLL and sample score (6-10 min)
+demo: install       ## train the digits preset on 2 CPU cores, then test NLL and sample score (7-10 min)
 	rm -rf runs/demo
 	OMP_NUM_THREADS=1 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(DEMO_PROCS) \
 		ddpm.py train --preset digits --out runs/demo --eval-bpd 0
 	OMP_NUM_THREADS=1 $(PYTHON) evaluate.py digits-score --checkpoint runs/demo/ckpt-0001000.pt --device cpu
 
-table2:             ## Table 2 on digits: 7 objectives trained, sampled and scored, 2 at a time (40-60 min)
+table2: install     ## Table 2 on digits: 7 objectives trained, sampled and scored, 2 at a time (40-60 min)
 	nice -n 10 $(PYTHON) evaluate.py table2 --out runs/table2
 
-steps:              ## digits-FD of the demo's checkpoint at 1000 ... 10 sampling steps, ancestral and DDIM
+steps: install      ## digits-FD of the demo's checkpoint at 1000 ... 10 sampling steps, ancestral and DDIM
 	OMP_NUM_THREADS=1 $(PYTHON) evaluate.py steps --checkpoint runs/demo/ckpt-0001000.pt --device cpu
 
-bench:              ## ours vs diffusers on the CIFAR-10 network, CPU, batch 16, fp32 and bf16 (3-5 min on 2 cores)
+bench: install      ## ours vs diffusers on the CIFAR-10 network, CPU, batch 16, fp32 and bf16 (3-5 min on 2 cores)
 	$(PYTHON) bench.py
 
-bench-gpu:          ## the same on CUDA at the paper's batch 128, plus bf16+compile and 50k-sample times
+bench-gpu: install  ## the same on CUDA at the paper's batch 128, plus bf16+compile and 50k-sample times
 	$(PYTHON) bench.py --device cuda

@@ -32,8 +32,10 @@ import re
 import signal
 import sys
 import tarfile
+import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -208,6 +210,9 @@ class GaussianDiffusion:
             else np.maximum(self.posterior_variance, 1e-20))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        # mu~ solved for x_0 with both ratios in float64 (improved-diffusion's _predict_xstart_from_xprev)
+        self.recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
+        self.posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
         # Sigma_theta = beta_t ('fixedlarge'), except beta~ at index 0 for a better decoder likelihood
         self.fixedlarge_variance = np.append(self.posterior_variance[1], betas[1:]) if T > 1 else betas
         self.fixedlarge_log_variance = np.log(self.fixedlarge_variance)
@@ -261,9 +266,9 @@ class GaussianDiffusion:
                 / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
     def predict_start_from_prev(self, x_t, t, x_prev):
-        """x_0 from the posterior mean mu~(x_t, x_0) = coef1 x_0 + coef2 x_t, solved for x_0."""
-        return ((x_prev - self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
-                / self._extract(self.posterior_mean_coef1, t, x_t))
+        """x_0 = (1/coef1) mu~ - (coef2/coef1) x_t, from mu~(x_t, x_0) = coef1 x_0 + coef2 x_t (Eq. 7)."""
+        return (self._extract(self.recip_posterior_mean_coef1, t, x_t) * x_prev
+                - self._extract(self.posterior_mean_coef2_over_coef1, t, x_t) * x_t)
 
     # --- reverse process p_theta ------------------------------------------------------------------
 
@@ -417,6 +422,9 @@ def space_timesteps(num_timesteps, section_counts):
         raise ValueError(f"steps must look like '100', '50,25,10' or 'ddim50', got {section_counts!r}")
     if isinstance(section_counts, str) and section_counts.startswith("ddim"):
         count = int(section_counts[len("ddim"):])
+        if not 1 <= count <= num_timesteps:
+            raise ValueError(f"{section_counts!r} asks for {count} of {num_timesteps} steps; use ddimN with "
+                             f"1 <= N <= {num_timesteps}, such as 'ddim{min(50, num_timesteps)}'")
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == count:
                 return set(range(0, num_timesteps, stride))
@@ -432,7 +440,7 @@ def space_timesteps(num_timesteps, section_counts):
             raise ValueError(f"cannot take {count} steps from a section of {size} (T={num_timesteps}); "
                              f"use fewer steps or fewer sections")
         stride = (size - 1) / (count - 1) if count > 1 else 1
-        kept += [start + round(j * stride) for j in range(count)]
+        kept += [start + round(x) for x in itertools.accumulate([0.0] + [stride] * (count - 1))]  # as summed there
         start += size
     return set(kept)
 
@@ -825,15 +833,22 @@ class Config:
                 "model": {"ch": 1, "num_res_blocks": 1, "in_channels": 1, "resolution": 1, "dropout": 0},
                 "diffusion": {"num_timesteps": 1}}
         highs = {("train", "ema_decay"): 1, ("model", "dropout"): 0.999}
+        positive = {"lr", "grad_clip"}  # 0 would leave the weights as initialised
         for section, fields in lows.items():
             for name, low in fields.items():
                 value, high = getattr(getattr(self, section), name), highs.get((section, name), math.inf)
-                if not low <= value <= high:
+                if not (low < value if name in positive else low <= value) or value > high:
                     flag = "--" + ("" if section == "train" else section + ".") + name.replace("_", "-")
-                    bound = f"at least {low}" if high == math.inf else f"in [{low}, {high}]"
+                    bound = (f"in [{low}, {high}]" if high < math.inf else
+                             f"{'greater than' if name in positive else 'at least'} {low}")
                     raise ValueError(f"{flag} must be {bound}, got {value}")
-        if not self.model.ch_mult or min(self.model.ch_mult) < 1:
-            raise ValueError(f"--model.ch-mult needs one positive multiplier per level, got {self.model.ch_mult}")
+        m = self.model
+        if not m.ch_mult or min(m.ch_mult) < 1:
+            raise ValueError(f"--model.ch-mult needs one positive multiplier per level, got {m.ch_mult}")
+        levels = [m.resolution >> level for level in range(len(m.ch_mult))]
+        if set(m.attn_resolutions) - set(levels):
+            raise ValueError(f"--model.attn-resolutions {','.join(map(str, m.attn_resolutions))} names a size that is "
+                             f"no level of this U-Net; use some of {','.join(map(str, levels))}, or '' for none")
         autocast("cpu", self.train.precision)  # an unknown precision raises here
         with torch.device("meta"):  # the U-Net's and the diffusion's own checks, without allocating weights
             create_model_and_diffusion(self)
@@ -929,9 +944,29 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as its own RuntimeError
+        full = "the disk is full" if getattr(e, "errno", None) == 28 else "the disk is full or cannot be written"
+        raise OSError(f"could not write {path}: {full} ({(str(e).strip().splitlines() or [''])[-1][:80]})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_out(path, folder=True):
+    """Raise a one-sentence error unless `path` can be written, a folder (made later if missing) or a file to
+    create: its nearest existing folder takes a file. Called before any work; creates nothing."""
+    path = os.path.abspath(path)
+    found, meant = ("a file", "a folder") if folder else ("a folder", "a file")
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise ValueError(f"--out {path} is {found}, where {meant} is meant; pass another --out")
+    parent = path if folder else os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    try:
+        tempfile.TemporaryFile(dir=parent).close()  # NotADirectoryError where `parent` is a file
+    except OSError as e:
+        raise ValueError(f"cannot write --out {path} ({parent}: {e.strerror}); pass an --out you can write to") \
+            from None
 
 
 def save_checkpoint(path, state):
@@ -939,23 +974,34 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def _torch_load(path, map_location="cpu"):
+    """torch.load(weights_only=True), so a file from someone else cannot run code; its warnings (another pickle
+    protocol, ...) are silenced, as the callers' errors say what matters in one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint with weights_only=True, so a file from someone else cannot run code."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder, not a checkpoint file; pass one of its ckpt-*.pt files")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass the path of a ckpt-*.pt file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e}); the file is truncated "
-                         f"or not a ddpm checkpoint, so use an earlier ckpt-*.pt") from None
+        return _torch_load(path, map_location)
+    except Exception:  # torch's message would advise weights_only=False, which runs the file's code: never say it
+        raise ValueError(f"{path!r} is not a ddpm checkpoint or is damaged (truncated); pass a ckpt-*.pt written by "
+                         f"ddpm.py train, or an earlier one") from None
 
 
 def load_model(path, device="cpu", use_ema=True):
     """(model, diffusion, config) from a training checkpoint: the EMA weights, in eval mode and channels_last."""
     ckpt = load_checkpoint(path)
-    if "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path!r} holds no 'config'/'model'; it is not a checkpoint written by ddpm.py train")
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path!r} holds no 'config'/'model', so it is not a checkpoint written by ddpm.py train; "
+                         f"pass released weights with --weights")
     config = Config.from_dict(ckpt["config"])
     model, diffusion = create_model_and_diffusion(config)
     model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
@@ -1007,12 +1053,12 @@ def _read_weights(path):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
             return load_file(path)
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = _torch_load(path)
     except ImportError:
         raise ImportError(f"reading {path!r} needs the safetensors package: pip install safetensors") from None
-    except Exception as e:
-        raise ValueError(f"cannot read {path!r} ({type(e).__name__}: {e}); it is truncated or not a .ckpt/.pt/.bin/"
-                         f".safetensors weights file, so download it again") from None
+    except Exception:  # torch's message would advise weights_only=False, which runs the file's code: never say it
+        raise ValueError(f"cannot read {path!r}: it is not a .ckpt/.pt/.bin/.safetensors weights file or it is "
+                         f"damaged (truncated), so download it again") from None
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path!r} holds a {type(state_dict).__name__}, not a state dict of tensors")
     return state_dict
@@ -1073,6 +1119,8 @@ def load_pretrained(path, device="cpu", preset=None):
                 raise ValueError(f"{config_json} sets {key}={settings.get(key, default)!r} where the DDPM U-Net has "
                                  f"{value!r}: it is another model, which this U-Net cannot reproduce")
         state_dict = diffusers_to_official(state_dict)
+    elif {"config", "model", "ema"} <= state_dict.keys():
+        raise ValueError(f"{path!r} is a checkpoint of ddpm.py train, not released weights; pass it with --checkpoint")
     elif "temb.dense.0.weight" not in state_dict:
         raise ValueError(f"{path!r} is neither the official layout (temb.dense.0.weight, ...) nor diffusers' "
                          f"UNet2DModel (conv_norm_out.weight, ...); its first keys are {list(state_dict)[:4]}")
@@ -1201,14 +1249,18 @@ def load_data(source, split="train", *, resolution=None, in_channels=None, resiz
         raise FileNotFoundError(f"{source!r} is not 'cifar10' or 'digits' and no such file or folder exists; {hint}")
     elif os.path.isdir(source):
         x = load_image_folder(source, resolution, resize)
-    elif source.endswith(".npy"):
-        x = np.load(source, mmap_mode="r")
-    elif source.endswith(".npz"):
-        with np.load(source) as f:
-            keys = list(f.keys())
-            if "arr_0" not in keys and len(keys) != 1:
-                raise ValueError(f"{source} holds arrays {keys}; save the images under the key 'arr_0'")
-            x = f["arr_0" if "arr_0" in keys else keys[0]]
+    elif source.endswith((".npy", ".npz")):
+        try:  # a .npy is memory-mapped; a .npz is an archive of arrays, the images under 'arr_0'
+            x = np.load(source, mmap_mode="r")
+            if isinstance(x, np.lib.npyio.NpzFile):
+                with x:
+                    keys = list(x.keys())
+                    x = x["arr_0" if "arr_0" in keys else keys[0]] if "arr_0" in keys or len(keys) == 1 else keys
+        except Exception:  # numpy's message would advise allow_pickle=True, which runs the file's code
+            raise ValueError(f"cannot read {source}: it is not a numpy .npy/.npz file or it is damaged; save the "
+                             f"images as a uint8 NHWC array with numpy.save") from None
+        if isinstance(x, list):
+            raise ValueError(f"{source} holds arrays {x}; save the images under the key 'arr_0'")
     else:
         raise ValueError(f"--data {source!r} is a file but not .npy/.npz; pass a folder of images, or save "
                          f"the images as a uint8 NHWC array with numpy.save")
@@ -1220,13 +1272,14 @@ def load_data(source, split="train", *, resolution=None, in_channels=None, resiz
     if resolution and x.shape[1:3] != (resolution, resolution):
         if not resize:
             raise ValueError(f"{source} holds {x.shape[1]}x{x.shape[2]} images but the model is {resolution}x"
-                             f"{resolution}; pass --resize to center-crop and resize them, or set --model.resolution")
+                             f"{resolution}; resize them, or train with --resize (center-crop and resize) or "
+                             f"--model.resolution {x.shape[1]}")
         x = _resize(x, resolution)
     if in_channels and x.shape[-1] != in_channels:
         kind = {1: "grayscale", 3: "RGB"}
         raise ValueError(f"{source} holds {kind[x.shape[-1]]} images but the model takes "
                          f"{kind.get(in_channels, in_channels)} (in_channels={in_channels}); "
-                         f"set --model.in-channels {x.shape[-1]} or convert the images")
+                         f"convert the images, or train with --model.in-channels {x.shape[-1]}")
     return x
 
 
@@ -1345,6 +1398,8 @@ def train(config, resume=False):
         raise ValueError(f"--batch-size {tc.batch_size} does not split across {world} ranks; use a multiple of {world}")
     if rank == 0 and list_checkpoints(out) and not resume:
         raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue that run or a new --out")
+    if rank == 0:
+        check_out(out)
     data = load_data(tc.data, "train", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
     if len(data) < tc.batch_size:
         raise ValueError(f"--data {tc.data} holds {len(data)} images, fewer than one batch of {tc.batch_size}; "
@@ -1363,10 +1418,14 @@ def train(config, resume=False):
         for path in reversed(list_checkpoints(out)):
             try:
                 ckpt = load_checkpoint(path)
+                if not isinstance(ckpt, dict) or not {"config", "optimizer", "rng"} <= ckpt.keys():
+                    raise ValueError(f"{path!r} lacks the config, optimizer or RNG state of a training checkpoint")
                 print(f"resuming from {path}")
                 break
-            except ValueError as e:
-                print(f"skipping unreadable checkpoint: {e}")
+            except ValueError as e:  # moved aside: out of list_checkpoints, so --keep-ckpts never counts it
+                ckpt = None
+                os.replace(path, path + ".unreadable")
+                print(f"skipping unreadable checkpoint: {e}; renamed it to {os.path.basename(path)}.unreadable")
         if resume and ckpt is None:
             print(f"--resume: no checkpoint in {out}, starting from scratch")
     if world > 1:
@@ -1423,7 +1482,11 @@ def train(config, resume=False):
         state = {"config": config.to_dict(), "step": step, "model": raw.state_dict(), "ema": ema.state_dict(),
                  "optimizer": opt.state_dict(), "rng": _rng_state(generator, world), "world_size": world}
         if rank == 0:
-            save_checkpoint(os.path.join(out, f"ckpt-{step:07d}.pt"), state)
+            try:
+                save_checkpoint(os.path.join(out, f"ckpt-{step:07d}.pt"), state)
+            except OSError as e:
+                good = f"{os.path.join(out, last_good)} is still good" if last_good else "no checkpoint was written yet"
+                raise OSError(f"{e}; {good}: free space, then rerun with --resume") from None
             for old in list_checkpoints(out)[:-tc.keep_ckpts]:
                 os.remove(old)
         return f"ckpt-{step:07d}.pt"
@@ -1570,18 +1633,61 @@ def load_for_sampling(args, device):
     return load_model(args.checkpoint, device, use_ema=True)
 
 
+def weights_sha256(model):
+    """sha256 of a model's state dict (names, then values in logical order): the weights' content, whatever their
+    path or memory layout."""
+    h = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# Everything that decides `sample`'s images, with the flag that sets it; recorded in every chunk and final file.
+# The device too: CPU and CUDA generators draw different noise from the same seed.
+SAMPLE_SETTINGS = {"weights_sha256": "weights (--checkpoint/--weights)", "diffusion": "diffusion config",
+                   "respacing": "--respacing", "ddim_eta": "--ddim-eta", "clip_denoised": "x0 clipping",
+                   "seed": "--seed", "batch_size": "--batch-size", "n": "--n", "device": "--device"}
+
+
+def sample_record(args, model, config, source):
+    """The settings of SAMPLE_SETTINGS for this `sample` run, plus the weights' path (informative only)."""
+    return {"weights_sha256": weights_sha256(model), "diffusion": dataclasses.asdict(config.diffusion),
+            "respacing": args.respacing, "ddim_eta": args.ddim_eta, "clip_denoised": True, "seed": args.seed,
+            "batch_size": args.batch_size, "n": args.n, "device": _model_device(model).type, "source": source}
+
+
+def save_samples(path, images, record):
+    """Write uint8 NHWC images under 'arr_0' (as the FID tools read) and their record as JSON, atomically."""
+    atomic_write(path, lambda f: np.savez(f, arr_0=images, record=np.array(json.dumps(record))))
+
+
+def check_samples_record(path, record, ignore=()):
+    """Raise, naming the first differing setting, unless the samples file `path` was made with `record`."""
+    with np.load(path) as f:
+        saved = json.loads(str(f["record"])) if "record" in f else None
+    if saved is None:
+        raise ValueError(f"{path} holds no record of the settings it was sampled with; delete it or use another --out")
+    show = lambda r, k: f"{r.get('source')} sha256 {str(r.get(k))[:12]}" if k == "weights_sha256" else repr(r.get(k))
+    for key, flag in SAMPLE_SETTINGS.items():
+        if key not in ignore and saved.get(key) != record[key]:
+            raise ValueError(f"{path} was sampled with other {flag} ({show(saved, key)}, now {show(record, key)}); "
+                             f"rerun with its settings, or use another --out (or delete the file)")
+
+
 def sample_command(args):
     """`ddpm.py sample`: a PNG grid and samples_{N}x{H}x{W}x{C}.npz (uint8 NHWC under 'arr_0', as the FID tools
     read), made in chunks of --batch-size that a rerun skips; or, with --progressive, Figure 6 as a PNG."""
     if args.n < 1 or args.batch_size < 1:
         raise ValueError("--n and --batch-size must be at least 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, diffusion, config = load_for_sampling(args, device)
-    if args.respacing:  # fewer steps: the model still sees its original indices
-        diffusion = respace(diffusion, args.respacing)
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = os.path.abspath(args.checkpoint or args.weights)
     out = args.out or (os.path.splitext(args.checkpoint)[0] + "-samples" if args.checkpoint
                        else os.path.join("samples", os.path.basename(os.path.normpath(args.weights))))
+    check_out(out)
+    model, diffusion, config = load_for_sampling(args, device)
+    if args.respacing:  # fewer steps: the model still sees its original indices
+        diffusion = respace(diffusion, args.respacing)
     os.makedirs(out, exist_ok=True)
     if args.progressive:  # x0 at t = T and every 50 steps at T=1000 (21 columns), one row per sample
         frames = sample_images(model, diffusion, args.n, args.seed, max(1, diffusion.num_timesteps // 20), True,
@@ -1592,25 +1698,29 @@ def sample_command(args):
         return
     H, C = config.model.resolution, config.model.in_channels
     final = os.path.join(out, f"samples_{args.n}x{H}x{H}x{C}.npz")
+    record = sample_record(args, model, config, source)
     if os.path.exists(final):
-        print(f"{final} already exists; nothing to do")
+        check_samples_record(final, record)
+        print(f"{final} already exists with these settings; nothing to do")
         return
     chunks = [os.path.join(out, f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz")
               for i in range(-(-args.n // args.batch_size))]
-    for i, path in enumerate(_progress(chunks, len(chunks), "chunks", len(chunks) > 1)):
-        size = min(args.batch_size, args.n - i * args.batch_size)  # the last chunk holds the remainder
-        if os.path.exists(path):  # done by an earlier run: check it came from this model
-            done = np.load(path)
-            if str(done["source"]) != source:
-                raise ValueError(f"{path} was sampled from {done['source']}, not {source}; use another --out")
-            if len(done["arr_0"]) == size:  # else an earlier run with another --n: draw it again
+    for path in filter(os.path.exists, chunks):  # left by an earlier run: refuse other settings before any work
+        check_samples_record(path, record, ignore=("n",))  # --n changes only the last chunk's size, checked below
+    try:
+        for i, path in enumerate(_progress(chunks, len(chunks), "chunks", len(chunks) > 1)):
+            size = min(args.batch_size, args.n - i * args.batch_size)  # the last chunk holds the remainder
+            if os.path.exists(path) and len(np.load(path)["arr_0"]) == size:  # else a run with another --n: redraw
                 continue
-        chunk_seed = int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0])  # the same in every run
-        x = unnormalize_data(sample_images(model, diffusion, size, chunk_seed, progress=len(chunks) == 1,
-                                           ddim_eta=args.ddim_eta))
-        atomic_write(path, lambda f: np.savez(f, arr_0=x, source=np.array(source)))  # a killed run leaves whole chunks
+            chunk_seed = int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0])  # the same in every run
+            x = unnormalize_data(sample_images(model, diffusion, size, chunk_seed, progress=len(chunks) == 1,
+                                               ddim_eta=args.ddim_eta))
+            save_samples(path, x, record)  # atomic: a killed run leaves whole chunks
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{sum(map(os.path.exists, chunks))} of {len(chunks)} chunks are kept in {out}; "
+                                f"rerun the same command to continue") from None
     images = np.concatenate([np.load(p)["arr_0"] for p in chunks])
-    atomic_write(final, lambda f: np.savez(f, arr_0=images))
+    save_samples(final, images, record)
     save_image_grid(images[:64], os.path.join(out, "samples.png"))
     for path in chunks:
         os.remove(path)
@@ -1657,6 +1767,30 @@ def config_from_args(args):
     return config
 
 
+def parse_device(name):
+    """torch.device(name), refused in one sentence unless this machine has it."""
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+        return device
+    except (RuntimeError, AssertionError):  # an unknown type, no CUDA, a GPU index out of range
+        raise ValueError(f"--device {name!r} is not a device of this machine"
+                         f"{' (no CUDA GPU is visible)' if 'cuda' in name and not torch.cuda.is_available() else ''}; "
+                         f"use cpu, or cuda / cuda:N with a visible GPU") from None
+
+
+def run_cli(command, args):
+    """command(args), where user error and a failed write (a full disk) exit with one 'error: ...' line and status 1,
+    and Ctrl-C with one 'interrupted' line (what is kept, how to continue) and status 130: never a traceback."""
+    try:
+        return command(args)
+    except KeyboardInterrupt as e:
+        print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except (ValueError, OSError, FloatingPointError, ImportError) as e:
+        sys.exit(f"error: {e}")
+
+
 def main(argv=None):
     """The command line: `train` and `sample`; bad input exits with one sentence, not a traceback."""
     parser = argparse.ArgumentParser(prog="ddpm.py", allow_abbrev=False, description=__doc__.split("\n")[0])
@@ -1677,14 +1811,12 @@ def main(argv=None):
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1, ...; default: cuda if available")
     p.add_argument("--respacing", default="", help="fewer steps: '100', '50,25,10' or 'ddim50' (space_timesteps)")
     p.add_argument("--ddim-eta", type=float, default=None, help="sample with DDIM at this eta (0: deterministic)")
+    for q in (parser, *commands.choices.values()):  # read "--lr -1e-3" as a value, as Python 3.13's argparse does
+        q._negative_number_matcher = re.compile(r"^-\.?\d")
     args = parser.parse_args(argv)
     try:
-        if args.command == "train":
-            train(config_from_args(args), resume=args.resume)
-        else:
-            sample_command(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError, ConnectionError) as e:
-        sys.exit(f"error: {e}")
+        run_cli(lambda a: train(config_from_args(a), resume=a.resume) if a.command == "train" else sample_command(a),
+                args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

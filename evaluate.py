@@ -122,6 +122,17 @@ def load_model_from_args(args, device):
     return model.eval(), diffusion, config
 
 
+def load_data_for(config, data, split):
+    """ddpm.load_data's images, refused in one sentence unless their shape is the model's (evaluate.py has no flag
+    that changes the model or the images)."""
+    images = ddpm.load_data(data, split)
+    want = (config.model.resolution, config.model.resolution, config.model.in_channels)
+    if images.shape[1:] != want:
+        raise ValueError(f"{data} holds {'x'.join(map(str, images.shape[1:]))} images (H x W x C) but the model takes "
+                         f"{'x'.join(map(str, want))}; pass --data images of that shape")
+    return images
+
+
 def model_name(args):
     """A name for output folders: <run folder>-<checkpoint name> (runs/cifar10/ckpt-0800000.pt ->
     cifar10-ckpt-0800000), or the name of the --weights file or folder."""
@@ -134,15 +145,6 @@ def model_name(args):
 # ------------------------------------------------------------------------------------------------
 # 2. NLL: the bound in bits/dim, its rate and distortion (Section 4.3) and the paper's Table 4
 # ------------------------------------------------------------------------------------------------
-
-def _model_sha256(model):
-    """A fingerprint of the weights, so that a resumed evaluation refuses batches of another model."""
-    h = hashlib.sha256()
-    for name, value in model.state_dict().items():
-        h.update(name.encode())
-        h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
 
 NLL_KEYS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
 
@@ -175,7 +177,7 @@ def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_deno
         # What the numbers depend on; run_info (paths, names) is recorded but not compared.
         # The device type too: CPU and CUDA generators draw different noise from the same seed.
         manifest = dict(num_examples=N, batch_size=batch_size, seed=seed, num_timesteps=T, device=device.type,
-                        clip_denoised=clip_denoised, model_sha256=_model_sha256(model),
+                        clip_denoised=clip_denoised, model_sha256=ddpm.weights_sha256(model),
                         data_sha256=hashlib.sha256(x_start.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
         manifest_path = os.path.join(out_dir, "manifest.json")
         if os.path.exists(manifest_path):
@@ -302,8 +304,7 @@ def plot_rate_distortion(path, rate, rmse):
 def cmd_nll(args):
     device = torch.device(args.device)
     model, diffusion, config = load_model_from_args(args, device)
-    images = ddpm.load_data(args.data, args.split, resolution=config.model.resolution,
-                            in_channels=config.model.in_channels)
+    images = load_data_for(config, args.data, args.split)
     if args.max_examples is not None:
         images = images[:args.max_examples]
     x_start = ddpm.normalize_data(images)
@@ -552,6 +553,13 @@ def is_stats_file(path):
     return True
 
 
+def check_count(images, need, source, what, fix=f"pass more (the paper uses {PAPER_NUM_SAMPLES:,})"):
+    """`images`, unless there are fewer than `need`: then one sentence saying what needs them."""
+    if len(images) < need:
+        raise ValueError(f"{source} holds {len(images)} image(s), but {what} needs at least {need}; {fix}")
+    return images
+
+
 def warn_protocol(n, what):
     if n < PAPER_NUM_SAMPLES:
         print(f"WARNING: {what} from {n:,} samples cannot be compared with the paper's ({PAPER_NUM_SAMPLES:,}); "
@@ -562,6 +570,7 @@ def cmd_fid_stats(args):
     images = load_images(args.data, args.split)
     if args.max_examples is not None:
         images = images[:args.max_examples]
+    check_count(images, 2, args.data, "the statistics (a covariance)")
     network, digest = load_inception(args.inception, args.device)
     features = inception_outputs(network, images, batch_size=args.batch_size, device=args.device,
                                  progress=not args.no_progress)
@@ -576,13 +585,13 @@ def cmd_fid_stats(args):
 
 def cmd_fid(args):
     # Read and check every input before the long Inception passes.
-    samples = load_images(args.samples)
+    samples = check_count(load_images(args.samples), 2, args.samples, "FID (a covariance)")
     if is_stats_file(args.ref):
         mu_ref, sigma_ref, info = load_fid_stats(args.ref)
         ref, ref_desc = None, args.ref + (f" ({info['num_images']:,} images of {info.get('source', '?')})"
                                           if "num_images" in info else "")
     else:
-        ref, info = load_images(args.ref, args.ref_split), {}
+        ref, info = check_count(load_images(args.ref, args.ref_split), 2, args.ref, "FID (a covariance)"), {}
         ref_desc = f"{args.ref} {args.ref_split} ({len(ref):,} images)"
         if ref.shape[1:3] != samples.shape[1:3]:
             print(f"WARNING: samples are {samples.shape[1]}x{samples.shape[2]} but the reference is "
@@ -604,7 +613,8 @@ def cmd_fid(args):
 
 
 def cmd_is(args):
-    samples = load_images(args.samples)
+    samples = check_count(load_images(args.samples), args.splits, args.samples, f"--splits {args.splits}",
+                          "lower --splits or pass more samples")
     network, _ = load_inception(args.inception, args.device)
     probs = inception_outputs(network, samples, what="probs", batch_size=args.batch_size, device=args.device,
                               progress=not args.no_progress)
@@ -738,7 +748,7 @@ def cmd_figures(args):
     # Source images for Figures 7 and 8: data when given (the paper uses test images), else fresh samples.
     sources = None
     if args.data:
-        images = ddpm.load_data(args.data, args.split, resolution=R, in_channels=C)
+        images = load_data_for(config, args.data, args.split)
         if len(images) < 2 * args.n:
             raise ValueError(f"{args.data} {args.split} has {len(images)} images; figures need 2 x --n = {2 * args.n}")
         sources = ddpm.normalize_data(images[:2 * args.n]).to(device)
@@ -848,10 +858,16 @@ def main(argv=None):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, ConnectionError) as e:  # bad input: one sentence
-        sys.exit(f"error: {e}")
+    return ddpm.run_cli(run, args)  # bad input, a full disk, Ctrl-C: one line, no traceback
+
+
+def run(args):
+    """args.func(args), after checking --device and --out: before any work."""
+    if getattr(args, "device", None):
+        ddpm.parse_device(args.device)
+    if getattr(args, "out", None):
+        ddpm.check_out(args.out, folder=args.command != "fid-stats")
+    return args.func(args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1087,7 +1103,7 @@ def digits_samples(model, diffusion, n, seed, folder, sampler="ancestral"):
     T = diffusion.num_timesteps
     kept = np.asarray(getattr(diffusion, "timestep_map", range(T)), dtype=np.int64)  # respaced: the original indices
     kept_sha = hashlib.sha256(kept.tobytes()).hexdigest()[:16]
-    key = f"{_model_sha256(model)} {sampler} timesteps={kept_sha} n={n} seed={seed}"
+    key = f"{ddpm.weights_sha256(model)} {sampler} timesteps={kept_sha} n={n} seed={seed}"
     path = os.path.join(folder, f"{sampler}-{T}-n{n}-seed{seed}.npz")
     if os.path.isfile(path):
         with np.load(path) as f:
