@@ -1488,11 +1488,13 @@ def print_steps_table(rows, counts):
         a, d = cell["ancestral", count], cell["ddim", count]
         print(f"| {count} | {_pm(a['fd'], a['fd_std'], 1)} | {_pm(a['is'], a['is_std'])} | "
               f"{_pm(d['fd'], d['fd_std'], 1)} | {_pm(d['is'], d['is_std'])} |")
-    reference = cell["ancestral", counts[0]]
-    answers = {s: fewest_steps_within(rows, s, reference) for s in ("ancestral", "ddim")}
-    print(f"\nWithin the uncertainty of {counts[0]} ancestral steps (digits-FD not worse by more than 2 combined "
-          f"bootstrap std): " + "; ".join(f"{s} from {a} evaluations" if a else f"{s}: no count tried"
-                                          for s, a in answers.items()))
+    print()
+    for reference in ("ancestral", "ddim"):
+        ref = cell[reference, counts[0]]
+        answers = {s: fewest_steps_within(rows, s, ref) for s in ("ancestral", "ddim")}
+        print(f"Within the uncertainty of {counts[0]} {reference} steps (digits-FD {ref['fd']:.1f}, not worse by more "
+              f"than 2 combined bootstrap std): " + "; ".join(f"{s} from {a} evaluations" if a else
+                                                             f"{s}: none of the counts" for s, a in answers.items()))
 
 
 def plot_steps(rows, scale, path):
