@@ -1273,8 +1273,12 @@ def _table2_todo(results, submitted):
     todo = []
     for row in TABLE2_ROWS:
         done = results[row.key]
-        tasks = ["train"] if "train" not in done else [t for t in TABLE2_TASKS[1:] if t not in done] \
-            if done["train"]["status"] == "ok" else []
+        if "train" not in done:
+            tasks = ["train"]
+        elif done["train"]["status"] == "ok":
+            tasks = [t for t in TABLE2_TASKS[1:] if t not in done]
+        else:  # unstable: nothing to sample or evaluate
+            tasks = []
         todo += [(row.key, t) for t in tasks if (row.key, t) not in submitted]
     return todo
 
@@ -1358,7 +1362,7 @@ def print_table2(results, scale, settings, refs):
 
 def print_table1_contrast(results, settings):
     """Table 1's NLL contrast, the true bound L against L_simple (both eps, fixed Sigma), at half and all steps."""
-    print(f"\nTable 1's NLL contrast (the paper, CIFAR-10: L <= 3.70, L_simple <= 3.75 bits/dim):")
+    print("\nTable 1's NLL contrast (the paper, CIFAR-10: L <= 3.70, L_simple <= 3.75 bits/dim):")
     first_better = None
     for label, field, step in (("half", "nll_half", settings["steps"] // 2), ("all", "nll", settings["steps"])):
         values = [results[k].get("nll", {}).get(field) for k in TABLE2_CONTRAST]
@@ -1372,7 +1376,7 @@ def print_table1_contrast(results, settings):
               f"{diff:+.2f} ± {se:.2f}: {better}")
         if diff < -2 * se and first_better is None:
             first_better = step
-    print(f"  L gives the better NLL: " + (f"yes, from step {first_better}" if first_better else
+    print("  L gives the better NLL: " + (f"yes, from step {first_better}" if first_better else
                                            f"not within {settings['steps']} steps"))
 
 
