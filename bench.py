@@ -19,8 +19,8 @@ of the same round; images/s are medians after warm-up steps. Rows:
              max_memory_allocated), MiB
     % peak   train and sample FLOP/s as a fraction of this machine's measured matmul/conv throughput
 
-"ours" runs the way ddpm.py recommends (optimize_model: channels_last; autocast for bf16; Adam with
-fused=True; update_ema); "diffusers" runs as a diffusers user does (the model as built, the same
+"ours" runs the way ddpm.py trains (optimize_model: channels_last; autocast for bf16; ddpm.adam, fused
+where torch supports it; update_ema); "diffusers" runs as a diffusers user does (the model as built, the same
 autocast, torch.optim.Adam with its defaults, diffusers' EMAModel). Both use ddpm.py's
 GaussianDiffusion for the diffusion math, so only the network and its training step differ.
 Prints a table and one JSON line per row. diffusers is needed here only.
@@ -70,9 +70,7 @@ def diffusers_unet(config):
 def build(impl, config):
     """(module, forward function (x, t) -> eps) for 'ours' or 'diffusers'."""
     if impl == "ours":
-        model = ddpm.UNet(ch=config.ch, out_ch=config.in_channels, ch_mult=tuple(config.ch_mult),
-                          num_res_blocks=config.num_res_blocks, attn_resolutions=tuple(config.attn_resolutions),
-                          dropout=config.dropout, in_channels=config.in_channels, resolution=config.resolution)
+        model, _ = ddpm.create_model_and_diffusion(ddpm.Config(model=config))
         return model, model
     model = diffusers_unet(config)
     return model, lambda x, t: model(x, t, return_dict=False)[0]
@@ -172,8 +170,8 @@ def make_runner(spec):
     n_params = sum(p.numel() for p in model.parameters())
     model.to(device)
     if impl == "ours":
-        ddpm.optimize_model(model, channels_last=spec["channels_last"], compile=spec["compile"])
-        opt = torch.optim.Adam(model.parameters(), lr=2e-4, fused=True)
+        forward = ddpm.optimize_model(model, channels_last=spec["channels_last"], compile=spec["compile"])
+        opt = ddpm.adam(model.parameters(), lr=2e-4)
         ema = [p.detach().clone() for p in model.parameters()]
         ema_step = lambda: ddpm.update_ema(ema, model.parameters(), 0.9999)
     else:

@@ -13,7 +13,8 @@ index 0 already means one step of noise and x_0 (the data) has no index of its o
     python ddpm.py train                      # the paper's CIFAR-10 run (a GPU week)
     python ddpm.py sample --checkpoint runs/cifar10/ckpt-*.pt --n 64
 
-It imports torch, numpy and the standard library only, so it can be copied alone.
+It imports torch, numpy and the standard library only, so it can be copied alone. evaluate.py adds what only
+Table 1 needs (the released weights, 50,000 samples in resumable chunks, FID, IS, the NLL's rate and distortion).
 """
 import argparse
 import copy
@@ -21,7 +22,6 @@ import dataclasses
 import functools
 import glob
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
@@ -45,30 +45,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _progress(iterable, total=None, desc="", enable=True):
-    """Wrap `iterable` in a tqdm bar if tqdm is installed, else print a plain line every 10%."""
+def progress_bar(iterable, total=None, desc="", enable=True):
+    """`iterable` with a progress bar: tqdm when installed (redrawn once a minute in a log file, so a week-long run
+    does not write gigabytes), else a plain line on stderr every 10% with the time spent and an estimate of the rest."""
     if not enable:
         return iterable
+    total = len(iterable) if total is None else total
     try:
         from tqdm.auto import tqdm
-        # In a log file (not a terminal) redraw once a minute, so a week-long run does not write gigabytes.
         interval = 0.1 if sys.stderr.isatty() else 60
         return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=interval)
     except ImportError:
-        pass
-    total = total if total is not None else len(iterable)
-
-    def plain():
-        for i, item in enumerate(iterable):
-            if i % max(1, total // 10) == 0:
-                print(f"{desc} {i}/{total}", file=sys.stderr, flush=True)
-            yield item
-    return plain()
+        return _plain_progress(iterable, total, desc)
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. Beta schedules (official `get_beta_schedule`, plus improved-diffusion's cosine)
-# ------------------------------------------------------------------------------------------------
+def _plain_progress(iterable, total, desc):
+    start = time.time()
+    for i, item in enumerate(iterable):
+        if i % max(1, total // 10) == 0:
+            spent = time.time() - start
+            rest = f", about {spent * (total - i) / i:.0f} s left" if i else ""
+            print(f"{desc} {i}/{total}, {spent:.0f} s{rest}", file=sys.stderr, flush=True)
+        yield item
+
+
+# ---- 1. Beta schedules (official `get_beta_schedule`, plus improved-diffusion's cosine) ----------------------------
 
 BETA_SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
 
@@ -109,9 +110,7 @@ def get_beta_schedule(name, num_timesteps):
     return betas
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. Gaussian helpers: the KL between Gaussians and the discretised decoder L_0 (nats)
-# ------------------------------------------------------------------------------------------------
+# ---- 2. Gaussian helpers: the KL between Gaussians and the discretised decoder L_0 (nats) --------------------------
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats. Arguments broadcast."""
@@ -148,9 +147,7 @@ def mean_flat(x):
     return x.mean(dim=tuple(range(1, x.dim())))
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. The diffusion: forward process, reverse process, losses and the bound (Sections 2-3)
-# ------------------------------------------------------------------------------------------------
+# ---- 3. The diffusion: q, the posterior, p and the bound, the losses, sampling (Sections 2-3, Algorithms 1-2) -----
 
 MODEL_MEAN_TYPES = ("eps", "xstart", "xprev")
 MODEL_VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
@@ -172,7 +169,9 @@ class GaussianDiffusion:
     inputs) where it gathers, exactly as the official code does.
     """
 
-    def __init__(self, *, betas, model_mean_type="eps", model_var_type="fixedlarge", loss_type="mse"):
+    @staticmethod
+    def check_types(model_mean_type, model_var_type, loss_type):
+        """Raise a ValueError for an unknown type or a loss that cannot train the variance type."""
         for value, allowed, what in ((model_mean_type, MODEL_MEAN_TYPES, "model_mean_type"),
                                      (model_var_type, MODEL_VAR_TYPES, "model_var_type"),
                                      (loss_type, LOSS_TYPES, "loss_type")):
@@ -185,6 +184,9 @@ class GaussianDiffusion:
         if loss_type == "hybrid" and not learned:
             raise ValueError("loss_type 'hybrid' adds the bound to train a learned variance; with a fixed "
                              "variance it is plain L_simple, so use loss_type 'mse'")
+
+    def __init__(self, *, betas, model_mean_type="eps", model_var_type="fixedlarge", loss_type="mse"):
+        self.check_types(model_mean_type, model_var_type, loss_type)
         self.model_mean_type, self.model_var_type, self.loss_type = model_mean_type, model_var_type, loss_type
 
         betas = np.asarray(betas, dtype=np.float64)
@@ -195,6 +197,8 @@ class GaussianDiffusion:
         self.alphas_cumprod = np.cumprod(alphas)                                     # alpha-bar_t
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])          # alpha-bar_{t-1}
         assert self.alphas_cumprod_prev.shape == (T,)
+        self.sqrt_alphas_cumprod_prev = np.sqrt(self.alphas_cumprod_prev)              # DDIM's x_0 coefficient
+        self.one_minus_alphas_cumprod_prev = 1.0 - self.alphas_cumprod_prev
         # q(x_t | x_0)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
@@ -216,25 +220,24 @@ class GaussianDiffusion:
         # Sigma_theta = beta_t ('fixedlarge'), except beta~ at index 0 for a better decoder likelihood
         self.fixedlarge_variance = np.append(self.posterior_variance[1], betas[1:]) if T > 1 else betas
         self.fixedlarge_log_variance = np.log(self.fixedlarge_variance)
-        self._buffers = {}  # (array bytes, device, dtype) -> tensor, so each buffer is copied once per device
+        self._tensors = {}  # (device, dtype) -> {buffer name: tensor}: each buffer is copied once per device
 
-    def _extract(self, arr, t, x):
-        """arr[t] for a float64 numpy buffer arr [T] and indices t [N], as a tensor shaped [N, 1, ..., 1]
-        like x: float32, or float64 for float64 x. The cache is keyed by the array's contents, not id(arr):
-        a freed temporary's id is reused by the next one."""
+    def _extract(self, name, t, x):
+        """The float64 buffer `name` (an attribute such as 'betas', shape [T]) at indices t [N], as a tensor shaped
+        [N, 1, ..., 1] like x: float32, or float64 for float64 x, cast from float64 as the official code does."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        key = (arr.tobytes(), x.device, dtype)
-        if key not in self._buffers:
-            self._buffers[key] = torch.as_tensor(arr, dtype=dtype).to(x.device)
-        return self._buffers[key][t].reshape(-1, *([1] * (x.dim() - 1)))
+        if (x.device, dtype) not in self._tensors:
+            self._tensors[x.device, dtype] = {k: torch.as_tensor(v, dtype=dtype, device=x.device)
+                                              for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        return self._tensors[x.device, dtype][name][t].reshape(-1, *([1] * (x.dim() - 1)))
 
     # --- forward process q ------------------------------------------------------------------------
 
     def q_mean_variance(self, x_start, t):
         """Mean, variance and log-variance of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), Eq. 4."""
-        mean = self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = self._extract(self.one_minus_alphas_cumprod, t, x_start)
-        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start)
+        mean = self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+        variance = self._extract("one_minus_alphas_cumprod", t, x_start)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start)
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None):
@@ -242,33 +245,33 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x_start)
         assert noise.shape == x_start.shape
-        return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+        return (self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log-variance of the posterior q(x_{t-1} | x_t, x_0), Eqs. 6-7."""
-        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x_start
-                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
-        variance = self._extract(self.posterior_variance, t, x_t)
-        log_variance_clipped = self._extract(self.posterior_log_variance_clipped, t, x_t)
+        mean = (self._extract("posterior_mean_coef1", t, x_t) * x_start
+                + self._extract("posterior_mean_coef2", t, x_t) * x_t)
+        variance = self._extract("posterior_variance", t, x_t)
+        log_variance_clipped = self._extract("posterior_log_variance_clipped", t, x_t)
         return mean, variance, log_variance_clipped
 
     # --- conversions between the three mean parameterisations ----------------------------------
 
     def predict_start_from_noise(self, x_t, t, noise):
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), from Eq. 4."""
-        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * noise)
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * noise)
 
     def predict_noise_from_start(self, x_t, t, pred_xstart):
         """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), the inverse of predict_start_from_noise."""
-        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
-                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
+                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
 
     def predict_start_from_prev(self, x_t, t, x_prev):
         """x_0 = (1/coef1) mu~ - (coef2/coef1) x_t, from mu~(x_t, x_0) = coef1 x_0 + coef2 x_t (Eq. 7)."""
-        return (self._extract(self.recip_posterior_mean_coef1, t, x_t) * x_prev
-                - self._extract(self.posterior_mean_coef2_over_coef1, t, x_t) * x_t)
+        return (self._extract("recip_posterior_mean_coef1", t, x_t) * x_prev
+                - self._extract("posterior_mean_coef2_over_coef1", t, x_t) * x_t)
 
     # --- reverse process p_theta ------------------------------------------------------------------
 
@@ -289,15 +292,15 @@ class GaussianDiffusion:
                 model_log_variance = model_var_values
             else:  # improved-diffusion: interpolate in log space between beta~_t and beta_t
                 frac = (model_var_values + 1) / 2
-                min_log = self._extract(self.posterior_log_variance_clipped, t, x)
-                max_log = self._extract(self.log_betas, t, x)
+                min_log = self._extract("posterior_log_variance_clipped", t, x)
+                max_log = self._extract("log_betas", t, x)
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
         else:
-            assert model_output.shape == x.shape, f"model returned {tuple(model_output.shape)}, expected {tuple(x.shape)}"
-            variance, log_variance = ((self.fixedlarge_variance, self.fixedlarge_log_variance)
+            assert model_output.shape == x.shape, f"model gave {tuple(model_output.shape)}, expected {tuple(x.shape)}"
+            variance, log_variance = (("fixedlarge_variance", "fixedlarge_log_variance")
                                       if self.model_var_type == "fixedlarge"
-                                      else (self.posterior_variance, self.posterior_log_variance_clipped))
+                                      else ("posterior_variance", "posterior_log_variance_clipped"))
             model_variance = self._extract(variance, t, x) * torch.ones_like(x)
             model_log_variance = self._extract(log_variance, t, x) * torch.ones_like(x)
 
@@ -312,37 +315,6 @@ class GaussianDiffusion:
         return {"mean": model_mean, "variance": model_variance, "log_variance": model_log_variance,
                 "pred_xstart": pred_xstart}
 
-    def p_sample(self, model, x, t, noise=None, clip_denoised=True):
-        """One step of Algorithm 2: x_{t-1} = mean + sigma_t z, with no noise at index 0."""
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
-        if noise is None:
-            noise = torch.randn_like(x)
-        nonzero_mask = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-        sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-    @torch.inference_mode()
-    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, progress=False,
-                                  generator=None, device=None):
-        """Run Algorithm 2 from x_T ~ N(0, I) (or `noise`) and yield each step's dict
-        {'t', 'sample', 'pred_xstart'}, from index T-1 down to 0."""
-        device = device if device is not None else _model_device(model)
-        img = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
-        for i in _progress(range(self.num_timesteps - 1, -1, -1), self.num_timesteps, "sampling", progress):
-            t = torch.full((shape[0],), i, dtype=torch.long, device=img.device)
-            z = torch.randn(img.shape, generator=generator, device=img.device, dtype=img.dtype)
-            out = self.p_sample(model, img, t, noise=z, clip_denoised=clip_denoised)
-            out["t"] = i
-            yield out
-            img = out["sample"]
-
-    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, progress=False, generator=None,
-                      device=None):
-        """Algorithm 2: a sample x_0 of shape `shape` = [N, C, H, W], in [-1, 1] when clipping."""
-        for out in self.p_sample_loop_progressive(model, shape, noise, clip_denoised, progress, generator, device):
-            final = out
-        return final["sample"]
-
     # --- the variational bound and the training losses -----------------------------------------
 
     def vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True):
@@ -350,10 +322,38 @@ class GaussianDiffusion:
         index t > 0, and the decoder L_0 = -log p(x_0 | x_1) at index 0 (Eq. 5). output: [N]."""
         true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])) / math.log(2.0)
+        kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
+        kl = mean_flat(kl) / math.log(2.0)
         decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
             x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])) / math.log(2.0)
         return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
+
+    def prior_bpd(self, x_start):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, [N]. It has no parameters: ~1e-5 for 'linear'."""
+        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=x_start.device)
+        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
+        return mean_flat(normal_kl(qt_mean, qt_log_variance, 0.0 * qt_mean, 0.0 * qt_mean)) / math.log(2.0)
+
+    @torch.inference_mode()
+    def calc_bpd_loop(self, model, x_start, clip_denoised=True, progress=False, generator=None):
+        """The whole bound, L_T + sum_t L_{t-1}, in bits/dim for each image: an upper bound on the NLL.
+
+        Returns {'total_bpd' [N], 'prior_bpd' [N], 'vb' [N, T] (index 0 is the decoder L_0),
+        'xstart_mse' [N, T] (x_0 estimate vs x_0) and 'mse' [N, T] (eps estimate vs the noise)}.
+        """
+        N, T = x_start.shape[0], self.num_timesteps
+        vb, xstart_mse, mse = (torch.zeros(N, T, device=x_start.device, dtype=x_start.dtype) for _ in range(3))
+        for i in progress_bar(range(T - 1, -1, -1), T, "bpd", progress):
+            t = torch.full((N,), i, dtype=torch.long, device=x_start.device)
+            noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
+            x_t = self.q_sample(x_start, t, noise=noise)
+            out = self.vb_terms_bpd(model, x_start, x_t, t, clip_denoised=clip_denoised)
+            vb[:, i] = out["output"]
+            xstart_mse[:, i] = mean_flat((out["pred_xstart"] - x_start) ** 2)
+            mse[:, i] = mean_flat((self.predict_noise_from_start(x_t, t, out["pred_xstart"]) - noise) ** 2)
+        prior_bpd = self.prior_bpd(x_start)
+        return {"total_bpd": vb.sum(dim=1) + prior_bpd, "prior_bpd": prior_bpd, "vb": vb,
+                "xstart_mse": xstart_mse, "mse": mse}
 
     def training_losses(self, model, x_start, t, noise=None):
         """Algorithm 1's per-example loss at indices t [N], as a dict with 'loss' [N] and, where they
@@ -379,37 +379,70 @@ class GaussianDiffusion:
         terms["loss"] = terms["mse"] + terms.get("vb", 0.0)
         return terms
 
-    def prior_bpd(self, x_start):
-        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, [N]. It has no parameters: ~1e-5 for 'linear'."""
-        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=x_start.device)
-        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
-        return mean_flat(normal_kl(qt_mean, qt_log_variance, 0.0 * qt_mean, 0.0 * qt_mean)) / math.log(2.0)
+    # --- sampling: Algorithm 2, DDIM, and the one loop both run in ----------------------------------
+
+    def p_sample(self, model, x, t, noise=None, clip_denoised=True):
+        """One step of Algorithm 2: x_{t-1} = mean + sigma_t z from x_t [N x C x H x W], with no noise at index 0.
+        Returns {'sample', 'pred_xstart'} (the x_0 estimate the step used)."""
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
+        if noise is None:
+            noise = torch.randn_like(x)
+        nonzero_mask = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample(self, model, x, t, noise=None, clip_denoised=True, eta=0.0):
+        """One DDIM step (Song et al. 2021, Eq. 12; improved-diffusion's ddim_sample): {'sample', 'pred_xstart'}.
+
+        x_{t-1} = sqrt(abar_{t-1}) x0 + sqrt(1 - abar_{t-1} - sigma^2) eps + sigma z, sigma^2 = eta^2 beta~_t,
+        with x0 the (clipped) estimate and eps rederived from it. eta=0 is deterministic; eta=1 is
+        p_sample with sigma^2 = beta~ ('fixedsmall'). sigma is 0 at index 0 (beta~ = 0 there).
+        """
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's beta~), got {eta}")
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
+        eps = self.predict_noise_from_start(x, t, out["pred_xstart"])
+        sigma2 = eta ** 2 * self._extract("posterior_variance", t, x)
+        eps_coef = (self._extract("one_minus_alphas_cumprod_prev", t, x) - sigma2).clamp(min=0).sqrt()  # 0 at beta=1
+        sample = self._extract("sqrt_alphas_cumprod_prev", t, x) * out["pred_xstart"] + eps_coef * eps
+        if eta:
+            sample = sample + sigma2.sqrt() * (torch.randn_like(x) if noise is None else noise)
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     @torch.inference_mode()
-    def calc_bpd_loop(self, model, x_start, clip_denoised=True, progress=False, generator=None):
-        """The whole bound, L_T + sum_t L_{t-1}, in bits/dim for each image: an upper bound on the NLL.
+    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, progress=False, generator=None,
+                                  device=None, step=None, t_start=None, shared_noise=False):
+        """The sampling loop: from x_T ~ N(0, I) (or `noise`, x_t at index t_start) down to index 0, calling
+        step(model, x, t, noise=z, clip_denoised=...) (p_sample, Algorithm 2, unless given, e.g. a DDIM step) and
+        yielding each step's dict with 't' added. z ~ N(0, I) comes from `generator`; shared_noise draws one
+        z per step for every row (the paper's Figure 8). `shape` is [N, C, H, W]."""
+        step = step or self.p_sample
+        device = device if device is not None else _model_device(model)
+        img = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
+        t_start = self.num_timesteps - 1 if t_start is None else t_start
+        for i in progress_bar(range(t_start, -1, -1), t_start + 1, "sampling", progress):
+            t = torch.full((len(img),), i, dtype=torch.long, device=img.device)
+            z_shape = (1, *img.shape[1:]) if shared_noise else img.shape
+            z = torch.randn(z_shape, generator=generator, device=img.device, dtype=img.dtype).expand_as(img)
+            out = step(model, img, t, noise=z, clip_denoised=clip_denoised)
+            out["t"] = i
+            yield out
+            img = out["sample"]
 
-        Returns {'total_bpd' [N], 'prior_bpd' [N], 'vb' [N, T] (index 0 is the decoder L_0),
-        'xstart_mse' [N, T] (x_0 estimate vs x_0) and 'mse' [N, T] (eps estimate vs the noise)}.
-        """
-        N, T = x_start.shape[0], self.num_timesteps
-        vb, xstart_mse, mse = (torch.zeros(N, T, device=x_start.device, dtype=x_start.dtype) for _ in range(3))
-        for i in _progress(range(T - 1, -1, -1), T, "bpd", progress):
-            t = torch.full((N,), i, dtype=torch.long, device=x_start.device)
-            noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
-            x_t = self.q_sample(x_start, t, noise=noise)
-            out = self.vb_terms_bpd(model, x_start, x_t, t, clip_denoised=clip_denoised)
-            vb[:, i] = out["output"]
-            xstart_mse[:, i] = mean_flat((out["pred_xstart"] - x_start) ** 2)
-            mse[:, i] = mean_flat((self.predict_noise_from_start(x_t, t, out["pred_xstart"]) - noise) ** 2)
-        prior_bpd = self.prior_bpd(x_start)
-        return {"total_bpd": vb.sum(dim=1) + prior_bpd, "prior_bpd": prior_bpd, "vb": vb,
-                "xstart_mse": xstart_mse, "mse": mse}
+    def p_sample_loop(self, model, shape, **kwargs):
+        """Algorithm 2 (or the sampler of kwargs' `step`): a sample x_0 of shape [N, C, H, W], in [-1, 1] when
+        clipping. Takes p_sample_loop_progressive's keyword arguments."""
+        for out in self.p_sample_loop_progressive(model, shape, **kwargs):
+            pass
+        return out["sample"]
+
+    def ddim_sample_loop(self, model, shape, eta=0.0, **kwargs):
+        """A DDIM sample [N, C, H, W] in num_timesteps model calls (50 on respace(d, "ddim50")); with eta=0 it is
+        a function of x_T (`noise`). Takes p_sample_loop_progressive's keyword arguments."""
+        return self.p_sample_loop(model, shape, step=functools.partial(self.ddim_sample, eta=eta), **kwargs)
 
 
-# ------------------------------------------------------------------------------------------------
-# 3b. Fewer steps: respacing (improved-diffusion) and DDIM (Song, Meng & Ermon 2021)
-# ------------------------------------------------------------------------------------------------
+# ---- 4. Fewer steps: respacing (improved-diffusion's SpacedDiffusion; with ddim_sample, DDIM's schedule) ----------
 
 def space_timesteps(num_timesteps, section_counts):
     """The set of original indices 0..T-1 that a respaced diffusion keeps (improved-diffusion's rule).
@@ -440,7 +473,8 @@ def space_timesteps(num_timesteps, section_counts):
             raise ValueError(f"cannot take {count} steps from a section of {size} (T={num_timesteps}); "
                              f"use fewer steps or fewer sections")
         stride = (size - 1) / (count - 1) if count > 1 else 1
-        kept += [start + round(x) for x in itertools.accumulate([0.0] + [stride] * (count - 1))]  # as summed there
+        # the stride summed step by step, then rounded, as improved-diffusion does ([10, 15, 20] of 300 keeps 149)
+        kept += [start + round(x) for x in itertools.accumulate([0.0] + [stride] * (count - 1))]
         start += size
     return set(kept)
 
@@ -493,62 +527,6 @@ def respace(diffusion, section_counts):
                            loss_type=diffusion.loss_type)
 
 
-def ddim_sample(diffusion, model, x, t, noise=None, clip_denoised=True, eta=0.0):
-    """One DDIM step (Song et al. Eq. 12) from x_t [N x C x H x W]: {'sample', 'pred_xstart'}.
-
-    x_{t-1} = sqrt(abar_{t-1}) x0 + sqrt(1 - abar_{t-1} - sigma^2) eps + sigma z, sigma^2 = eta^2 beta~_t,
-    with x0 the (clipped) estimate and eps rederived from it. eta=0 is deterministic; eta=1 is
-    p_sample with sigma^2 = beta~ ('fixedsmall'). No noise at index 0. Also diffusion.ddim_sample.
-    """
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's beta~), got {eta}")
-    cache = diffusion.__dict__.setdefault("_ddim_coefs", {})  # eta -> float64 [T] arrays, built once
-    if eta not in cache:
-        sigma2 = eta ** 2 * diffusion.posterior_variance
-        cache[eta] = (np.sqrt(diffusion.alphas_cumprod_prev),
-                      np.sqrt(np.maximum(1.0 - diffusion.alphas_cumprod_prev - sigma2, 0.0)),  # 0 - rounding at beta=1
-                      np.sqrt(sigma2))
-    x0_coef, eps_coef, sigma = cache[eta]
-    out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
-    eps = diffusion.predict_noise_from_start(x, t, out["pred_xstart"])
-    sample = diffusion._extract(x0_coef, t, x) * out["pred_xstart"] + diffusion._extract(eps_coef, t, x) * eps
-    if eta:  # sigma is 0 at index 0 (beta~_0 = 0), so no mask is needed
-        noise = torch.randn_like(x) if noise is None else noise
-        sample = sample + diffusion._extract(sigma, t, x) * noise
-    return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-
-@torch.inference_mode()
-def ddim_sample_loop_progressive(diffusion, model, shape, noise=None, clip_denoised=True, eta=0.0,
-                                 progress=False, generator=None, device=None):
-    """DDIM from x_T ~ N(0, I) (or `noise`), yielding {'t', 'sample', 'pred_xstart'} from index T-1
-    down to 0: num_timesteps model calls, e.g. 50 on respace(diffusion, "ddim50")."""
-    device = device if device is not None else _model_device(model)
-    img = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
-    for i in _progress(range(diffusion.num_timesteps - 1, -1, -1), diffusion.num_timesteps, "ddim", progress):
-        t = torch.full((shape[0],), i, dtype=torch.long, device=img.device)
-        z = torch.randn(img.shape, generator=generator, device=img.device, dtype=img.dtype) if eta else None
-        out = ddim_sample(diffusion, model, img, t, noise=z, clip_denoised=clip_denoised, eta=eta)
-        out["t"] = i
-        yield out
-        img = out["sample"]
-
-
-def ddim_sample_loop(diffusion, model, shape, noise=None, clip_denoised=True, eta=0.0, progress=False,
-                     generator=None, device=None):
-    """A DDIM sample of shape [N, C, H, W], in [-1, 1] when clipping; eta=0 is a function of x_T."""
-    for out in ddim_sample_loop_progressive(diffusion, model, shape, noise, clip_denoised, eta, progress,
-                                            generator, device):
-        final = out
-    return final["sample"]
-
-
-# DDIM works on every diffusion, respaced or not, with improved-diffusion's method names.
-GaussianDiffusion.ddim_sample = ddim_sample
-GaussianDiffusion.ddim_sample_loop_progressive = ddim_sample_loop_progressive
-GaussianDiffusion.ddim_sample_loop = ddim_sample_loop
-
-
 def _model_device(model):
     """The device of a module's first parameter, or the CPU for a plain callable."""
     try:
@@ -557,9 +535,7 @@ def _model_device(model):
         return torch.device("cpu")
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. The U-Net (official models/unet.py; names follow its variable layout, so weights load key for key)
-# ------------------------------------------------------------------------------------------------
+# ---- 5. The U-Net (official models/unet.py; names follow its variable layout, so weights load key for key) ---------
 
 def get_timestep_embedding(timesteps, embedding_dim):
     """Sinusoidal embedding of integer indices [N] -> [N, dim]: [sin | cos] with frequencies
@@ -659,15 +635,20 @@ class UNet(nn.Module):
     The CIFAR-10 defaults have 35,746,307 parameters (the paper's 35.7M).
     """
 
-    def __init__(self, *, ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                 dropout=0.1, in_channels=3, resolution=32):
-        super().__init__()
-        self.ch, self.resolution, self.in_channels = ch, resolution, in_channels
+    @staticmethod
+    def check_shape(ch, ch_mult, resolution):
+        """Raise a ValueError for widths GroupNorm(32) cannot split or a resolution the levels cannot halve."""
         for c in {ch * m for m in ch_mult}:
             if c % 32:
                 raise ValueError(f"every width ch*ch_mult must be a multiple of 32 for GroupNorm(32), got {c}")
         if resolution % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"resolution {resolution} must be divisible by 2^{len(ch_mult) - 1} for ch_mult {ch_mult}")
+
+    def __init__(self, *, ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                 dropout=0.1, in_channels=3, resolution=32):
+        super().__init__()
+        self.ch, self.resolution, self.in_channels = ch, resolution, in_channels
+        self.check_shape(ch, ch_mult, resolution)
         temb_ch = 4 * ch
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList([_init(nn.Linear(ch, temb_ch)), _init(nn.Linear(temb_ch, temb_ch))])
@@ -739,18 +720,25 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-# ------------------------------------------------------------------------------------------------
-# 4b. Running the U-Net fast: these change how it runs, never what it computes or its weights' names
-# ------------------------------------------------------------------------------------------------
+# ---- 6. Running the U-Net fast: these change how it runs, never what it computes or its weights' names -------------
 
 PRECISIONS = ("fp32", "bf16")
 
 
 def update_ema(ema_params, params, decay):
-    """ema <- ema - (1 - decay) (ema - param) for every pair, in place: TF's ExponentialMovingAverage
-    (decay 0.9999 in the paper), as one torch._foreach_lerp_ over all tensors, not a kernel per tensor."""
-    with torch.no_grad():
-        torch._foreach_lerp_(list(ema_params), list(params), 1.0 - decay)
+    """ema <- decay ema + (1 - decay) param for every pair, in place: TF's ExponentialMovingAverage (decay 0.9999
+    in the paper), as one multi-tensor lerp over all tensors (torch.optim.swa_utils' EMA), not a kernel per tensor."""
+    torch.optim.swa_utils.get_ema_multi_avg_fn(decay)(list(ema_params), list(params), None)
+
+
+def adam(params, lr):
+    """The paper's Adam (beta1 0.9, beta2 0.999, eps 1e-8), fused into one kernel over all tensors where this torch
+    supports it on the parameters' device (CUDA; CPU from torch 2.4), else torch's default multi-tensor Adam."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    except RuntimeError:  # "fused=True requires ... supported devices": an older torch on the CPU
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def autocast(device, precision="fp32"):
@@ -763,19 +751,16 @@ def autocast(device, precision="fp32"):
 
 
 def optimize_model(model, channels_last=True, compile=False):
-    """The model, moved in place to channels_last (NHWC) memory, which oneDNN and cuDNN convolve without
-    reordering, and with compile=True compiled in place by torch.compile (fused GroupNorm, swish and adds;
-    the first call takes minutes). Its state_dict keeps the official names and values."""
+    """The model moved in place to channels_last (NHWC) memory, which oneDNN and cuDNN convolve without reordering;
+    with compile=True, a torch.compile wrapper of it to call instead (fused GroupNorm, swish and adds; the first
+    call takes minutes). Save the model's own state_dict, which keeps the official names: the wrapper's adds
+    '_orig_mod.'."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    if compile:
-        model.compile()  # nn.Module.compile keeps the state_dict keys (torch.compile(model) adds '_orig_mod.')
-    return model
+    return torch.compile(model) if compile else model
 
 
-# ------------------------------------------------------------------------------------------------
-# 5. Configuration: one dataclass per concern, and the paper's recipes as presets
-# ------------------------------------------------------------------------------------------------
+# ---- 7. Configuration: one dataclass per concern, and the paper's recipes as presets -------------------------------
 
 @dataclass
 class ModelConfig:
@@ -806,12 +791,12 @@ class TrainConfig:
     grad_clip: float = 1.0                   # global gradient norm
     ema_decay: float = 0.9999
     randflip: bool = True                    # random horizontal flips, p=0.5 per image
-    steps: int = 800_000                     # the paper's CIFAR-10 run; the released checkpoint is at 790k; 0 = until stopped
+    steps: int = 800_000                     # the paper's CIFAR-10 run (released checkpoint: 790k); 0 = until stopped
     seed: int = 0                            # model init, data order, t, noise, flips and dropout all follow from it
     resize: bool = False                     # center-crop and resize images of another size to model.resolution
     log_every: int = 100                     # steps per log line; also how often DDP ranks agree to stop on a signal
     sample_every: int = 10_000               # steps per EMA sample grid (samples-{step}.png); 0 = never
-    ckpt_every: int = 5000                   # steps per checkpoint; one is also written at the end and on SIGINT/SIGTERM
+    ckpt_every: int = 5000                   # steps per checkpoint; also one at the end and on SIGINT/SIGTERM
     keep_ckpts: int = 2                      # keep the newest K checkpoints (the official keep_checkpoint_max=2)
     eval_bpd: int = 0                        # after training, the test-set NLL of the EMA on this many images; 0 = skip
     precision: str = "fp32"                  # fp32 | bf16: bf16 autocasts the forward; weights, Adam and EMA stay fp32
@@ -850,8 +835,10 @@ class Config:
             raise ValueError(f"--model.attn-resolutions {','.join(map(str, m.attn_resolutions))} names a size that is "
                              f"no level of this U-Net; use some of {','.join(map(str, levels))}, or '' for none")
         autocast("cpu", self.train.precision)  # an unknown precision raises here
-        with torch.device("meta"):  # the U-Net's and the diffusion's own checks, without allocating weights
-            create_model_and_diffusion(self)
+        UNet.check_shape(self.model.ch, self.model.ch_mult, self.model.resolution)
+        d = self.diffusion
+        GaussianDiffusion.check_types(d.model_mean_type, d.model_var_type, d.loss_type)
+        get_beta_schedule(d.beta_schedule, d.num_timesteps)  # an unknown schedule or a beta > 1 raises here
 
     def to_dict(self):
         """Plain nested dict of ints, floats, strings and lists: safe for torch.load(weights_only=True)."""
@@ -929,9 +916,7 @@ def create_model_and_diffusion(config):
     return model, diffusion
 
 
-# ------------------------------------------------------------------------------------------------
-# 6. Checkpoints: plain tensors and Python values, written atomically
-# ------------------------------------------------------------------------------------------------
+# ---- 8. Checkpoints: plain tensors and Python values, written atomically -------------------------------------------
 
 def atomic_write(path, write):
     """Call write(f) on a temporary file, fsync, then rename it over `path`: a crash or Ctrl-C mid-write
@@ -974,7 +959,7 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def _torch_load(path, map_location="cpu"):
+def torch_load(path, map_location="cpu"):
     """torch.load(weights_only=True), so a file from someone else cannot run code; its warnings (another pickle
     protocol, ...) are silenced, as the callers' errors say what matters in one line."""
     with warnings.catch_warnings():
@@ -990,7 +975,7 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass the path of a ckpt-*.pt file")
     try:
-        return _torch_load(path, map_location)
+        return torch_load(path, map_location)
     except Exception:  # torch's message would advise weights_only=False, which runs the file's code: never say it
         raise ValueError(f"{path!r} is not a ddpm checkpoint or is damaged (truncated); pass a ckpt-*.pt written by "
                          f"ddpm.py train, or an earlier one") from None
@@ -1008,169 +993,65 @@ def load_model(path, device="cpu", use_ema=True):
     return optimize_model(model.to(device)).eval(), diffusion, config
 
 
-# ------------------------------------------------------------------------------------------------
-# 7. Released weights: the paper's checkpoints as ported by pesser/pytorch_diffusion and by diffusers
-# ------------------------------------------------------------------------------------------------
-
-# diffusers UNet2DModel settings that change the function but not the keys, as (DDPM's value, diffusers' default
-# for a config.json that omits it); the rest (Fourier embedding, scale-shift norm, ...) changes keys or shapes.
-DIFFUSERS_DDPM_SETTINGS = {"flip_sin_to_cos": (False, True), "freq_shift": (1, 0), "norm_eps": (1e-6, 1e-5),
-                           "norm_num_groups": (32, 32), "downsample_padding": (0, 1), "act_fn": ("silu", "silu"),
-                           "attention_head_dim": (None, 8), "center_input_sample": (False, False),
-                           "mid_block_scale_factor": (1, 1)}
-
-
-def diffusers_to_official(state_dict):
-    """Rename a diffusers UNet2DModel state dict to the official (pesser) layout that `UNet` uses.
-
-    diffusers numbers up_blocks from the deepest level (up_blocks.0 is the official up[L-1]), calls the 1x1 skip
-    conv conv_shortcut, and keeps attention q, k, v and output as Linear [C, C] weights, the official 1x1 convs.
-    Files saved before diffusers renamed its attention layers (diffusers still converts them on load) say
-    query/key/value/proj_attn for to_q/to_k/to_v/to_out.0; both are read.
-    """
-    levels = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("down_blocks.")), default=0)
-    rules = [(r"^time_embedding\.linear_([12])\.", lambda m: f"temb.dense.{int(m[1]) - 1}."),
-             (r"^mid_block\.resnets\.([01])\.", lambda m: f"mid.block_{int(m[1]) + 1}."),
-             (r"^up_blocks\.(\d+)\.", lambda m: f"up.{levels - 1 - int(m[1])}."), (r"^down_blocks\.", "down."),
-             (r"^mid_block\.attentions\.0\.", "mid.attn_1."), (r"^conv_norm_out\.", "norm_out."),
-             (r"\.resnets\.", ".block."), (r"\.attentions\.", ".attn."), (r"\.downsamplers\.0\.", ".downsample."),
-             (r"\.upsamplers\.0\.", ".upsample."), (r"\.time_emb_proj\.", ".temb_proj."),
-             (r"\.conv_shortcut\.", ".nin_shortcut."), (r"\.group_norm\.", ".norm."), (r"\.(to_q|query)\.", ".q."),
-             (r"\.(to_k|key)\.", ".k."), (r"\.(to_v|value)\.", ".v."), (r"\.(to_out\.0|proj_attn)\.", ".proj_out.")]
-    official = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in rules:
-            key = re.sub(pattern, replacement, key)
-        if re.search(r"\.(q|k|v|proj_out)\.weight$", key) and value.dim() == 2:
-            value = value[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
-        official[key] = value
-    return official
-
-
-def _read_weights(path):
-    """A state dict from .safetensors (the safetensors package) or .bin/.ckpt/.pt (torch.load, weights_only)."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
-        state_dict = _torch_load(path)
-    except ImportError:
-        raise ImportError(f"reading {path!r} needs the safetensors package: pip install safetensors") from None
-    except Exception:  # torch's message would advise weights_only=False, which runs the file's code: never say it
-        raise ValueError(f"cannot read {path!r}: it is not a .ckpt/.pt/.bin/.safetensors weights file or it is "
-                         f"damaged (truncated), so download it again") from None
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{path!r} holds a {type(state_dict).__name__}, not a state dict of tensors")
-    return state_dict
-
-
-def _config_from_weights(state_dict, resolution, hint, preset):
-    """The Config of an official-layout state dict: architecture from keys and shapes, the rest from its preset."""
-    ch, in_channels = state_dict["conv_in.weight"].shape[:2]
-    levels = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("down.")), default=0)
-    ch_mult = tuple(state_dict[f"down.{level}.block.0.conv1.weight"].shape[0] // ch for level in range(levels))
-    num_res_blocks = len({k.split(".")[3] for k in state_dict if k.startswith("down.0.block.")})
-    attn_levels = [level for level in range(levels) if f"down.{level}.attn.0.norm.weight" in state_dict]
-    if preset is None and ch_mult == (1, 2, 2, 2):
-        preset = "cifar10"
-    elif preset is None and ch_mult == (1, 1, 2, 2, 4, 4):  # one U-Net for all 256x256 runs: the path names the data
-        names = re.findall(r"(?<![a-z])(celeba|church|bedroom|cat)(?:hq)?(?![a-z])", hint.lower())
-        preset = {"celeba": "celebahq256"}.get(names[-1], f"lsun_{names[-1]}256") if names else None
-    elif preset is None:
-        raise ValueError(f"the weights have ch_mult {ch_mult}, neither the CIFAR-10 (1, 2, 2, 2) nor the 256x256 "
-                         f"(1, 1, 2, 2, 4, 4) U-Net; pass preset=NAME ({', '.join(PRESETS)}) to say how it samples")
-    # Without a dataset name the 256x256 recipe still samples right (eps, fixedsmall): the dataset is only a label.
-    config = get_preset(preset) if preset else dataclasses.replace(_preset_256("unknown"), preset="256x256")
-    resolution = resolution or config.model.resolution  # config.json's sample_size, else the preset's
-    config.model = dataclasses.replace(config.model, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                                       attn_resolutions=tuple(resolution >> level for level in attn_levels),
-                                       in_channels=in_channels, resolution=resolution)
-    return config
-
-
-def load_pretrained(path, device="cpu", preset=None):
-    """(model, diffusion, config) from released weights, the model in eval mode and channels_last, like `load_model`.
-
-    path: a pesser/pytorch_diffusion .ckpt (or any .pt/.bin state dict in the official layout), a diffusers
-    UNet2DModel weights file, or a diffusers snapshot folder (config.json and diffusion_pytorch_model.safetensors
-    or .bin, at its top as in google/ddpm-* or under unet/). The layout comes from the keys, the architecture
-    from the shapes, the resolution from config.json's sample_size (else the preset), and the sampling settings
-    from the preset: CIFAR-10 eps/fixedlarge, CelebA-HQ and LSUN eps/fixedsmall, all clipping x_0. The 256x256
-    dataset is read from the path or config.json's _name_or_path; `preset` overrides it. Loading is strict.
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path!r} does not exist; pass a weights file or a diffusers snapshot folder")
-    if os.path.isdir(path):
-        exts = ("safetensors", "bin") if importlib.util.find_spec("safetensors") else ("bin", "safetensors")
-        found = [w for d in (path, os.path.join(path, "unet")) if os.path.isfile(os.path.join(d, "config.json"))
-                 for w in (os.path.join(d, f"diffusion_pytorch_model.{ext}") for ext in exts) if os.path.isfile(w)]
-        if not found:
-            raise ValueError(f"folder {path!r} holds no config.json with a diffusion_pytorch_model.safetensors or .bin "
-                             f"(at its top or in unet/); pass a complete diffusers snapshot or the weights file")
-        path = found[0]
-    state_dict, settings, config_json = _read_weights(path), {}, os.path.join(os.path.dirname(path), "config.json")
-    if "conv_norm_out.weight" in state_dict:  # diffusers' UNet2DModel
-        if os.path.isfile(config_json):
-            with open(config_json) as f:
-                settings = json.load(f)
-        for key, (value, default) in DIFFUSERS_DDPM_SETTINGS.items():
-            if settings and settings.get(key, default) != value:
-                raise ValueError(f"{config_json} sets {key}={settings.get(key, default)!r} where the DDPM U-Net has "
-                                 f"{value!r}: it is another model, which this U-Net cannot reproduce")
-        state_dict = diffusers_to_official(state_dict)
-    elif {"config", "model", "ema"} <= state_dict.keys():
-        raise ValueError(f"{path!r} is a checkpoint of ddpm.py train, not released weights; pass it with --checkpoint")
-    elif "temb.dense.0.weight" not in state_dict:
-        raise ValueError(f"{path!r} is neither the official layout (temb.dense.0.weight, ...) nor diffusers' "
-                         f"UNet2DModel (conv_norm_out.weight, ...); its first keys are {list(state_dict)[:4]}")
-    try:
-        config = _config_from_weights(state_dict, settings.get("sample_size"),
-                                      f"{os.path.abspath(path)} {settings.get('_name_or_path', '')}", preset)
-        with torch.device("meta"):  # shapes only: the weights come from the file, so skip the initialisation
-            model, diffusion = create_model_and_diffusion(config)
-        model.load_state_dict({k: v.float() for k, v in state_dict.items()}, assign=True)  # strict
-    except (KeyError, RuntimeError) as e:  # a key the architecture is read from, or torch's list of misfits
-        raise ValueError(f"{path!r} does not fit the DDPM U-Net its shapes describe; it is damaged or another "
-                         f"model: {type(e).__name__}: {e}") from None
-    return optimize_model(model.to(device)).eval(), diffusion, config
-
-
-# ------------------------------------------------------------------------------------------------
-# 8. Data: uint8 NHWC arrays in memory, scaled to [-1, 1] per batch as the official tpu_utils does
-# ------------------------------------------------------------------------------------------------
+# ---- 9. Data: uint8 NHWC arrays in memory, scaled to [-1, 1] per batch as the official tpu_utils does --------------
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 DIGITS_NUM_TRAIN = 1500  # digits split: images 0..1499 train, 1500..1796 (297 images) the held-out test set
 
 
-def _md5(path):
+def cache_dir():
+    """Where downloads are kept (CIFAR-10 here, the Inception network in evaluate.py): $DDPM_CACHE, else
+    ~/.cache/ddpm."""
+    return os.environ.get("DDPM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ddpm")
+
+
+def file_digest(path, algorithm="sha256"):
+    """The hex digest of a file ('md5', 'sha256', ...), read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
-        return hashlib.md5(f.read()).hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url, path, algorithm, digest, fix):
+    """`path`, downloaded from `url` the first time (kept only when its digest is `digest`) and checked on every
+    call, so a corrupt or substituted file is refused before it is used. `fix` says what to do without network."""
+    if not os.path.exists(path):
+        import urllib.request
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.part{os.getpid()}"
+        print(f"downloading {url} to {path}", file=sys.stderr)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    f.write(block)
+            if file_digest(tmp, algorithm) != digest:
+                raise ValueError(f"the file downloaded from {url} has the wrong {algorithm} (expected {digest}); the "
+                                 f"download is corrupt or the address serves another file, so nothing was kept: run "
+                                 f"again, or {fix}")
+            os.replace(tmp, path)
+        except OSError as e:  # urllib's URLError is an OSError
+            raise ConnectionError(f"cannot download {url} ({e}); {fix}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    if file_digest(path, algorithm) != digest:
+        raise ValueError(f"{path} has the wrong {algorithm} (corrupt, truncated or another file); delete it to "
+                         f"download it again, or {fix}")
+    return path
 
 
 def load_cifar10(split="train"):
     """CIFAR-10 as uint8 [N, 32, 32, 3] (50,000 train / 10,000 test), from the official python archive.
 
-    The archive is downloaded once into $DDPM_CACHE (default ~/.cache/ddpm) and its md5 checked on every
-    load, so a machine without network works as soon as the file is there. The pickles need numpy alone.
+    The archive is downloaded once into cache_dir() and its md5 checked on every load, so a machine without
+    network works as soon as the file is there. The pickles need numpy alone.
     """
-    cache = os.environ.get("DDPM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ddpm")
-    path = os.path.join(cache, "cifar-10-python.tar.gz")
-    if not os.path.isfile(path):
-        import urllib.request
-        os.makedirs(cache, exist_ok=True)
-        print(f"downloading {CIFAR10_URL} to {path}", file=sys.stderr)
-        try:
-            urllib.request.urlretrieve(CIFAR10_URL, path + ".part")
-        except OSError as e:
-            raise ConnectionError(f"cannot download CIFAR-10 ({e}); without network, copy cifar-10-python.tar.gz "
-                                  f"from {CIFAR10_URL} into {cache} (or set DDPM_CACHE)") from None
-        os.replace(path + ".part", path)
-    if _md5(path) != CIFAR10_MD5:
-        raise ValueError(f"{path} has the wrong md5 (corrupt or truncated download); delete it and run again "
-                         f"to download it afresh, or copy in a good cifar-10-python.tar.gz")
+    path = download(CIFAR10_URL, os.path.join(cache_dir(), "cifar-10-python.tar.gz"), "md5", CIFAR10_MD5,
+                    f"without network, copy cifar-10-python.tar.gz from {CIFAR10_URL} into {cache_dir()} "
+                    f"(or set DDPM_CACHE)")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     with tarfile.open(path, "r:gz") as tar:
         # The md5 above pins the official file, so unpickling it is safe.
@@ -1210,7 +1091,7 @@ def load_image_folder(path, resolution=None, resize=False):
     if not files:
         raise ValueError(f"folder {path!r} holds no images; point --data at a folder of .png/.jpg files")
     images = []
-    for f in _progress(files, len(files), "reading images", len(files) > 1000):
+    for f in progress_bar(files, len(files), "reading images", len(files) > 1000):
         try:
             with Image.open(f) as im:
                 images.append(im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"))
@@ -1296,9 +1177,7 @@ def unnormalize_data(x):
     return ((x.detach().float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-# ------------------------------------------------------------------------------------------------
-# 9. Training (Algorithm 1): Adam with warmup, global-norm clipping, EMA, crash-safe checkpoints, DDP
-# ------------------------------------------------------------------------------------------------
+# ---- 10. Training (Algorithm 1): Adam with warmup, global-norm clipping, EMA, crash-safe checkpoints, DDP ----------
 
 # train fields a resumed run may change; any other difference from the checkpoint's config refuses to resume
 RESUMABLE_FIELDS = ("steps", "log_every", "sample_every", "ckpt_every", "keep_ckpts", "eval_bpd", "precision",
@@ -1380,20 +1259,137 @@ def setup_distributed():
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
-def train(config, resume=False):
-    """Algorithm 1 with the official recipe: t ~ U{0..T-1}, L_simple (or config.diffusion.loss_type) averaged over
-    the global batch, Adam(eps 1e-8) with lr_k = lr * min(k / warmup, 1) for the k-th update (k from 0), gradients
-    clipped at global norm grad_clip, then EMA <- decay * EMA + (1 - decay) * theta with decay 1e-10 at the first
-    update (a copy) and ema_decay after. Training continues from the raw weights; samples and NLL use the EMA.
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the config: theta, its EMA, Adam's moments and every RNG, at `step`."""
+    model: nn.Module                 # the raw weights theta (never the DDP or compile wrapper)
+    ema: nn.Module                   # what samples and the NLL use
+    opt: torch.optim.Optimizer
+    generator: torch.Generator       # t, noise and flips of the global batch, the same stream on every rank
+    step: int = 0
+    last_good: str = None            # the newest checkpoint written or resumed from, named by the NaN guard
 
-    Writes config.json, metrics.jsonl, samples-{step}.png and ckpt-{step:07d}.pt into the run directory
-    (rank 0 only). resume=True continues from the newest readable checkpoint there, bit for bit on CPU.
-    Returns the run directory.
-    """
-    tc, m, T, t_start = config.train, config.model, config.diffusion.num_timesteps, time.time()
-    config.check()  # bad input fails here, before the data is read or a model is built
-    rank, world, device = setup_distributed()
-    out = tc.out or os.path.join("runs", config.preset)
+
+def resume_train_state(state, config, out, rank, world):
+    """Load the newest readable checkpoint in `out` into `state`, if there is one: rank 0 reads it (moving
+    unreadable ones aside as *.unreadable, so --keep-ckpts never counts them) and hands it to the other ranks,
+    so no shared disk is needed. A checkpoint of another config (beyond RESUMABLE_FIELDS) is refused."""
+    ckpt = None
+    for path in reversed(list_checkpoints(out) if rank == 0 else []):
+        try:
+            ckpt = load_checkpoint(path)
+            if not isinstance(ckpt, dict) or not {"config", "optimizer", "rng"} <= ckpt.keys():
+                raise ValueError(f"{path!r} lacks the config, optimizer or RNG state of a training checkpoint")
+            print(f"resuming from {path}")
+            break
+        except ValueError as e:
+            ckpt = None
+            os.replace(path, path + ".unreadable")
+            print(f"skipping unreadable checkpoint: {e}; renamed it to {os.path.basename(path)}.unreadable")
+    if world > 1:
+        box = [ckpt]
+        dist.broadcast_object_list(box, src=0)
+        ckpt = box[0]
+    if ckpt is None:
+        return
+    diff = [d for d in config_diff(config, Config.from_dict(ckpt["config"]))
+            if d.split(":")[0] not in {f"train.{f}" for f in RESUMABLE_FIELDS}]
+    if diff:
+        raise ValueError(f"the checkpoint in {out} was trained with another config ({'; '.join(diff)}); "
+                         f"resume with the run's own flags, or start a new --out")
+    state.model.load_state_dict(ckpt["model"])
+    state.ema.load_state_dict(ckpt["ema"])
+    state.opt.load_state_dict(ckpt["optimizer"])
+    _set_rng_state(ckpt["rng"], state.generator, rank, world)
+    state.step, state.last_good = ckpt["step"], f"ckpt-{ckpt['step']:07d}.pt"
+
+
+def save_train_state(state, config, out, rank, world):
+    """Write out/ckpt-{step:07d}.pt atomically (rank 0; every rank contributes its RNG state), then delete all but
+    the newest train.keep_ckpts checkpoints."""
+    ckpt = {"config": config.to_dict(), "step": state.step, "model": state.model.state_dict(),
+            "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(),
+            "rng": _rng_state(state.generator, world), "world_size": world}
+    name, last_good, state.last_good = f"ckpt-{state.step:07d}.pt", state.last_good, f"ckpt-{state.step:07d}.pt"
+    if rank == 0:
+        try:
+            save_checkpoint(os.path.join(out, name), ckpt)
+        except OSError as e:
+            good = f"{os.path.join(out, last_good)} is still good" if last_good else "no checkpoint was written yet"
+            raise OSError(f"{e}; {good}: free space, then rerun with --resume") from None
+        for old in list_checkpoints(out)[:-config.train.keep_ckpts]:
+            os.remove(old)
+
+
+class Metrics:
+    """Sums between two log lines, kept on the device (no host sync per step) and all-reduced across ranks when
+    the line is written: the batch loss and gradient norm, and the per-example loss and count by quarter of t."""
+
+    def __init__(self, device, step):
+        self.loss, self.grad_norm = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.quarter_loss, self.quarter_count = torch.zeros(4, device=device), torch.zeros(4, device=device)
+        self.step, self.clock, self.paused = step, time.time(), 0.0  # paused: seconds of sampling and saving
+
+    def add(self, loss, grad_norm, losses, t, T):
+        with torch.no_grad():
+            quarter = t * 4 // T  # 0: t in the first quarter of 0..T-1, ..., 3: the last
+            self.loss += loss.detach()
+            self.grad_norm += grad_norm
+            self.quarter_loss.index_add_(0, quarter, losses.detach())
+            self.quarter_count.index_add_(0, quarter, torch.ones_like(losses))
+
+    def check_finite(self, step, last_good):
+        """The NaN guard: raise before anything is saved, so the last good checkpoint stays the newest."""
+        sums = (self.loss, self.grad_norm, self.quarter_loss)
+        if not all(torch.isfinite(s).all() for s in sums):
+            raise FloatingPointError(f"non-finite loss or gradient norm by step {step}; stopped without saving, "
+                                     f"so the last good checkpoint ({last_good}) stays: lower --lr or use fp32")
+
+    def log(self, step, lr, batch_size, stop_requested, rank, world, out):
+        """Write one `key=value` log line and one metrics.jsonl record (rank 0) and start new sums; return whether
+        any rank was asked to stop (the ranks agree on a stop here, where they all meet)."""
+        sums = torch.cat([self.loss[None], self.grad_norm[None], self.quarter_loss, self.quarter_count,
+                          torch.tensor([float(stop_requested)], device=self.loss.device)])
+        if world > 1:
+            dist.all_reduce(sums)
+        loss, grad_norm, quarter_loss, quarter_count, stop = sums.cpu().split([1, 1, 4, 4, 1])
+        n = step - self.step
+        if rank == 0:
+            record = {"step": step, "loss": loss.item() / (n * world),
+                      **{f"loss_q{q}": quarter_loss[q].item() / max(quarter_count[q].item(), 1) for q in range(4)},
+                      "grad_norm": grad_norm.item() / (n * world), "lr": lr,
+                      "img/s": n * batch_size / (time.time() - self.clock - self.paused)}
+            _log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({**record, "time": time.time()}) + "\n")
+        self.__init__(self.loss.device, step)
+        return stop.item() > 0
+
+
+class StopOnSignal:
+    """Within `with`, the first SIGINT/SIGTERM only sets self.signal, so the loop writes a checkpoint and exits
+    cleanly; a second one kills at once (the previous handler is back). Handlers need the main thread."""
+
+    def __enter__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def request(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def load_training_data(config, out, resume, rank, world):
+    """The training images, after refusing bad input before any work: the config, a batch that does not split
+    across the ranks, a run directory that holds checkpoints without --resume, fewer images than one batch."""
+    tc, m = config.train, config.model
+    config.check()
     if tc.batch_size % world:
         raise ValueError(f"--batch-size {tc.batch_size} does not split across {world} ranks; use a multiple of {world}")
     if rank == 0 and list_checkpoints(out) and not resume:
@@ -1404,192 +1400,152 @@ def train(config, resume=False):
     if len(data) < tc.batch_size:
         raise ValueError(f"--data {tc.data} holds {len(data)} images, fewer than one batch of {tc.batch_size}; "
                          f"lower --batch-size or add images")
+    return data
+
+
+def write_run_config(config, out, model, data, world, device):
+    """Print the resolved config and write it to out/config.json; print the run's size and where it runs."""
+    os.makedirs(out, exist_ok=True)
+    print(json.dumps(config.to_dict(), indent=1))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=1)
+    print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(data):,} images; {world} rank(s) "
+          f"on {device.type}; {config.train.precision}; run directory {out}")
+
+
+def train(config, resume=False):
+    """Algorithm 1 with the official recipe: t ~ U{0..T-1}, L_simple (or config.diffusion.loss_type) averaged over
+    the global batch, Adam(eps 1e-8) with lr_k = lr * min(k / warmup, 1) for the k-th update (k from 0), gradients
+    clipped at global norm grad_clip, then EMA <- decay * EMA + (1 - decay) * theta with decay 1e-10 at the first
+    update (a copy) and ema_decay after. Training continues from the raw weights; samples and NLL use the EMA.
+
+    Writes config.json, metrics.jsonl, samples-{step}.png and ckpt-{step:07d}.pt into the run directory
+    (rank 0 only). resume=True continues from the newest readable checkpoint there, bit for bit on CPU.
+    Returns the run directory.
+    """
+    tc, T, t_start = config.train, config.diffusion.num_timesteps, time.time()
+    rank, world, device = setup_distributed()
+    out = tc.out or os.path.join("runs", config.preset)
+    data = load_training_data(config, out, resume, rank, world)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank and in every run with this seed
     model, diffusion = create_model_and_diffusion(config)
     optimize_model(model.to(device))  # channels_last, before the EMA copies the model
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)  # one kernel
+    state = TrainState(model, ema, adam(model.parameters(), tc.lr), torch.Generator(device).manual_seed(tc.seed))
     torch.manual_seed(tc.seed + 1 + rank)  # dropout: its own stream per rank
-    generator = torch.Generator(device).manual_seed(tc.seed)  # t, noise and flips of the global batch, on every rank
-
-    # Resume: rank 0 reads the newest readable checkpoint and hands it to the others (no shared disk needed).
-    ckpt, start = None, 0
-    if rank == 0:
-        for path in reversed(list_checkpoints(out)):
-            try:
-                ckpt = load_checkpoint(path)
-                if not isinstance(ckpt, dict) or not {"config", "optimizer", "rng"} <= ckpt.keys():
-                    raise ValueError(f"{path!r} lacks the config, optimizer or RNG state of a training checkpoint")
-                print(f"resuming from {path}")
-                break
-            except ValueError as e:  # moved aside: out of list_checkpoints, so --keep-ckpts never counts it
-                ckpt = None
-                os.replace(path, path + ".unreadable")
-                print(f"skipping unreadable checkpoint: {e}; renamed it to {os.path.basename(path)}.unreadable")
-        if resume and ckpt is None:
-            print(f"--resume: no checkpoint in {out}, starting from scratch")
+    resume_train_state(state, config, out, rank, world)
     if world > 1:
-        box = [ckpt]
-        dist.broadcast_object_list(box, src=0)
-        ckpt = box[0]
-    if ckpt is not None:
-        diff = [d for d in config_diff(config, Config.from_dict(ckpt["config"]))
-                if d.split(":")[0] not in {f"train.{f}" for f in RESUMABLE_FIELDS}]
-        if diff:
-            raise ValueError(f"the checkpoint in {out} was trained with another config ({'; '.join(diff)}); "
-                             f"resume with the run's own flags, or start a new --out")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"], generator, rank, world)
-        start = ckpt["step"]
-    last_good = f"ckpt-{start:07d}.pt" if ckpt is not None else None
-    del ckpt
-
-    raw = model  # the module whose weights are saved; `model` may be wrapped below
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimize_model(model, channels_last=False, compile=tc.compile)  # in place, around the DDP wrapper when there is one
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    model = optimize_model(model, channels_last=False, compile=tc.compile)  # what runs; state.model is what is saved
     if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        print(json.dumps(config.to_dict(), indent=1))
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=1)
-        print(f"{sum(p.numel() for p in raw.parameters()):,} parameters; {len(data):,} images; {world} rank(s) "
-              f"on {device.type}; {tc.precision}; run directory {out}")
-
-    stop = []  # the first SIGINT/SIGTERM asks for a checkpoint and a clean exit; a second one kills at once
-    def request_stop(signum, frame):
-        stop.append(signal.Signals(signum).name)
-        signal.signal(signum, previous[signum])
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-
+        write_run_config(config, out, state.model, data, world, device)
     B, b = tc.batch_size, tc.batch_size // world
-    shard = slice(rank * b, (rank + 1) * b)
-    # Summed between log lines, on the device (no host sync per step): loss, grad norm, then per quarter of t
-    # the loss sum and the count, then the stop flag, all-reduced across ranks at log time.
-    stats = torch.zeros(11, device=device)
-
-    def check_finite(step):
-        if not torch.isfinite(stats).all():
-            raise FloatingPointError(f"non-finite loss or gradient norm by step {step}; stopped without saving, "
-                                     f"so the last good checkpoint ({last_good}) stays: lower --lr or use fp32")
-
-    def save(step):
-        check_finite(step)
-        state = {"config": config.to_dict(), "step": step, "model": raw.state_dict(), "ema": ema.state_dict(),
-                 "optimizer": opt.state_dict(), "rng": _rng_state(generator, world), "world_size": world}
-        if rank == 0:
-            try:
-                save_checkpoint(os.path.join(out, f"ckpt-{step:07d}.pt"), state)
-            except OSError as e:
-                good = f"{os.path.join(out, last_good)} is still good" if last_good else "no checkpoint was written yet"
-                raise OSError(f"{e}; {good}: free space, then rerun with --resume") from None
-            for old in list_checkpoints(out)[:-tc.keep_ckpts]:
-                os.remove(old)
-        return f"ckpt-{step:07d}.pt"
-
+    shard = slice(rank * b, (rank + 1) * b)  # this rank's part of the global batch
+    start, stopping, metrics = state.step, False, Metrics(device, state.step)
     model.train()
-    steps = range(start, tc.steps) if tc.steps else itertools.count(start)  # steps 0: until stopped
-    t_log, step_log, step, stopping = time.time(), start, start, False
-    try:
-        for step in _progress(steps, tc.steps - start, "training", rank == 0 and tc.steps > 0):
+    with StopOnSignal() as stop:
+        steps = range(start, tc.steps) if tc.steps else itertools.count(start)  # steps 0: until stopped
+        for step in progress_bar(steps, tc.steps - start, "training", rank == 0 and tc.steps > 0):
             lr = tc.lr * min(step / tc.warmup, 1.0) if tc.warmup else tc.lr  # k = step: the first update has lr 0
-            for group in opt.param_groups:
+            for group in state.opt.param_groups:
                 group["lr"] = lr
-            # The global batch's examples, t, noise and flips are drawn identically on every rank, which keeps
-            # its slice: so N ranks compute exactly what one process would with the same global batch.
+            # x_0 ~ q(x_0), t ~ Uniform, eps ~ N(0, I) and the flips are drawn for the global batch on every rank,
+            # which keeps its slice: so N ranks compute exactly what one process would with the same global batch.
             x = normalize_data(data[batch_indices(step, B, len(data), tc.seed)[shard]]).to(device, non_blocking=True)
-            t = torch.randint(0, T, (B,), generator=generator, device=device)[shard]
-            noise = torch.randn((B, *x.shape[1:]), generator=generator, device=device)[shard]
-            flip = torch.rand(B, generator=generator, device=device)[shard] < 0.5
+            t = torch.randint(0, T, (B,), generator=state.generator, device=device)[shard]
+            noise = torch.randn((B, *x.shape[1:]), generator=state.generator, device=device)[shard]
+            flip = torch.rand(B, generator=state.generator, device=device)[shard] < 0.5
             if tc.randflip:
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
             x, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x, noise))  # like the model's
             with autocast(device, tc.precision):
                 losses = diffusion.training_losses(model, x, t, noise=noise)["loss"].float()  # [b]
             loss = losses.mean()
-            opt.zero_grad(set_to_none=True)
+            state.opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the rank means: the global batch mean
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip)
-            opt.step()
-            update_ema(ema.parameters(), raw.parameters(), 1e-10 if step == 0 else tc.ema_decay)  # step 0: a copy
-            with torch.no_grad():
-                quarter = t * 4 // T
-                stats[0] += loss.detach()
-                stats[1] += grad_norm
-                stats[2:6].index_add_(0, quarter, losses.detach())
-                stats[6:10].index_add_(0, quarter, torch.ones_like(losses))
-            step += 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip)
+            state.opt.step()
+            update_ema(ema.parameters(), state.model.parameters(), 1e-10 if step == 0 else tc.ema_decay)
+            metrics.add(loss, grad_norm, losses, t, T)
+            state.step = step = step + 1
 
+            stopping = stop.signal is not None and world == 1  # several ranks agree on a stop only at log steps
             if step % tc.log_every == 0 or step == tc.steps:
-                check_finite(step)
-                stats[10] = float(bool(stop))
-                if world > 1:
-                    dist.all_reduce(stats)
-                s, n = stats.tolist(), step - step_log
-                if rank == 0:
-                    record = {"step": step, "loss": s[0] / (n * world),
-                              **{f"loss_q{q}": s[2 + q] / max(s[6 + q], 1) for q in range(4)},
-                              "grad_norm": s[1] / (n * world), "lr": lr, "img/s": n * B / (time.time() - t_log)}
-                    _log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-                    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps({**record, "time": time.time()}) + "\n")
-                stopping = s[10] > 0
-                stats.zero_()
-                t_log, step_log = time.time(), step
-            else:
-                stopping = bool(stop) and world == 1  # ranks agree on a stop only at log steps
+                metrics.check_finite(step, state.last_good)
+                stopping = metrics.log(step, lr, B, stop.signal is not None, rank, world, out)
             t_pause = time.time()
             if rank == 0 and tc.sample_every and step % tc.sample_every == 0:  # the same noise every time
                 save_image_grid(unnormalize_data(sample_images(ema, diffusion, 64, seed=tc.seed)),
                                 os.path.join(out, f"samples-{step:07d}.png"))
             if step % tc.ckpt_every == 0 or step == tc.steps or stopping:
-                last_good = save(step)
-            t_log += time.time() - t_pause  # img/s counts training only
+                metrics.check_finite(step, state.last_good)
+                save_train_state(state, config, out, rank, world)
+            metrics.paused += time.time() - t_pause  # img/s counts training only
+            if stopping and rank == 0:
+                print(f"stopped by {stop.signal or 'a signal on another rank'} at step {step}; checkpoint "
+                      f"{state.last_good} written; continue with the same command plus --resume")
             if stopping:
-                if rank == 0:
-                    print(f"stopped by {stop[0] if stop else 'a signal on another rank'} at step {step}; checkpoint "
-                          f"{last_good} written; continue with the same command plus --resume")
                 break
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if rank == 0:
-        print(f"trained steps {start}..{step} in {(time.time() - t_start) / 60:.1f} min; run directory {out}")
-    if tc.eval_bpd and not stopping:  # each rank takes every world-th test image
-        test = load_data(tc.data, "test", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
-        bpd = dataset_bpd(ema, diffusion, test[:tc.eval_bpd][rank::world], tc.batch_size, seed=tc.seed + rank)
-        if world > 1:
-            parts = [None] * world
-            dist.all_gather_object(parts, bpd)
-            bpd = np.concatenate(parts)
-        if rank == 0:
-            print(f"test NLL {bpd.mean():.4f} +- {bpd.std(ddof=1) / len(bpd) ** 0.5:.4f} bits/dim on {len(bpd)} "
-                  f"{tc.data} test images (calc_bpd_loop, EMA weights, T={T})")
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, "test_bpd": float(bpd.mean()), "test_images": len(bpd)}) + "\n")
+        print(f"trained steps {start}..{state.step} in {(time.time() - t_start) / 60:.1f} min; run directory {out}")
+    if tc.eval_bpd and not stopping:
+        report_test_nll(ema, diffusion, config, out, state.step, rank, world)
     return out
 
 
-def dataset_bpd(model, diffusion, images, batch_size=256, seed=0):
-    """The variational bound L_T + ... + L_0 in bits/dim (an upper bound on the NLL) of each uint8 NHWC image,
-    via calc_bpd_loop with clipping and dropout off, as the official bpd_eval: numpy [N]."""
-    device, out = _model_device(model), []
-    generator = torch.Generator(device).manual_seed(seed)
+def report_test_nll(ema, diffusion, config, out, step, rank, world):
+    """`train --eval-bpd N`: dataset_bpd of the EMA on the first N test images in batches of the per-rank batch size
+    (train.batch_size / ranks), noise from train.seed, the batches split across the ranks; prints and logs the
+    mean. `evaluate.py nll` with that --batch-size, --seed and --max-examples prints the same number."""
+    tc, m = config.train, config.model
+    test = load_data(tc.data, "test", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
+    x_start, done = normalize_data(test[:tc.eval_bpd]), {}
+    batch_size = tc.batch_size // world
+    batches = range(rank, -(-len(x_start) // batch_size), world)
+    if len(batches):  # a rank may have none: 1 batch, 2 ranks
+        dataset_bpd(ema, diffusion, x_start, batch_size, tc.seed, batches=batches, done=done, progress=rank == 0)
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, done)
+        done = {b: arrays for part in parts for b, arrays in part.items()}
+    bpd = np.concatenate([done[b]["total_bpd"] for b in sorted(done)])
+    if rank == 0:
+        print(f"test NLL {bpd.mean():.4f} +- {bpd.std(ddof=1) / len(bpd) ** 0.5:.4f} bits/dim on {len(bpd)} "
+              f"{tc.data} test images (calc_bpd_loop, EMA weights, T={config.diffusion.num_timesteps}, batch "
+              f"{batch_size}, seed {tc.seed})")
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "test_bpd": float(bpd.mean()), "test_images": len(bpd)}) + "\n")
+
+
+NLL_KEYS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
+
+
+def dataset_bpd(model, diffusion, x_start, batch_size=256, seed=0, clip_denoised=True, batches=None, done=None,
+                progress=True):
+    """calc_bpd_loop over a data set batch by batch, with dropout off, as the official bpd_eval: the bound in
+    bits/dim and its terms. x_start: float [N, C, H, W] in [-1, 1] (each batch moves to the model's device).
+
+    Batch b holds images b*batch_size.. and draws its noise from a generator seeded seed + b on the model's
+    device, so every number depends on the model, the data, batch_size and seed only, not on which process or
+    run computes which batch. `batches`: the batch indices to compute (default: all). `done`: a dict of finished
+    batches b -> arrays that is read and filled (evaluate.py passes one backed by files to resume). Returns numpy
+    float32 arrays over the images of `batches`, as calc_bpd_loop's outputs: {'total_bpd' [n], 'prior_bpd' [n],
+    'vb' [n, T] (column 0 is the decoder L_0, column i > 0 is L_i), 'xstart_mse' [n, T], 'mse' [n, T]}.
+    """
+    device, done = _model_device(model), {} if done is None else done
+    batches = range(-(-len(x_start) // batch_size)) if batches is None else batches
     model.eval()
-    for i in _progress(range(0, len(images), batch_size), -(-len(images) // batch_size), "bits/dim"):
-        x = normalize_data(images[i:i + batch_size]).to(device)
-        terms = diffusion.calc_bpd_loop(model, x, progress=len(images) <= batch_size, generator=generator)
-        out.append(terms["total_bpd"].cpu())
-    return torch.cat(out).numpy()
+    for b in progress_bar(batches, len(batches), "bits/dim", progress):
+        if b not in done:
+            x = x_start[b * batch_size:(b + 1) * batch_size].to(device)
+            generator = torch.Generator(device).manual_seed(seed + b)
+            terms = diffusion.calc_bpd_loop(model, x, clip_denoised=clip_denoised, generator=generator)
+            done[b] = {k: terms[k].float().cpu().numpy() for k in NLL_KEYS}
+    return {k: np.concatenate([done[b][k] for b in batches]) for k in NLL_KEYS}
 
 
-# ------------------------------------------------------------------------------------------------
-# 10. Sampling (Algorithm 2) and the command line
-# ------------------------------------------------------------------------------------------------
+# ---- 11. Sampling a checkpoint and the command line ---------------------------------------------------------------
 
 def save_image_grid(images, path, nrow=8):
     """Write uint8 images [N, H, W, C] as one PNG, nrow per row, 1-pixel gray gaps between them; images
@@ -1608,123 +1564,69 @@ def save_image_grid(images, path, nrow=8):
                                                               Image.NEAREST).save(path)
 
 
-def sample_images(model, diffusion, n, seed=0, progressive_every=0, progress=False, ddim_eta=None):
-    """n samples by Algorithm 2 as float [n, C, H, W] in [-1, 1], the noise drawn from `seed` on the model's device.
-    With progressive_every=k, the x0 estimates at index T-1 and at every index t with t % k == 0 instead, from
-    T-1 down to 0, as [n, frames, C, H, W]: the paper's Figure 6 from t = T to t = 1. With ddim_eta, DDIM with
-    that eta instead of Algorithm 2. Every sample the program draws goes through here."""
+def sample_images(model, diffusion, n, seed=0, progress=False, ddim_eta=None, frames=None, generator=None):
+    """n samples by Algorithm 2 (DDIM with ddim_eta) as float [n, C, H, W] in [-1, 1], the noise drawn from
+    `generator`, else from `seed` on the model's device. With `frames`, a collection of code indices, the x0
+    estimates at those indices instead, from T-1 down to 0, as [n, len(frames), C, H, W]: the paper's Figure 6."""
     device = _model_device(model)
+    generator = generator or torch.Generator(device).manual_seed(seed)
+    step = None if ddim_eta is None else functools.partial(diffusion.ddim_sample, eta=ddim_eta)
     shape = (n, model.in_channels, model.resolution, model.resolution)
-    frames, kw = [], {} if ddim_eta is None else {"eta": ddim_eta}
-    loop = diffusion.p_sample_loop_progressive if ddim_eta is None else diffusion.ddim_sample_loop_progressive
-    for out in loop(model, shape, progress=progress, device=device,
-                    generator=torch.Generator(device).manual_seed(seed), **kw):
-        first = out["t"] == diffusion.num_timesteps - 1  # t = T, then every k-th index
-        if progressive_every and (out["t"] % progressive_every == 0 or first):
-            frames.append(out["pred_xstart"])
-    return torch.stack(frames, 1) if progressive_every else out["sample"]
+    if frames is None:
+        return diffusion.p_sample_loop(model, shape, progress=progress, generator=generator, device=device, step=step)
+    outs = diffusion.p_sample_loop_progressive(model, shape, progress=progress, generator=generator, device=device,
+                                               step=step)
+    return torch.stack([out["pred_xstart"] for out in outs if out["t"] in frames], dim=1)
 
 
-def load_for_sampling(args, device):
-    """(model, diffusion, config) that `sample` draws from, in eval mode: a training checkpoint's EMA weights
-    (--checkpoint) or the paper's released weights (--weights)."""
-    if args.weights:
-        return load_pretrained(args.weights, device)
-    return load_model(args.checkpoint, device, use_ema=True)
+def sample_batch(model, diffusion, seed, i, n, ddim_eta=None, progress=False):
+    """Batch i of a sample run: n samples as uint8 [n, H, W, C], drawn from a seed derived from (seed, i), so
+    a run gives the same images whichever of its batches are drawn again (evaluate.py's resumable sampler)."""
+    batch_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+    return unnormalize_data(sample_images(model, diffusion, n, batch_seed, progress, ddim_eta))
 
 
-def weights_sha256(model):
-    """sha256 of a model's state dict (names, then values in logical order): the weights' content, whatever their
-    path or memory layout."""
-    h = hashlib.sha256()
-    for name, value in model.state_dict().items():
-        h.update(name.encode())
-        h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-# Everything that decides `sample`'s images, with the flag that sets it; recorded in every chunk and final file.
-# The device too: CPU and CUDA generators draw different noise from the same seed.
-SAMPLE_SETTINGS = {"weights_sha256": "weights (--checkpoint/--weights)", "diffusion": "diffusion config",
-                   "respacing": "--respacing", "ddim_eta": "--ddim-eta", "clip_denoised": "x0 clipping",
-                   "seed": "--seed", "batch_size": "--batch-size", "n": "--n", "device": "--device"}
-
-
-def sample_record(args, model, config, source):
-    """The settings of SAMPLE_SETTINGS for this `sample` run, plus the weights' path (informative only)."""
-    return {"weights_sha256": weights_sha256(model), "diffusion": dataclasses.asdict(config.diffusion),
-            "respacing": args.respacing, "ddim_eta": args.ddim_eta, "clip_denoised": True, "seed": args.seed,
-            "batch_size": args.batch_size, "n": args.n, "device": _model_device(model).type, "source": source}
-
-
-def save_samples(path, images, record):
-    """Write uint8 NHWC images under 'arr_0' (as the FID tools read) and their record as JSON, atomically."""
-    atomic_write(path, lambda f: np.savez(f, arr_0=images, record=np.array(json.dumps(record))))
-
-
-def check_samples_record(path, record, ignore=()):
-    """Raise, naming the first differing setting, unless the samples file `path` was made with `record`."""
-    with np.load(path) as f:
-        saved = json.loads(str(f["record"])) if "record" in f else None
-    if saved is None:
-        raise ValueError(f"{path} holds no record of the settings it was sampled with; delete it or use another --out")
-    show = lambda r, k: f"{r.get('source')} sha256 {str(r.get(k))[:12]}" if k == "weights_sha256" else repr(r.get(k))
-    for key, flag in SAMPLE_SETTINGS.items():
-        if key not in ignore and saved.get(key) != record[key]:
-            raise ValueError(f"{path} was sampled with other {flag} ({show(saved, key)}, now {show(record, key)}); "
-                             f"rerun with its settings, or use another --out (or delete the file)")
-
-
-def sample_command(args):
-    """`ddpm.py sample`: a PNG grid and samples_{N}x{H}x{W}x{C}.npz (uint8 NHWC under 'arr_0', as the FID tools
-    read), made in chunks of --batch-size that a rerun skips; or, with --progressive, Figure 6 as a PNG."""
-    if args.n < 1 or args.batch_size < 1:
-        raise ValueError("--n and --batch-size must be at least 1")
-    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    source = os.path.abspath(args.checkpoint or args.weights)
-    out = args.out or (os.path.splitext(args.checkpoint)[0] + "-samples" if args.checkpoint
-                       else os.path.join("samples", os.path.basename(os.path.normpath(args.weights))))
-    check_out(out)
-    model, diffusion, config = load_for_sampling(args, device)
-    if args.respacing:  # fewer steps: the model still sees its original indices
-        diffusion = respace(diffusion, args.respacing)
-    os.makedirs(out, exist_ok=True)
-    if args.progressive:  # x0 at t = T and every 50 steps at T=1000 (21 columns), one row per sample
-        frames = sample_images(model, diffusion, args.n, args.seed, max(1, diffusion.num_timesteps // 20), True,
-                               args.ddim_eta)
-        path = os.path.join(out, "progressive.png")
-        save_image_grid(unnormalize_data(frames.flatten(0, 1)), path, frames.shape[1])
-        print(f"wrote {path}: {args.n} rows of x0 estimates, t = T .. 1")
-        return
-    H, C = config.model.resolution, config.model.in_channels
-    final = os.path.join(out, f"samples_{args.n}x{H}x{H}x{C}.npz")
-    record = sample_record(args, model, config, source)
-    if os.path.exists(final):
-        check_samples_record(final, record)
-        print(f"{final} already exists with these settings; nothing to do")
-        return
-    chunks = [os.path.join(out, f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz")
-              for i in range(-(-args.n // args.batch_size))]
-    for path in filter(os.path.exists, chunks):  # left by an earlier run: refuse other settings before any work
-        check_samples_record(path, record, ignore=("n",))  # --n changes only the last chunk's size, checked below
-    try:
-        for i, path in enumerate(_progress(chunks, len(chunks), "chunks", len(chunks) > 1)):
-            size = min(args.batch_size, args.n - i * args.batch_size)  # the last chunk holds the remainder
-            if os.path.exists(path) and len(np.load(path)["arr_0"]) == size:  # else a run with another --n: redraw
-                continue
-            chunk_seed = int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0])  # the same in every run
-            x = unnormalize_data(sample_images(model, diffusion, size, chunk_seed, progress=len(chunks) == 1,
-                                               ddim_eta=args.ddim_eta))
-            save_samples(path, x, record)  # atomic: a killed run leaves whole chunks
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{sum(map(os.path.exists, chunks))} of {len(chunks)} chunks are kept in {out}; "
-                                f"rerun the same command to continue") from None
-    images = np.concatenate([np.load(p)["arr_0"] for p in chunks])
-    save_samples(final, images, record)
+def save_samples(out, images, record=None):
+    """Write uint8 images [N, H, W, C] as out/samples_{N}x{H}x{W}x{C}.npz (under 'arr_0', as the FID tools read
+    them; with `record`, a dict of the settings that made them, as JSON under 'record') and the first 64 as
+    out/samples.png; returns the .npz path."""
+    path = os.path.join(out, "samples_{}.npz".format("x".join(map(str, images.shape))))
+    arrays = {"arr_0": images} if record is None else {"arr_0": images, "record": np.array(json.dumps(record))}
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     save_image_grid(images[:64], os.path.join(out, "samples.png"))
-    for path in chunks:
-        os.remove(path)
-    print(f"wrote {final} (uint8 {images.shape}, key 'arr_0') and {os.path.join(out, 'samples.png')}")
+    print(f"wrote {path} (uint8 {images.shape}, key 'arr_0') and {os.path.join(out, 'samples.png')}")
+    return path
+
+
+def save_progressive(model, diffusion, n, seed, out, ddim_eta=None):
+    """Figure 6 as out/progressive.png: one row per sample, the x0 estimates at t = T and every T/20 steps."""
+    T = diffusion.num_timesteps
+    frames = sample_images(model, diffusion, n, seed, True, ddim_eta, frames={T - 1, *range(0, T, max(1, T // 20))})
+    path = os.path.join(out, "progressive.png")
+    save_image_grid(unnormalize_data(frames.flatten(0, 1)), path, frames.shape[1])
+    print(f"wrote {path}: {n} rows of x0 estimates, t = T .. 1")
+
+
+def sample_command(checkpoint, n=64, batch_size=256, seed=0, out="", progressive=False, device="", respacing="",
+                   ddim_eta=None):
+    """`ddpm.py sample`: n samples of a training checkpoint's EMA weights (Algorithm 2, or DDIM with ddim_eta) in
+    batches, written by save_samples, or with progressive=True Figure 6 (save_progressive). `evaluate.py sample`
+    draws the same images in resumable chunks, and from released weights too."""
+    if n < 1 or batch_size < 1:
+        raise ValueError("--n and --batch-size must be at least 1")
+    device = parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = out or os.path.splitext(checkpoint)[0] + "-samples"
+    check_out(out)
+    model, diffusion, _ = load_model(checkpoint, device)
+    if respacing:  # fewer steps: the model still sees its original indices
+        diffusion = respace(diffusion, respacing)
+    os.makedirs(out, exist_ok=True)
+    if progressive:
+        return save_progressive(model, diffusion, n, seed, out, ddim_eta)
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    batches = [sample_batch(model, diffusion, seed, i, size, ddim_eta, len(sizes) == 1)
+               for i, size in enumerate(progress_bar(sizes, len(sizes), "batches", len(sizes) > 1))]
+    return save_samples(out, np.concatenate(batches))
 
 
 CHOICES = {"beta_schedule": BETA_SCHEDULES, "model_mean_type": MODEL_MEAN_TYPES, "model_var_type": MODEL_VAR_TYPES,
@@ -1800,13 +1702,11 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in --out")
     add_config_flags(p)
     p = commands.add_parser("sample", allow_abbrev=False, help="draw samples with the EMA weights (Algorithm 2)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a ckpt-*.pt written by train")
-    source.add_argument("--weights", help="released weights: a diffusers snapshot folder or a .ckpt/.bin/.safetensors")
-    p.add_argument("--n", type=int, default=64, help="number of samples (50000 for FID)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per chunk; a rerun skips finished chunks")
+    p.add_argument("--checkpoint", required=True, help="a ckpt-*.pt written by train")
+    p.add_argument("--n", type=int, default=64, help="number of samples (evaluate.py sample: 50,000, resumable)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples drawn at once")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="", help="output folder; default: next to the checkpoint, or samples/NAME")
+    p.add_argument("--out", default="", help="output folder; default: next to the checkpoint")
     p.add_argument("--progressive", action="store_true", help="Figure 6: x0 every T/20 steps, one row per sample")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1, ...; default: cuda if available")
     p.add_argument("--respacing", default="", help="fewer steps: '100', '50,25,10' or 'ddim50' (space_timesteps)")
@@ -1815,8 +1715,9 @@ def main(argv=None):
         q._negative_number_matcher = re.compile(r"^-\.?\d")
     args = parser.parse_args(argv)
     try:
-        run_cli(lambda a: train(config_from_args(a), resume=a.resume) if a.command == "train" else sample_command(a),
-                args)
+        run_cli(lambda a: train(config_from_args(a), resume=a.resume) if a.command == "train" else
+                sample_command(a.checkpoint, a.n, a.batch_size, a.seed, a.out, a.progressive, a.device, a.respacing,
+                               a.ddim_eta), args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,13 +1,14 @@
 """The paper's Table 1 for any ddpm checkpoint: NLL in bits/dim (with rate, distortion and Table 4),
 FID and IS with the standard TF-compatible Inception, and the paper's figures.
 
+    python evaluate.py sample --checkpoint runs/cifar10/ckpt-0800000.pt --n 50000 --batch-size 1000   # resumable
     python evaluate.py nll --checkpoint runs/cifar10/ckpt-0800000.pt --data cifar10 --split test
     python evaluate.py fid-stats --data cifar10 --split train          # reference mu/sigma, once
     python evaluate.py fid samples.npz --ref runs/eval/fid_stats_cifar10_train.npz
     python evaluate.py is samples.npz
     python evaluate.py figures --checkpoint runs/cifar10/ckpt-0800000.pt
 
-`--weights PATH` replaces `--checkpoint PATH` for the authors' released models (ddpm.load_pretrained).
+`--weights PATH` replaces `--checkpoint PATH` for the authors' released models (load_pretrained, below).
 It imports ddpm.py, torch, numpy and scipy; matplotlib (plots) and Pillow (PNGs) only where used.
 
 Timestep convention, as in ddpm.py: code index t = 0..T-1 is the paper's t = 1..T.
@@ -18,6 +19,7 @@ import csv
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -25,8 +27,6 @@ import os
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 import warnings
 import zipfile
 
@@ -49,61 +49,144 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class Progress:
-    """A progress bar with an ETA over `total` units: tqdm when installed, else a plain line on stderr
-    at most every 10% or every minute. `initial` units count as done (resumed work) and are left out of
-    the rate, so the ETA after a resume is not fooled by the batches that were loaded from disk."""
-
-    def __init__(self, total, desc, unit="img", initial=0, enable=True):
-        self.total, self.desc, self.unit, self.enable = total, desc, unit, enable
-        self.n = self.start_n = self.last_n = initial
-        self.start = self.last = time.time()
-        self.bar = None
-        if enable:
-            try:
-                from tqdm.auto import tqdm
-                self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, k, **postfix):
-        self.n += k
-        if self.bar is not None:
-            self.bar.update(k)
-            if postfix:
-                self.bar.set_postfix(postfix)
-            return
-        now = time.time()
-        if not self.enable or (self.n < self.total and self.n - self.last_n < self.total / 10 and now - self.last < 60):
-            return
-        self.last, self.last_n = now, self.n
-        rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
-        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-        fmt = lambda s: f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}" if math.isfinite(s) else "?"
-        extra = "".join(f", {k} {v}" for k, v in postfix.items())
-        print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%), "
-              f"elapsed {fmt(now - self.start)}, ETA {fmt(eta)}{extra}", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def atomic_savez(path, **arrays):
     """np.savez written atomically (ddpm.atomic_write): a crash never leaves half a file."""
     ddpm.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+# ------------------------------------------------------------------------------------------------
+# 1. Released weights: the paper's checkpoints as ported by pesser/pytorch_diffusion and by diffusers
+# ------------------------------------------------------------------------------------------------
+
+# diffusers UNet2DModel settings that change the function but not the keys, as (DDPM's value, diffusers' default
+# for a config.json that omits it); the rest (Fourier embedding, scale-shift norm, ...) changes keys or shapes.
+DIFFUSERS_DDPM_SETTINGS = {"flip_sin_to_cos": (False, True), "freq_shift": (1, 0), "norm_eps": (1e-6, 1e-5),
+                           "norm_num_groups": (32, 32), "downsample_padding": (0, 1), "act_fn": ("silu", "silu"),
+                           "attention_head_dim": (None, 8), "center_input_sample": (False, False),
+                           "mid_block_scale_factor": (1, 1)}
+
+
+def diffusers_to_official(state_dict):
+    """Rename a diffusers UNet2DModel state dict to the official (pesser) layout that `UNet` uses.
+
+    diffusers numbers up_blocks from the deepest level (up_blocks.0 is the official up[L-1]), calls the 1x1 skip
+    conv conv_shortcut, and keeps attention q, k, v and output as Linear [C, C] weights, the official 1x1 convs.
+    Files saved before diffusers renamed its attention layers (diffusers still converts them on load) say
+    query/key/value/proj_attn for to_q/to_k/to_v/to_out.0; both are read.
+    """
+    levels = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("down_blocks.")), default=0)
+    rules = [(r"^time_embedding\.linear_([12])\.", lambda m: f"temb.dense.{int(m[1]) - 1}."),
+             (r"^mid_block\.resnets\.([01])\.", lambda m: f"mid.block_{int(m[1]) + 1}."),
+             (r"^up_blocks\.(\d+)\.", lambda m: f"up.{levels - 1 - int(m[1])}."), (r"^down_blocks\.", "down."),
+             (r"^mid_block\.attentions\.0\.", "mid.attn_1."), (r"^conv_norm_out\.", "norm_out."),
+             (r"\.resnets\.", ".block."), (r"\.attentions\.", ".attn."), (r"\.downsamplers\.0\.", ".downsample."),
+             (r"\.upsamplers\.0\.", ".upsample."), (r"\.time_emb_proj\.", ".temb_proj."),
+             (r"\.conv_shortcut\.", ".nin_shortcut."), (r"\.group_norm\.", ".norm."), (r"\.(to_q|query)\.", ".q."),
+             (r"\.(to_k|key)\.", ".k."), (r"\.(to_v|value)\.", ".v."), (r"\.(to_out\.0|proj_attn)\.", ".proj_out.")]
+    official = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        if re.search(r"\.(q|k|v|proj_out)\.weight$", key) and value.dim() == 2:
+            value = value[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
+        official[key] = value
+    return official
+
+
+def _read_weights(path):
+    """A state dict from .safetensors (the safetensors package) or .bin/.ckpt/.pt (torch.load, weights_only)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        state_dict = ddpm.torch_load(path)
+    except ImportError:
+        raise ImportError(f"reading {path!r} needs the safetensors package: pip install safetensors") from None
+    except Exception:  # torch's message would advise weights_only=False, which runs the file's code: never say it
+        raise ValueError(f"cannot read {path!r}: it is not a .ckpt/.pt/.bin/.safetensors weights file or it is "
+                         f"damaged (truncated), so download it again") from None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path!r} holds a {type(state_dict).__name__}, not a state dict of tensors")
+    return state_dict
+
+
+def _config_from_weights(state_dict, resolution, hint, preset):
+    """The Config of an official-layout state dict: architecture from keys and shapes, the rest from its preset."""
+    ch, in_channels = state_dict["conv_in.weight"].shape[:2]
+    levels = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("down.")), default=0)
+    ch_mult = tuple(state_dict[f"down.{level}.block.0.conv1.weight"].shape[0] // ch for level in range(levels))
+    num_res_blocks = len({k.split(".")[3] for k in state_dict if k.startswith("down.0.block.")})
+    attn_levels = [level for level in range(levels) if f"down.{level}.attn.0.norm.weight" in state_dict]
+    if preset is None and ch_mult == (1, 2, 2, 2):
+        preset = "cifar10"
+    elif preset is None and ch_mult == (1, 1, 2, 2, 4, 4):  # one U-Net for all 256x256 runs: the path names the data
+        names = re.findall(r"(?<![a-z])(celeba|church|bedroom|cat)(?:hq)?(?![a-z])", hint.lower())
+        preset = {"celeba": "celebahq256"}.get(names[-1], f"lsun_{names[-1]}256") if names else None
+    elif preset is None:
+        raise ValueError(f"the weights have ch_mult {ch_mult}, neither the CIFAR-10 (1, 2, 2, 2) nor the 256x256 "
+                         f"(1, 1, 2, 2, 4, 4) U-Net; pass preset=NAME ({', '.join(ddpm.PRESETS)}) to say how it "
+                         f"samples")
+    # Without a dataset name the 256x256 recipe still samples right (eps, fixedsmall): the dataset is only a label.
+    config = ddpm.get_preset(preset or "celebahq256")
+    if not preset:
+        config.preset, config.train.data = "256x256", "unknown"
+    resolution = resolution or config.model.resolution  # config.json's sample_size, else the preset's
+    config.model = dataclasses.replace(config.model, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                                       attn_resolutions=tuple(resolution >> level for level in attn_levels),
+                                       in_channels=in_channels, resolution=resolution)
+    return config
+
+
+def load_pretrained(path, device="cpu", preset=None):
+    """(model, diffusion, config) from released weights, the model in eval mode and channels_last, like `load_model`.
+
+    path: a pesser/pytorch_diffusion .ckpt (or any .pt/.bin state dict in the official layout), a diffusers
+    UNet2DModel weights file, or a diffusers snapshot folder (config.json and diffusion_pytorch_model.safetensors
+    or .bin, at its top as in google/ddpm-* or under unet/). The layout comes from the keys, the architecture
+    from the shapes, the resolution from config.json's sample_size (else the preset), and the sampling settings
+    from the preset: CIFAR-10 eps/fixedlarge, CelebA-HQ and LSUN eps/fixedsmall, all clipping x_0. The 256x256
+    dataset is read from the path or config.json's _name_or_path; `preset` overrides it. Loading is strict.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} does not exist; pass a weights file or a diffusers snapshot folder")
+    if os.path.isdir(path):
+        exts = ("safetensors", "bin") if importlib.util.find_spec("safetensors") else ("bin", "safetensors")
+        found = [w for d in (path, os.path.join(path, "unet")) if os.path.isfile(os.path.join(d, "config.json"))
+                 for w in (os.path.join(d, f"diffusion_pytorch_model.{ext}") for ext in exts) if os.path.isfile(w)]
+        if not found:
+            raise ValueError(f"folder {path!r} holds no config.json with a diffusion_pytorch_model.safetensors or .bin "
+                             f"(at its top or in unet/); pass a complete diffusers snapshot or the weights file")
+        path = found[0]
+    state_dict, settings, config_json = _read_weights(path), {}, os.path.join(os.path.dirname(path), "config.json")
+    if "conv_norm_out.weight" in state_dict:  # diffusers' UNet2DModel
+        if os.path.isfile(config_json):
+            with open(config_json) as f:
+                settings = json.load(f)
+        for key, (value, default) in DIFFUSERS_DDPM_SETTINGS.items():
+            if settings and settings.get(key, default) != value:
+                raise ValueError(f"{config_json} sets {key}={settings.get(key, default)!r} where the DDPM U-Net has "
+                                 f"{value!r}: it is another model, which this U-Net cannot reproduce")
+        state_dict = diffusers_to_official(state_dict)
+    elif {"config", "model", "ema"} <= state_dict.keys():
+        raise ValueError(f"{path!r} is a checkpoint of ddpm.py train, not released weights; pass it with --checkpoint")
+    elif "temb.dense.0.weight" not in state_dict:
+        raise ValueError(f"{path!r} is neither the official layout (temb.dense.0.weight, ...) nor diffusers' "
+                         f"UNet2DModel (conv_norm_out.weight, ...); its first keys are {list(state_dict)[:4]}")
+    try:
+        config = _config_from_weights(state_dict, settings.get("sample_size"),
+                                      f"{os.path.abspath(path)} {settings.get('_name_or_path', '')}", preset)
+        with torch.device("meta"):  # shapes only: the weights come from the file, so skip the initialisation
+            model, diffusion = ddpm.create_model_and_diffusion(config)
+        model.load_state_dict({k: v.float() for k, v in state_dict.items()}, assign=True)  # strict
+    except (KeyError, RuntimeError) as e:  # a key the architecture is read from, or torch's list of misfits
+        raise ValueError(f"{path!r} does not fit the DDPM U-Net its shapes describe; it is damaged or another "
+                         f"model: {type(e).__name__}: {e}") from None
+    return ddpm.optimize_model(model.to(device)).eval(), diffusion, config
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. Models: every command loads through one function
+# 2. Models: every command loads through one function
 # ------------------------------------------------------------------------------------------------
 
 def add_model_args(parser):
@@ -114,11 +197,12 @@ def add_model_args(parser):
     parser.add_argument("--respacing", default="", help="fewer steps: '100', '50,25,10' or 'ddim50' (default: all T)")
 
 
-def load_model_from_args(args, device):
-    """(model, diffusion, config) for --checkpoint (EMA weights) or --weights, in eval mode: dropout off."""
-    model, diffusion, config = ddpm.load_for_sampling(args, device)
-    if args.respacing:  # fewer steps; the bound of the shorter chain is still a valid bound
-        diffusion = ddpm.respace(diffusion, args.respacing)
+def load_for_sampling(checkpoint=None, weights=None, device="cpu", respacing=""):
+    """(model, diffusion, config) in eval mode (dropout off): a training checkpoint's EMA weights (ddpm.load_model)
+    or released weights (load_pretrained), the diffusion respaced to `respacing` when given (ddpm.respace)."""
+    model, diffusion, config = load_pretrained(weights, device) if weights else ddpm.load_model(checkpoint, device)
+    if respacing:  # fewer steps; the bound of the shorter chain is still a valid bound
+        diffusion = ddpm.respace(diffusion, respacing)
     return model.eval(), diffusion, config
 
 
@@ -142,42 +226,137 @@ def model_name(args):
     return os.path.splitext(os.path.basename(args.weights.rstrip("/\\")))[0]
 
 
+def weights_sha256(model):
+    """sha256 of a model's state dict (names, then values in logical order): the weights' content, whatever their
+    path or memory layout."""
+    h = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# Everything that decides `sample`'s images, with the flag that sets it; recorded in every chunk and final file.
+# The device too: CPU and CUDA generators draw different noise from the same seed.
+SAMPLE_SETTINGS = {"weights_sha256": "weights (--checkpoint/--weights)", "diffusion": "diffusion config",
+                   "respacing": "--respacing", "ddim_eta": "--ddim-eta", "clip_denoised": "x0 clipping",
+                   "seed": "--seed", "batch_size": "--batch-size", "n": "--n", "device": "--device"}
+
+
+def sample_record(model, config, source, respacing, ddim_eta, seed, batch_size, n):
+    """The settings of SAMPLE_SETTINGS for a `sample` run, plus the weights' path (informative only)."""
+    return {"weights_sha256": weights_sha256(model), "diffusion": dataclasses.asdict(config.diffusion),
+            "respacing": respacing, "ddim_eta": ddim_eta, "clip_denoised": True, "seed": seed,
+            "batch_size": batch_size, "n": n, "device": ddpm._model_device(model).type, "source": source}
+
+
+def check_samples_record(path, record, ignore=()):
+    """Raise, naming the first differing setting, unless the samples file `path` was made with `record`."""
+    with np.load(path) as f:
+        saved = json.loads(str(f["record"])) if "record" in f else None
+    if saved is None:
+        raise ValueError(f"{path} holds no record of the settings it was sampled with; delete it or use another --out")
+    show = lambda r, k: f"{r.get('source')} sha256 {str(r.get(k))[:12]}" if k == "weights_sha256" else repr(r.get(k))
+    for key, flag in SAMPLE_SETTINGS.items():
+        if key not in ignore and saved.get(key) != record[key]:
+            raise ValueError(f"{path} was sampled with other {flag} ({show(saved, key)}, now {show(record, key)}); "
+                             f"rerun with its settings, or use another --out (or delete the file)")
+
+
+def cmd_sample(args):
+    """`evaluate.py sample`: --n samples (50,000 for Table 1) from a checkpoint or released weights, the same images
+    as `ddpm.py sample` with the same flags, drawn in chunks of --batch-size that a rerun skips, then written by
+    ddpm.save_samples with the record of their settings; or with --progressive, Figure 6 (ddpm.save_progressive)."""
+    source = os.path.abspath(args.checkpoint or args.weights)
+    out = args.out or (os.path.splitext(args.checkpoint)[0] + "-samples" if args.checkpoint
+                       else os.path.join("samples", os.path.basename(os.path.normpath(args.weights))))
+    ddpm.check_out(out)
+    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, torch.device(args.device),
+                                                 args.respacing)
+    os.makedirs(out, exist_ok=True)
+    if args.progressive:
+        return ddpm.save_progressive(model, diffusion, args.n, args.seed, out, args.ddim_eta)
+    H, C = config.model.resolution, config.model.in_channels
+    final = os.path.join(out, f"samples_{args.n}x{H}x{H}x{C}.npz")
+    record = sample_record(model, config, source, args.respacing, args.ddim_eta, args.seed, args.batch_size, args.n)
+    if os.path.exists(final):
+        check_samples_record(final, record)
+        print(f"{final} already exists with these settings; nothing to do")
+        return final
+    chunks = [os.path.join(out, f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz")
+              for i in range(-(-args.n // args.batch_size))]
+    for path in filter(os.path.exists, chunks):  # left by an earlier run: refuse other settings before any work
+        check_samples_record(path, record, ignore=("n",))  # --n changes only the last chunk's size, checked below
+    try:
+        for i, path in enumerate(ddpm.progress_bar(chunks, len(chunks), "chunks", len(chunks) > 1)):
+            size = min(args.batch_size, args.n - i * args.batch_size)  # the last chunk holds the remainder
+            if os.path.exists(path) and len(np.load(path)["arr_0"]) == size:  # else a run with another --n: redraw
+                continue
+            x = ddpm.sample_batch(model, diffusion, args.seed, i, size, args.ddim_eta, progress=len(chunks) == 1)
+            atomic_savez(path, arr_0=x, record=np.array(json.dumps(record)))  # a killed run leaves whole chunks
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{sum(map(os.path.exists, chunks))} of {len(chunks)} chunks are kept in {out}; "
+                                f"rerun the same command to continue") from None
+    path = ddpm.save_samples(out, np.concatenate([np.load(p)["arr_0"] for p in chunks]), record)
+    for chunk in chunks:
+        os.remove(chunk)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. NLL: the bound in bits/dim, its rate and distortion (Section 4.3) and the paper's Table 4
 # ------------------------------------------------------------------------------------------------
 
-NLL_KEYS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
+NLL_KEYS = ddpm.NLL_KEYS
+
+
+class BatchFolder(dict):
+    """Finished batches b -> arrays of ddpm.dataset_bpd, each written atomically to out_dir/batch-{b:05d}.npz as it
+    is set and read back by a rerun (an unreadable file, e.g. from a disk that filled up, is computed again)."""
+
+    def __init__(self, out_dir, num_batches):
+        super().__init__()
+        self.out_dir = out_dir
+        for b in range(num_batches):
+            if os.path.exists(self.path(b)):
+                try:
+                    with np.load(self.path(b)) as f:
+                        super().__setitem__(b, {k: f[k] for k in NLL_KEYS})
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                    print(f"recomputing {self.path(b)}: unreadable ({e})", file=sys.stderr)
+
+    def path(self, b):
+        return os.path.join(self.out_dir, f"batch-{b:05d}.npz")
+
+    def __setitem__(self, b, arrays):
+        atomic_savez(self.path(b), **arrays)
+        super().__setitem__(b, arrays)
 
 
 def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_denoised=True, out_dir=None,
                  run_info=None, progress=True):
-    """calc_bpd_loop over a whole data set, batch by batch, resumable.
+    """ddpm.dataset_bpd (the routine `train --eval-bpd` uses) over a whole data set, resumable.
 
-    x_start: float [N, C, H, W] in [-1, 1] (CPU; each batch moves to the model's device).
-    Returns numpy float32 arrays {'total_bpd' [N], 'prior_bpd' [N], 'vb' [N, T] (bits/dim; column 0 is the
-    decoder L_0, column i > 0 is L_i), 'xstart_mse' [N, T] and 'mse' [N, T]}, exactly calc_bpd_loop's outputs.
-
-    Batch b draws its noise from a torch.Generator seeded with seed + b, so the result depends on the model,
-    the data, batch_size and seed only. With `out_dir`, each finished batch is written atomically to
-    out_dir/batch-00000.npz and a rerun loads it instead of recomputing it: an interrupted evaluation
-    continues where it stopped and gives the same numbers. out_dir/manifest.json records what the batches
-    were computed from, and a rerun with another model, data, batch size, seed or device type refuses
-    to mix them.
+    x_start: float [N, C, H, W] in [-1, 1] (CPU; each batch moves to the model's device). Returns its numpy float32
+    arrays {'total_bpd' [N], 'prior_bpd' [N], 'vb' [N, T], 'xstart_mse' [N, T], 'mse' [N, T]}; batch b draws its
+    noise with seed + b. With `out_dir`, each finished batch is written atomically to out_dir/batch-00000.npz and
+    a rerun loads it instead of recomputing it: an interrupted evaluation continues where it stopped and gives the
+    same numbers. out_dir/manifest.json records what the batches were computed from, and a rerun with another
+    model, data, batch size, seed or device type refuses to mix them.
     """
     N, T = x_start.shape[0], diffusion.num_timesteps
     if N == 0:
         raise ValueError("no images to evaluate; check --data/--split/--max-examples")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    device = next(model.parameters()).device
-    num_batches = math.ceil(N / batch_size)
-    done = {}
+    done = None
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         # What the numbers depend on; run_info (paths, names) is recorded but not compared.
         # The device type too: CPU and CUDA generators draw different noise from the same seed.
-        manifest = dict(num_examples=N, batch_size=batch_size, seed=seed, num_timesteps=T, device=device.type,
-                        clip_denoised=clip_denoised, model_sha256=ddpm.weights_sha256(model),
+        manifest = dict(num_examples=N, batch_size=batch_size, seed=seed, num_timesteps=T,
+                        device=ddpm._model_device(model).type, clip_denoised=clip_denoised,
+                        model_sha256=weights_sha256(model),
                         data_sha256=hashlib.sha256(x_start.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
         manifest_path = os.path.join(out_dir, "manifest.json")
         if os.path.exists(manifest_path):
@@ -192,30 +371,8 @@ def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_deno
             with open(manifest_path + ".tmp", "w") as f:
                 json.dump(dict(manifest, info=run_info or {}), f, indent=1)
             os.replace(manifest_path + ".tmp", manifest_path)
-        for b in range(num_batches):
-            path = os.path.join(out_dir, f"batch-{b:05d}.npz")
-            if os.path.exists(path):
-                try:
-                    with np.load(path) as f:
-                        done[b] = {k: f[k] for k in NLL_KEYS}
-                except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # e.g. a disk that filled up
-                    print(f"recomputing {path}: unreadable ({e})", file=sys.stderr)
-
-    bar = Progress(N, "nll", "img", initial=sum(len(r["total_bpd"]) for r in done.values()), enable=progress)
-    results = []
-    for b in range(num_batches):
-        if b not in done:
-            x = x_start[b * batch_size:(b + 1) * batch_size].to(device)
-            generator = torch.Generator(device=device).manual_seed(seed + b)
-            out = diffusion.calc_bpd_loop(model, x, clip_denoised=clip_denoised, generator=generator)
-            done[b] = {k: out[k].float().cpu().numpy() for k in NLL_KEYS}
-            if out_dir is not None:
-                atomic_savez(os.path.join(out_dir, f"batch-{b:05d}.npz"), **done[b])
-            so_far = np.concatenate([done[i]["total_bpd"] for i in sorted(done)])
-            bar.update(len(x), bpd=f"{so_far.mean():.4f}")
-        results.append(done[b])
-    bar.close()
-    return {k: np.concatenate([r[k] for r in results]) for k in NLL_KEYS}
+        done = BatchFolder(out_dir, math.ceil(N / batch_size))
+    return ddpm.dataset_bpd(model, diffusion, x_start, batch_size, seed, clip_denoised, done=done, progress=progress)
 
 
 def mean_and_stderr(values):
@@ -303,7 +460,7 @@ def plot_rate_distortion(path, rate, rmse):
 
 def cmd_nll(args):
     device = torch.device(args.device)
-    model, diffusion, config = load_model_from_args(args, device)
+    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
     images = load_data_for(config, args.data, args.split)
     if args.max_examples is not None:
         images = images[:args.max_examples]
@@ -358,41 +515,12 @@ INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrain
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 
 
-def cache_dir():
-    """Where downloads live, as for ddpm.py's CIFAR-10 archive: $DDPM_CACHE, else ~/.cache/ddpm."""
-    return os.environ.get("DDPM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ddpm")
-
-
 def download_inception(url=INCEPTION_URL, cache=None, sha256=INCEPTION_SHA256):
-    """The path of the Inception network in the cache folder (cache_dir()), downloaded once and checked
+    """The path of the Inception network in the cache folder (ddpm.cache_dir()), downloaded once and checked
     against `sha256` each time, so a corrupt or substituted file is refused before it produces a number."""
-    cache = cache or cache_dir()
-    path = os.path.join(cache, INCEPTION_FILENAME)
-    if not os.path.exists(path):
-        os.makedirs(cache, exist_ok=True)
-        tmp = f"{path}.part{os.getpid()}"
-        print(f"downloading {url} to {path}", file=sys.stderr)
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    f.write(block)
-            got = sha256_file(tmp)
-            if got != sha256:
-                raise ValueError(f"the file downloaded from {url} has sha256 {got}, expected {sha256}; the download "
-                                 f"is corrupt or the address serves another file, so nothing was kept: run again, or "
-                                 f"fetch {INCEPTION_FILENAME} by hand and pass --inception PATH")
-            os.replace(tmp, path)
-        except (urllib.error.URLError, OSError) as e:
-            raise ConnectionError(f"cannot download the Inception network ({e}); on a machine with internet "
-                                  f"access fetch {url} and pass --inception PATH, or copy it to {path}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    got = sha256_file(path)
-    if got != sha256:
-        raise ValueError(f"{path} has sha256 {got}, expected {sha256}; it is corrupt or another network, so "
-                         f"delete it to download it again, or pass the right file with --inception PATH")
-    return path
+    path = os.path.join(cache or ddpm.cache_dir(), INCEPTION_FILENAME)
+    return ddpm.download(url, path, "sha256", sha256, f"on a machine with internet access fetch {url} and pass "
+                                                      f"--inception PATH, or copy it to {path}")
 
 
 def load_inception(path=None, device="cpu"):
@@ -408,7 +536,7 @@ def load_inception(path=None, device="cpu"):
     elif not os.path.isfile(path):
         raise FileNotFoundError(f"--inception {path!r} does not exist; download {INCEPTION_URL} "
                                 f"(sha256 {INCEPTION_SHA256[:12]}...) and pass its path")
-    digest = sha256_file(path)
+    digest = ddpm.file_digest(path)
     if digest != INCEPTION_SHA256:
         warnings.warn(f"{path} is not the standard {INCEPTION_FILENAME} (sha256 {digest[:12]}..., expected "
                       f"{INCEPTION_SHA256[:12]}...): FID and IS from it cannot be compared with published ones")
@@ -441,14 +569,11 @@ def inception_outputs(network, images, *, what="features", batch_size=200, devic
         raise ValueError(f"unknown what={what!r}; choose 'features' or 'probs'")
     kwargs = {"return_features": True} if what == "features" else {"no_output_bias": True}
     outputs = []
-    bar = Progress(len(images), f"inception {what}", "img", enable=progress)
-    for s in range(0, len(images), batch_size):
+    for s in ddpm.progress_bar(range(0, len(images), batch_size), None, f"inception {what}", progress):
         x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).to(device).permute(0, 3, 1, 2)
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         outputs.append(network(x, **kwargs).float().cpu().numpy())
-        bar.update(len(x))
-    bar.close()
     return np.concatenate(outputs)
 
 
@@ -630,28 +755,18 @@ def cmd_is(args):
 # 5. The paper's figures: progressive generation (Fig. 6), shared latents (Fig. 7), interpolation (Fig. 8)
 # ------------------------------------------------------------------------------------------------
 
-@torch.inference_mode()
 def sample_from(model, diffusion, x_t, t, generator=None, shared_noise=False):
     """A draw from p(x_0 | x_t): Algorithm 2 from x_t at code index t down to 0. x_t: [N, C, H, W].
     shared_noise uses one noise image per step for every row (the paper fixes the noise when interpolating)."""
-    img = x_t
-    for i in range(t, -1, -1):
-        shape = (1, *img.shape[1:]) if shared_noise else img.shape
-        z = torch.randn(shape, generator=generator, device=img.device, dtype=img.dtype).expand_as(img)
-        img = diffusion.p_sample(model, img, torch.full((len(img),), i, dtype=torch.long, device=img.device),
-                                 noise=z)["sample"]
-    return img
+    return diffusion.p_sample_loop(model, x_t.shape, noise=x_t, generator=generator, t_start=t,
+                                   shared_noise=shared_noise)
 
 
-@torch.inference_mode()
-def progressive_generation(model, diffusion, shape, num_frames=10, generator=None, device="cpu"):
+def progressive_generation(model, diffusion, n, num_frames=10, generator=None):
     """Figure 6: the x_0 estimates of Algorithm 2 at num_frames code indices from T-1 down to 0 (the last is
-    the sample itself, since at index 0 the mean is the clipped x_0 estimate). Returns [N, frames, C, H, W]."""
-    T = diffusion.num_timesteps
-    keep = {int(round(i)) for i in np.linspace(T - 1, 0, num_frames)}
-    frames = [out["pred_xstart"] for out in diffusion.p_sample_loop_progressive(
-        model, shape, generator=generator, device=device) if out["t"] in keep]
-    return torch.stack(frames, dim=1)
+    the sample itself, since at index 0 the mean is the clipped x_0 estimate). Returns [n, frames, C, H, W]."""
+    frames = {int(round(i)) for i in np.linspace(diffusion.num_timesteps - 1, 0, num_frames)}
+    return ddpm.sample_images(model, diffusion, n, frames=frames, generator=generator)
 
 
 @torch.inference_mode()
@@ -679,26 +794,9 @@ def interpolate(model, diffusion, x_a, x_b, t, num_steps=11, generator=None):
     return sample_from(model, diffusion, (1 - lam) * x_t[0] + lam * x_t[1], t, generator, shared_noise=True)
 
 
-def image_grid(rows, pad=2):
-    """float images [R, K, C, H, W] in [-1, 1] -> one uint8 image [R (H+pad) + pad, K (W+pad) + pad, C],
-    white between the images."""
-    R, K, C, H, W = rows.shape
-    tiles = ddpm.unnormalize_data(rows.reshape(R * K, C, H, W)).reshape(R, K, H, W, C)
-    grid = np.full((R * (H + pad) + pad, K * (W + pad) + pad, C), 255, dtype=np.uint8)
-    for r in range(R):
-        for k in range(K):
-            grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + k * (W + pad):pad + k * (W + pad) + W] = tiles[r, k]
-    return grid
-
-
-def save_png(path, image, scale=1):
-    """Write a uint8 [H, W, C] image as PNG (Pillow), nearest-neighbour enlarged `scale` times."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise ImportError("writing figures needs Pillow: pip install pillow") from None
-    image = image.repeat(scale, axis=0).repeat(scale, axis=1)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+def save_rows(rows, path):
+    """Write float images [R, K, C, H, W] in [-1, 1] as one PNG of R rows and K columns (ddpm.save_image_grid)."""
+    ddpm.save_image_grid(ddpm.unnormalize_data(rows.flatten(0, 1)), path, nrow=rows.shape[1])
 
 
 def read_metrics(path):
@@ -736,7 +834,7 @@ def plot_loss_curve(rows, out_path):
 
 def cmd_figures(args):
     device = torch.device(args.device)
-    model, diffusion, config = load_model_from_args(args, device)
+    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
     T, C, R = diffusion.num_timesteps, config.model.in_channels, config.model.resolution
     if args.interp_t is not None and not 1 <= args.interp_t <= T:
         raise ValueError(f"--interp-t must be a paper timestep 1..{T}, got {args.interp_t}")
@@ -755,11 +853,10 @@ def cmd_figures(args):
     out = args.out or os.path.join("runs", "eval", model_name(args))
     os.makedirs(out, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    scale = max(1, 64 // R)  # enlarge tiny images (digits are 8x8) so the PNGs can be looked at
     written = []
 
-    rows = progressive_generation(model, diffusion, (args.n, C, R, R), args.frames, generator, device)
-    save_png(os.path.join(out, "fig6-progressive.png"), image_grid(rows), scale)
+    rows = progressive_generation(model, diffusion, args.n, args.frames, generator)
+    save_rows(rows, os.path.join(out, "fig6-progressive.png"))
     written.append("fig6-progressive.png")
 
     if sources is None:
@@ -768,14 +865,14 @@ def cmd_figures(args):
     ts = sorted({max(0, round(f * T) - 1) for f in (1.0, 0.75, 0.5, 0.25)}, reverse=True)  # paper t = 1000,750,500,250
     rows = shared_latents(model, diffusion, sources[0], ts, args.samples_per_latent, generator)
     rows = torch.cat([sources[0].expand(len(ts), 1, -1, -1, -1), rows], dim=1)  # x_0 | x_t | samples
-    save_png(os.path.join(out, "fig7-shared-latents.png"), image_grid(rows), scale)
+    save_rows(rows, os.path.join(out, "fig7-shared-latents.png"))
     written.append("fig7-shared-latents.png")
 
     t = (args.interp_t or max(1, T // 2)) - 1  # the paper interpolates 256x256 images at t = 500 of 1000
     rows = torch.stack([torch.cat([sources[2 * k][None], interpolate(model, diffusion, sources[2 * k],
                                                                      sources[2 * k + 1], t, 11, generator),
                                    sources[2 * k + 1][None]]) for k in range(args.n)])
-    save_png(os.path.join(out, "fig8-interpolation.png"), image_grid(rows), scale)
+    save_rows(rows, os.path.join(out, "fig8-interpolation.png"))
     written.append("fig8-interpolation.png")
 
     if metrics and plot_loss_curve(metrics, os.path.join(out, "loss.png")):
@@ -793,6 +890,17 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="evaluate.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", allow_abbrev=False,
+                       help="samples for FID/IS (Table 1) in resumable chunks, or Figure 6")
+    add_model_args(p)
+    p.add_argument("--n", type=int, default=64, help="number of samples (50000 for FID)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per chunk; a rerun skips finished chunks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="output folder; default: next to the checkpoint, or samples/NAME")
+    p.add_argument("--progressive", action="store_true", help="Figure 6: x0 every T/20 steps, one row per sample")
+    p.add_argument("--ddim-eta", type=float, default=None, help="sample with DDIM at this eta (0: deterministic)")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("nll", allow_abbrev=False,
                        help="the bound in bits/dim, rate, distortion and Table 4 (Table 1's NLL column)")
@@ -813,14 +921,14 @@ def build_parser():
         p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("fid", allow_abbrev=False, help="FID of samples against reference statistics or a data set")
-    p.add_argument("samples", help="a .npz of uint8 NHWC samples (ddpm.py sample) or a folder of PNGs")
+    p.add_argument("samples", help="a .npz of uint8 NHWC samples (evaluate.py sample) or a folder of PNGs")
     p.add_argument("--ref", required=True, help="a fid-stats .npz (mu, sigma) or a data set: cifar10, a folder, ...")
     p.add_argument("--ref-split", default="train", choices=("train", "test"), help="the paper: train")
     inception_args(p)
     p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser("is", allow_abbrev=False, help="Inception Score of samples (10 splits)")
-    p.add_argument("samples", help="a .npz of uint8 NHWC samples (ddpm.py sample) or a folder of PNGs")
+    p.add_argument("samples", help="a .npz of uint8 NHWC samples (evaluate.py sample) or a folder of PNGs")
     p.add_argument("--splits", type=int, default=10)
     inception_args(p)
     p.set_defaults(func=cmd_is)
@@ -969,18 +1077,18 @@ _DIGITS_CLASSIFIERS = {}  # seed -> (classifier, test accuracy): read or trained
 
 def load_digits_classifier(seed=0):
     """(DigitsClassifier in eval mode, its test accuracy) for a seed: trained once (seconds on a CPU), then read
-    from cache_dir(); the file name holds the version and a hash of the train split. Prints the test accuracy."""
+    from ddpm.cache_dir(); the file name holds the version and a hash of the train split. Prints the test accuracy."""
     if seed in _DIGITS_CLASSIFIERS:
         return _DIGITS_CLASSIFIERS[seed]
     train_key = hashlib.sha256(_digits("train").tobytes()).hexdigest()[:12]
-    path = os.path.join(cache_dir(), f"digits-classifier-v{DIGITS_CLASSIFIER_VERSION}-seed{seed}-{train_key}.pt")
+    path = os.path.join(ddpm.cache_dir(), f"digits-classifier-v{DIGITS_CLASSIFIER_VERSION}-seed{seed}-{train_key}.pt")
     model, how = DigitsClassifier(), f"read from {path}"
     try:
         model.load_state_dict(ddpm.load_checkpoint(path)["model"])
     except (FileNotFoundError, ValueError, KeyError, RuntimeError):  # none yet, or unreadable: train it again
         start = time.time()
         model = train_digits_classifier(seed)
-        os.makedirs(cache_dir(), exist_ok=True)
+        os.makedirs(ddpm.cache_dir(), exist_ok=True)
         ddpm.save_checkpoint(path, {"model": model.state_dict(), "seed": seed})
         how = f"trained in {time.time() - start:.0f} s, cached in {path}"
     model.eval()
@@ -1103,7 +1211,7 @@ def digits_samples(model, diffusion, n, seed, folder, sampler="ancestral"):
     T = diffusion.num_timesteps
     kept = np.asarray(getattr(diffusion, "timestep_map", range(T)), dtype=np.int64)  # respaced: the original indices
     kept_sha = hashlib.sha256(kept.tobytes()).hexdigest()[:16]
-    key = f"{ddpm.weights_sha256(model)} {sampler} timesteps={kept_sha} n={n} seed={seed}"
+    key = f"{weights_sha256(model)} {sampler} timesteps={kept_sha} n={n} seed={seed}"
     path = os.path.join(folder, f"{sampler}-{T}-n{n}-seed{seed}.npz")
     if os.path.isfile(path):
         with np.load(path) as f:
@@ -1121,7 +1229,8 @@ def digits_samples(model, diffusion, n, seed, folder, sampler="ancestral"):
 def digits_test_nll(model, diffusion, num_images, seed=0):
     """The bound in bits/dim on the first num_images held-out digits (ddpm.dataset_bpd: calc_bpd_loop, x0
     clipped) as (mean, standard error). Raises FloatingPointError when it is not finite."""
-    bpd = ddpm.dataset_bpd(model, diffusion, _digits("test")[:num_images], seed=seed)
+    x_start = ddpm.normalize_data(_digits("test")[:num_images])
+    bpd = ddpm.dataset_bpd(model, diffusion, x_start, seed=seed)["total_bpd"]
     if not np.isfinite(bpd).all():
         raise FloatingPointError(f"the bound is not finite for {int((~np.isfinite(bpd)).sum())} test images")
     return mean_and_stderr(bpd)
@@ -1141,7 +1250,7 @@ DIGITS_HOW_TO_READ = ("How to read: lower is better for bits/dim and digits-FD, 
 
 def cmd_digits_score(args):
     device = torch.device(args.device)
-    model, diffusion, config = load_model_from_args(args, device)
+    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
     source = args.checkpoint or args.weights
     _check_digits_model(config, source)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(source)), "digits-score")
@@ -1390,8 +1499,8 @@ def plot_table2_samples(results, out, path, per_row=16):
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 0.62 * len(keys) + 0.2), squeeze=False)
     for ax, row in zip(axes[:, 0], keys):
         with np.load(os.path.join(out, row.key, "samples.npz")) as f:
-            images = torch.from_numpy(f["arr_0"][:per_row]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        ax.imshow(image_grid(images[None])[..., 0], cmap="gray", vmin=0, vmax=255)
+            tiles = np.pad(f["arr_0"][:per_row, :, :, 0], ((0, 0), (1, 1), (1, 1)), constant_values=255)
+        ax.imshow(np.concatenate(list(tiles), axis=1), cmap="gray", vmin=0, vmax=255)  # one row, white gaps
         ax.set_title(f"{row.group}: {row.objective}", fontsize=7, loc="left", pad=2)
         ax.axis("off")
     return _save_figure(plt, fig, path)
@@ -1442,7 +1551,7 @@ def cmd_steps(args):
     if args.respacing:
         raise ValueError("steps respaces the model itself; drop --respacing and list the step counts in --counts")
     device = torch.device(args.device)
-    model, diffusion, config = load_model_from_args(args, device)
+    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
     source = args.checkpoint or args.weights
     _check_digits_model(config, source)
     T = diffusion.num_timesteps

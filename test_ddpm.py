@@ -7,6 +7,7 @@ reference values, torch.distributions, Monte Carlo with a tolerance derived from
 tolerance with its reason. Run everything with `make test` (python -m pytest -q test_ddpm.py).
 """
 import math
+import re
 
 import numpy as np
 import pytest
@@ -398,8 +399,9 @@ def test_p_mean_variance_and_p_sample_for_every_mean_and_variance_type(betas, me
     x = rng.standard_normal((T, 2, 3)) * 1.5
     x[:, 0, 0], x[:, 1, 0] = 3.0, -0.2  # x0_hat far outside [-1, 1] and, at small t, inside it
     out = fake_network_np(x, t, C=2, extra=2 if learned else 0)
+    clip_arg = {} if clip else {"clip_denoised": False}  # clipping is the default
     got = d.p_mean_variance(fake_network(C=2, extra=2 if learned else 0), torch.from_numpy(x), torch.from_numpy(t),
-                            clip_denoised=clip)
+                            **clip_arg)
     mean, var, logvar, x0 = ref_p_mean_variance(r, out, x, t, mean_type, var_type, clip)
     if clip and mean_type != "xprev":
         assert 0 < (np.abs(x0) == 1).mean() < 1  # clipping acts on some entries, not all
@@ -408,7 +410,7 @@ def test_p_mean_variance_and_p_sample_for_every_mean_and_variance_type(betas, me
         assert_close64(got[key], want, scale if key in ("pred_xstart", "mean") else np.abs(want))
     z = rng.standard_normal(x.shape)
     sample = d.p_sample(fake_network(C=2, extra=2 if learned else 0), torch.from_numpy(x), torch.from_numpy(t),
-                        noise=torch.from_numpy(z), clip_denoised=clip)["sample"]
+                        noise=torch.from_numpy(z), **clip_arg)["sample"]
     assert_close64(sample, mean + (t > 0)[:, None, None] * np.exp(0.5 * logvar) * z, scale)
 
 
@@ -657,7 +659,8 @@ def test_bound_terms_are_the_kl_and_the_decoder(betas, mean_type, var_type, clip
     x0 = rng.integers(0, 256, (T, 1, 2, 3)) / 127.5 - 1  # pixel values, so the decoder's bins apply
     xt = ref_q_sample(r, x0, t, rng.standard_normal(x0.shape))
     network = fake_network(C=1, extra=1 if learned else 0)
-    got = d.vb_terms_bpd(network, torch.from_numpy(x0), torch.from_numpy(xt), torch.from_numpy(t), clip_denoised=clip)
+    clip_arg = {} if clip else {"clip_denoised": False}  # clipping is the default
+    got = d.vb_terms_bpd(network, torch.from_numpy(x0), torch.from_numpy(xt), torch.from_numpy(t), **clip_arg)
     out = fake_network_np(xt, t, C=1, extra=1 if learned else 0)
     want = ref_vb_bpd(r, out, x0, xt, t, mean_type, var_type, clip)
     # the KL's (m1 - m2)^2 / sigma^2 amplifies the rounding of the means by up to ~1/(coef1 sigma^2)
@@ -853,8 +856,9 @@ def test_ddim_step_is_song_et_al_eq_12(betas, eta, clip):
     t = np.arange(T)
     x, z = rng.standard_normal((T, 1, 2, 2)) * 1.5, rng.standard_normal((T, 1, 2, 2))
     d = ddpm.GaussianDiffusion(betas=betas)
+    clip_arg = {} if clip else {"clip_denoised": False}  # clipping is the default
     got = d.ddim_sample(fake_network(), torch.from_numpy(x), torch.from_numpy(t), noise=torch.from_numpy(z),
-                        clip_denoised=clip, eta=eta)
+                        eta=eta, **clip_arg)
     want = ref_ddim_step(r, fake_network_np(x, t), x, t, eta, clip, z)
     assert_close64(got["sample"], want, (1 + 1 / np.sqrt(r.abar)).reshape(-1, 1, 1, 1))
 
@@ -969,9 +973,10 @@ def test_sampling_loop_shapes_range_and_determinism():
 
 
 def test_progressive_frames_start_at_t_equals_T():
-    """sample_images' Figure 6 frames: index T-1 (t = T), then every k-th index down to 0, ending at the sample."""
+    """sample_images' Figure 6 frames: the x0 estimates at the given indices, from T-1 (t = T) down to 0, ending at the
+    sample."""
     d, model = diffusion_for(10, "cosine"), tiny_unet().eval()
-    frames = ddpm.sample_images(model, d, 2, seed=3, progressive_every=4)
+    frames = ddpm.sample_images(model, d, 2, seed=3, frames={9, 8, 4, 0})
     assert frames.shape == (2, 4, 1, 8, 8)  # t = 9, 8, 4, 0
     assert_close(frames[:, -1], ddpm.sample_images(model, d, 2, seed=3), rtol=0, atol=0)
 
@@ -1352,12 +1357,12 @@ def test_cifar10_diffusers_snapshot_loads_exactly_in_safetensors_and_bin(tmp_pat
     unet.save_pretrained(tmp_path / "bin", safe_serialization=False)
     assert (tmp_path / "safetensors" / "diffusion_pytorch_model.safetensors").exists()
     assert (tmp_path / "bin" / "diffusion_pytorch_model.bin").exists()
-    model, diffusion, config = ddpm.load_pretrained(tmp_path / "safetensors")
+    model, diffusion, config = evaluate.load_pretrained(tmp_path / "safetensors")
     assert not model.training and sum(p.numel() for p in model.parameters()) == 35_746_307
     assert config.preset == "cifar10" and config.model == ddpm.get_preset("cifar10").model
     assert (diffusion.model_mean_type, diffusion.model_var_type) == ("eps", "fixedlarge")
     assert_same_function(model, unet)
-    assert_same_weights(ddpm.load_pretrained(tmp_path / "bin")[0], model)
+    assert_same_weights(evaluate.load_pretrained(tmp_path / "bin")[0], model)
 
 
 def test_256_layout_at_reduced_width_loads_exactly_and_samples_with_fixedsmall(tmp_path):
@@ -1367,7 +1372,7 @@ def test_256_layout_at_reduced_width_loads_exactly_and_samples_with_fixedsmall(t
     unet = ddpm_unet2d((32, 32, 64, 64, 128, 128), attn_level=4, sample_size=32, dropout=0.0)
     snapshot = tmp_path / "models--google--ddpm-ema-church-256" / "snapshots" / "5a1118b"
     unet.save_pretrained(snapshot / "unet")
-    model, diffusion, config = ddpm.load_pretrained(snapshot)
+    model, diffusion, config = evaluate.load_pretrained(snapshot)
     assert config.preset == "lsun_church256" and diffusion.model_var_type == "fixedsmall"
     assert (config.model.ch, config.model.ch_mult, config.model.attn_resolutions, config.model.resolution) == \
         (32, (1, 1, 2, 2, 4, 4), (2,), 32)
@@ -1385,23 +1390,23 @@ def test_256_layout_at_reduced_width_loads_exactly_and_samples_with_fixedsmall(t
     (tmp_path / "plain").mkdir()
     torch.save(old, tmp_path / "plain" / "diffusion_pytorch_model.bin")
     (tmp_path / "plain" / "config.json").write_text((snapshot / "unet" / "config.json").read_text())
-    plain, diffusion, config = ddpm.load_pretrained(tmp_path / "plain")  # no dataset in the path: the 256 recipe
+    plain, diffusion, config = evaluate.load_pretrained(tmp_path / "plain")  # no dataset in the path: the 256 recipe
     assert config.preset == "256x256" and diffusion.model_var_type == "fixedsmall"
     assert_same_weights(plain, model)
 
 
 def test_sample_command_draws_from_a_diffusers_snapshot(tmp_path):
-    """`ddpm.py sample --weights FOLDER --n 16` samples a randomly initialised save_pretrained snapshot."""
+    """`evaluate.py sample --weights FOLDER --n 16` samples a randomly initialised save_pretrained snapshot."""
     torch.manual_seed(0)
     snapshot = tmp_path / "ddpm-ema-cat-256"  # the 256 family at width 32 and 32x32, so 1000 steps take seconds
     ddpm_unet2d((32, 32, 64, 64, 128, 128), attn_level=4, sample_size=32, dropout=0.0).save_pretrained(snapshot)
-    ddpm.main(["sample", "--weights", str(snapshot), "--n", "16", "--batch-size", "16", "--out", str(tmp_path / "s"),
+    evaluate.main(["sample", "--weights", str(snapshot), "--n", "16", "--batch-size", "16", "--out", str(tmp_path / "s"),
                "--respacing", "10"])  # 10 of the 1000 steps keep the test fast; the full loop is the same code
     images = np.load(tmp_path / "s" / "samples_16x32x32x3.npz")["arr_0"]
     assert images.shape == (16, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
     assert (tmp_path / "s" / "samples.png").exists()
     for run in ("d1", "d2"):  # deterministic DDIM (eta 0) on 10 respaced steps: the same images from the same seed
-        ddpm.main(["sample", "--weights", str(snapshot), "--n", "4", "--batch-size", "4", "--out", str(tmp_path / run),
+        evaluate.main(["sample", "--weights", str(snapshot), "--n", "4", "--batch-size", "4", "--out", str(tmp_path / run),
                    "--respacing", "ddim10", "--ddim-eta", "0"])
     d1, d2 = (np.load(tmp_path / r / "samples_4x32x32x3.npz")["arr_0"] for r in ("d1", "d2"))
     assert np.array_equal(d1, d2) and d1.std() > 0
@@ -1414,8 +1419,8 @@ def test_official_layout_state_dict_round_trips(tmp_path):
                       in_channels=1, resolution=8)
     torch.save(model.state_dict(), tmp_path / "model.ckpt")
     with pytest.raises(ValueError, match="preset="):  # ch_mult (1, 2) is no released model: say how it samples
-        ddpm.load_pretrained(tmp_path / "model.ckpt")
-    loaded, diffusion, config = ddpm.load_pretrained(tmp_path / "model.ckpt", preset="digits")
+        evaluate.load_pretrained(tmp_path / "model.ckpt")
+    loaded, diffusion, config = evaluate.load_pretrained(tmp_path / "model.ckpt", preset="digits")
     assert config.model == ddpm.ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                                             dropout=0.1, in_channels=1, resolution=8)
     assert_same_weights(loaded, model)
@@ -1424,7 +1429,7 @@ def test_official_layout_state_dict_round_trips(tmp_path):
     big = ddpm.UNet(ch=32, ch_mult=(1, 1, 2, 2, 4, 4), attn_resolutions=(16,), dropout=0.0, resolution=256)
     (tmp_path / "ema_diffusion_lsun_cat_model").mkdir()
     torch.save(big.state_dict(), tmp_path / "ema_diffusion_lsun_cat_model" / "model-1761000.ckpt")
-    loaded, diffusion, config = ddpm.load_pretrained(tmp_path / "ema_diffusion_lsun_cat_model" / "model-1761000.ckpt")
+    loaded, diffusion, config = evaluate.load_pretrained(tmp_path / "ema_diffusion_lsun_cat_model" / "model-1761000.ckpt")
     assert config.preset == "lsun_cat256" and diffusion.model_var_type == "fixedsmall"
     assert config.model.attn_resolutions == (16,) and config.model.resolution == 256
     assert_same_weights(loaded, big)
@@ -1439,37 +1444,37 @@ def test_bad_weights_give_clear_errors(tmp_path):
     data = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
-        ddpm.load_pretrained(tmp_path / "truncated.pt")
+        evaluate.load_pretrained(tmp_path / "truncated.pt")
     from safetensors.torch import save_file
     save_file(state, tmp_path / "good.safetensors")
     data = (tmp_path / "good.safetensors").read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
-        ddpm.load_pretrained(tmp_path / "truncated.safetensors")
+        evaluate.load_pretrained(tmp_path / "truncated.safetensors")
 
     torch.save({"fc.weight": torch.zeros(10, 4), "fc.bias": torch.zeros(10)}, tmp_path / "resnet.pt")
     with pytest.raises(ValueError, match="neither the official layout"):
-        ddpm.load_pretrained(tmp_path / "resnet.pt")
+        evaluate.load_pretrained(tmp_path / "resnet.pt")
     misfit = {k: v for k, v in state.items() if k != "mid.attn_1.q.bias"}
     misfit["conv_out.weight"], misfit["extra.weight"] = torch.zeros(6, 32, 3, 3), torch.zeros(1)
     torch.save(misfit, tmp_path / "misfit.pt")
     with pytest.raises(ValueError, match="does not fit the DDPM U-Net") as error:
-        ddpm.load_pretrained(tmp_path / "misfit.pt")
+        evaluate.load_pretrained(tmp_path / "misfit.pt")
     assert all(name in str(error.value) for name in ("mid.attn_1.q.bias", "extra.weight", "conv_out.weight"))
     del state["conv_in.weight"]
     torch.save(state, tmp_path / "no_conv_in.pt")
     with pytest.raises(ValueError, match="conv_in.weight"):
-        ddpm.load_pretrained(tmp_path / "no_conv_in.pt")
+        evaluate.load_pretrained(tmp_path / "no_conv_in.pt")
 
     (tmp_path / "snapshot").mkdir()
     (tmp_path / "snapshot" / "diffusion_pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="holds no config.json"):
-        ddpm.load_pretrained(tmp_path / "snapshot")
+        evaluate.load_pretrained(tmp_path / "snapshot")
     with pytest.raises(FileNotFoundError):
-        ddpm.load_pretrained(tmp_path / "nowhere")
+        evaluate.load_pretrained(tmp_path / "nowhere")
     (tmp_path / "weights.h5").write_bytes(b"")
     with pytest.raises(ValueError, match="not a .ckpt/.pt/.bin/.safetensors weights file"):
-        ddpm.load_pretrained(tmp_path / "weights.h5")
+        evaluate.load_pretrained(tmp_path / "weights.h5")
 
 
 def test_a_diffusers_snapshot_that_computes_differently_is_refused(tmp_path):
@@ -1479,7 +1484,7 @@ def test_a_diffusers_snapshot_that_computes_differently_is_refused(tmp_path):
     unet.register_to_config(flip_sin_to_cos=True)
     unet.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="flip_sin_to_cos=True"):
-        ddpm.load_pretrained(tmp_path / "other")
+        evaluate.load_pretrained(tmp_path / "other")
 
 
 @pytest.mark.parametrize("variance_type", ["fixed_large", "fixed_small"])
@@ -1528,14 +1533,22 @@ def test_p_sample_equals_diffusers_ddpm_scheduler_at_every_t(variance_type):
     assert scheduler._get_variance(0).item() == pytest.approx(diffusers_var0, rel=1e-6)
 
 
-def test_extract_cache_never_serves_another_array_at_the_same_address():
-    """_extract gathers from the array it is given, even when a freed temporary's id() is reused by the next one."""
-    # Regression: the cache keyed on id(arr) alone, so a temporary like 1/coef1 freed before coef2/coef1 was made
-    # at the same address was served for both (x_0 -> mu~ -> x_0 came back off by ~1 at t=1).
+def test_extract_gathers_every_buffer_by_name_exactly():
+    """_extract(name, t, x) is the float64 buffer `name` at t: exactly for float64 x, its float32 cast otherwise."""
+    # Regression guard: a cache that once served another array's values (x_0 -> mu~ -> x_0 came back off by ~1 at
+    # t=1). Every buffer, gathered at both ends and the middle, must be its own numpy values.
     d = ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule("linear", 1000))
-    t, x = torch.tensor([0, 999]), torch.zeros(2, 3, dtype=torch.float64)
-    for k in range(1, 30):  # temporaries made and dropped in a loop reuse addresses in CPython
-        assert torch.equal(d._extract(d.betas * k, t, x).flatten(), torch.tensor([1e-4 * k, 0.02 * k], dtype=torch.float64))
+    t = torch.tensor([0, 500, 999])
+    names = [k for k, v in vars(d).items() if isinstance(v, np.ndarray)]
+    assert {"betas", "alphas_cumprod", "posterior_mean_coef1", "fixedlarge_log_variance"} <= set(names)
+    for _ in range(2):  # the second pass reads the cached tensors
+        for name in names:
+            expected = getattr(d, name)[[0, 500, 999]]
+            got64 = d._extract(name, t, torch.zeros(3, 2, dtype=torch.float64)).flatten()
+            assert torch.equal(got64, torch.tensor(expected, dtype=torch.float64)), name
+            got32 = d._extract(name, t, torch.zeros(3, 2, 2)).flatten()
+            assert torch.equal(got32, torch.tensor(expected, dtype=torch.float32)), name
+
 
 # ---- training, data, checkpoints, CLI ----
 
@@ -1620,24 +1633,26 @@ def test_train_and_sample_cli_smoke(tmp_path, images, capsys):
 
 
 def test_sample_chunks_resume(tmp_path, images):
-    """A sample run that finds chunks from an interrupted run reuses them and gives the same npz as a fresh run."""
+    """An `evaluate.py sample` run that finds chunks from an interrupted run reuses them and gives the same npz as a
+    fresh run, and as `ddpm.py sample` with the same flags."""
     config = tiny_config(tmp_path / "run", images, steps=1, ckpt_every=1)
     ckpt = os.path.join(ddpm.train(config), "ckpt-0000001.pt")
     args = ["sample", "--checkpoint", ckpt, "--n", "3", "--batch-size", "2", "--out"]
-    ddpm.main([*args, str(tmp_path / "fresh")])
+    evaluate.main([*args, str(tmp_path / "fresh")])
     model, diffusion, _ = ddpm.load_model(ckpt)
     seed = int(np.random.SeedSequence([0, 0]).generate_state(1)[0])  # chunk 0 of --seed 0
     chunk = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 2, seed))
     os.makedirs(tmp_path / "resumed")
     record = np.load(tmp_path / "fresh" / "samples_3x8x8x3.npz")["record"]  # the settings, as a chunk records them
     np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00000.npz", arr_0=chunk, record=record)
-    ddpm.main([*args, str(tmp_path / "resumed")])
-    fresh, resumed = (np.load(tmp_path / d / "samples_3x8x8x3.npz")["arr_0"] for d in ("fresh", "resumed"))
-    assert np.array_equal(fresh, resumed)
+    evaluate.main([*args, str(tmp_path / "resumed")])
+    ddpm.main([*args, str(tmp_path / "plain")])
+    fresh, resumed, plain = (np.load(tmp_path / d / "samples_3x8x8x3.npz")["arr_0"] for d in ("fresh", "resumed", "plain"))
+    assert np.array_equal(fresh, resumed) and np.array_equal(fresh, plain)
     # the last chunk draws only the remainder; one left by a run with another --n is drawn again at its size
     last = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 1, seed))
     np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00001.npz", arr_0=last, record=record)
-    ddpm.main([*args[:4], "4", *args[5:], str(tmp_path / "resumed")])
+    evaluate.main([*args[:4], "4", *args[5:], str(tmp_path / "resumed")])
     assert np.load(tmp_path / "resumed" / "samples_4x8x8x3.npz")["arr_0"].shape == (4, 8, 8, 3)
 
 
@@ -1824,7 +1839,7 @@ def fake_cifar10(cache, monkeypatch, corrupt=False):
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
     monkeypatch.setenv("DDPM_CACHE", str(cache))
-    monkeypatch.setattr(ddpm, "CIFAR10_MD5", ddpm._md5(path))
+    monkeypatch.setattr(ddpm, "CIFAR10_MD5", ddpm.file_digest(path, "md5"))
     if corrupt:
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
@@ -1850,7 +1865,7 @@ def test_cifar10_bad_md5_and_offline(tmp_path, monkeypatch):
 
     def offline(*args, **kwargs):
         raise OSError("Network is unreachable")
-    monkeypatch.setattr("urllib.request.urlretrieve", offline)
+    monkeypatch.setattr("urllib.request.urlopen", offline)
     with pytest.raises(ConnectionError, match="copy cifar-10-python.tar.gz"):
         ddpm.load_data("cifar10")
 
@@ -2115,13 +2130,13 @@ def test_inception_download_checks_sha256(tmp_path, monkeypatch, inception_stand
     """A download with the right sha256 is cached and loads; a wrong one is refused and nothing is kept;
     a cached file that changed is refused; a missing --inception file raises."""
     _, path = inception_standin
-    digest = evaluate.sha256_file(path)
+    digest = ddpm.file_digest(path)
     url = "file://" + os.path.abspath(path)
     with pytest.raises(ValueError, match="sha256"):
         evaluate.download_inception(url, str(tmp_path / "cache"), sha256="0" * 64)
     assert not os.path.exists(tmp_path / "cache" / evaluate.INCEPTION_FILENAME)
     cached = evaluate.download_inception(url, str(tmp_path / "cache"), sha256=digest)
-    assert evaluate.sha256_file(cached) == digest
+    assert ddpm.file_digest(cached) == digest
     with pytest.raises(ValueError, match="sha256"):
         evaluate.download_inception(url, str(tmp_path / "cache"))  # the cached stand-in is not the real network
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "offline"))  # offline and nothing cached: say where to put it
@@ -2232,6 +2247,18 @@ def test_nll_resume_equals_uninterrupted(tmp_path, monkeypatch):
         evaluate.evaluate_nll(model, diffusion, x, batch_size=3, seed=3, out_dir=str(tmp_path / "b"), progress=False)
 
 
+def test_train_eval_bpd_and_evaluate_nll_print_the_same_number(tmp_path, images, capsys):
+    """`train --eval-bpd 5` and `evaluate.py nll` on the checkpoint it writes, with the same --batch-size, --seed
+    and --max-examples, print the same bound: both run ddpm.dataset_bpd with batch b's noise seeded seed + b."""
+    run = ddpm.train(tiny_config(tmp_path / "run", images, steps=2, ckpt_every=2, eval_bpd=5, batch_size=4, seed=3))
+    trained = re.search(r"test NLL (\d+\.\d{4})", capsys.readouterr().out)[1]
+    _, printed = _run_cli(capsys, ["nll", "--checkpoint", os.path.join(run, "ckpt-0000002.pt"), "--data", images,
+                                   "--split", "test", "--max-examples", "5", "--batch-size", "4", "--seed", "3",
+                                   "--out", str(tmp_path / "eval"), "--device", "cpu", "--no-progress"])
+    evaluated = re.search(r"NLL \(the bound\)\s+(\d+\.\d{4})", printed)[1]
+    assert trained == evaluated and float(trained) > 0
+
+
 def test_nll_cli_end_to_end(tmp_path, capsys):
     """`evaluate.py nll` on a digits checkpoint prints the bound, rate, distortion and Table 4 and writes the
     per-example/per-t .npz, the CSV and the JSON summary, consistent with each other."""
@@ -2266,11 +2293,11 @@ def test_figures_cli(tmp_path, capsys):
     paths, _ = _run_cli(capsys, ["figures", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "2", "--frames", "4",
                                  "--samples-per-latent", "3", "--data", "digits", "--interp-t", "5", "--out", out,
                                  "--device", "cpu"])
-    scale, tile = 8, 8 + 2  # 8x8 digits enlarged 8x; each tile has a 2-pixel border
+    scale, tile = 4, 8 + 1  # 8x8 digits enlarged 4x by save_image_grid; 1-pixel gaps between the tiles
     sizes = {os.path.basename(p): PIL.open(p).size for p in paths}
-    assert sizes["fig6-progressive.png"] == ((4 * tile + 2) * scale, (2 * tile + 2) * scale)
-    assert sizes["fig7-shared-latents.png"] == ((5 * tile + 2) * scale, (4 * tile + 2) * scale)  # x0, xt, 3 samples
-    assert sizes["fig8-interpolation.png"] == ((13 * tile + 2) * scale, (2 * tile + 2) * scale)  # x0, 11 lambdas, x0'
+    assert sizes["fig6-progressive.png"] == ((4 * tile - 1) * scale, (2 * tile - 1) * scale)
+    assert sizes["fig7-shared-latents.png"] == ((5 * tile - 1) * scale, (4 * tile - 1) * scale)  # x0, xt, 3 samples
+    assert sizes["fig8-interpolation.png"] == ((13 * tile - 1) * scale, (2 * tile - 1) * scale)  # x0, 11 lambdas, x0'
     try:
         import matplotlib  # noqa: F401
         assert "loss.png" in sizes
@@ -2359,7 +2386,7 @@ def test_bf16_agrees_with_fp32():
 
 
 def test_compiled_agrees_with_eager():
-    """The U-Net compiled in place (as optimize_model(compile=True) does) keeps its state_dict keys,
+    """The U-Net compiled (as optimize_model(compile=True) does) leaves the module's state_dict keys as they were,
     and its output and gradients agree with eager."""
     model, x, t = ddpm.optimize_model(_busy_unet()), torch.randn(2, 3, 8, 8), torch.tensor([3, 999])
     ref = model(x, t)
@@ -2369,9 +2396,9 @@ def test_compiled_agrees_with_eager():
     keys = list(model.state_dict())
     # Inductor's C++ code generation takes minutes for even this model on 2 cores (measured 130 s forward +
     # 100 s backward under load), so CI checks graph capture and AOTAutograd; bench.py --compile runs inductor.
-    model.compile(backend="aot_eager")
-    assert list(model.state_dict()) == keys
-    out = model(x, t)
+    compiled = torch.compile(model, backend="aot_eager")
+    assert list(model.state_dict()) == keys and compiled._orig_mod is model
+    out = compiled(x, t)
     out.square().mean().backward()
     # the same kernels run in the same order once captured: fp32 rounding at most
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -2399,8 +2426,8 @@ def test_bench_networks_match_and_run():
 # --- bad input (issue 13) ---
 
 def _sample_cli(ckpt, out, *flags):
-    """`ddpm.py sample` of 3 images in chunks of 2 from `ckpt` into `out`; the npz it writes, loaded."""
-    ddpm.main(["sample", "--checkpoint", str(ckpt), "--n", "3", "--batch-size", "2", "--out", str(out), *flags])
+    """`evaluate.py sample` of 3 images in chunks of 2 from `ckpt` into `out`; the npz it writes, loaded."""
+    evaluate.main(["sample", "--checkpoint", str(ckpt), "--n", "3", "--batch-size", "2", "--out", str(out), *flags])
     return np.load(os.path.join(out, "samples_3x8x8x1.npz"))["arr_0"]  # the digits preset: 1 channel
 
 
@@ -2502,7 +2529,8 @@ def no_work(monkeypatch):
     """Loading a model or data fails the test: what is checked with it must be checked before any work."""
     def work(*args, **kwargs):
         raise AssertionError("work started before the input was checked")
-    for module, name in ((ddpm, "load_for_sampling"), (ddpm, "load_data"), (evaluate, "load_images")):
+    for module, name in ((ddpm, "load_model"), (evaluate, "load_for_sampling"), (ddpm, "load_data"),
+                         (evaluate, "load_images")):
         monkeypatch.setattr(module, name, work)
 
 
@@ -2571,11 +2599,11 @@ def test_a_file_that_is_not_a_ddpm_checkpoint_gets_one_line(tmp_path, capsys):
     for name in ("random.pt", "object.pt", "config.json"):
         _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / name), "--out", str(tmp_path)],
                         "is not a ddpm checkpoint or is damaged", "pass a ckpt-.*pt written by ddpm.py train")
-        _one_line_error(capsys, ddpm.main, ["sample", "--weights", str(tmp_path / name), "--out", str(tmp_path)],
+        _one_line_error(capsys, evaluate.main, ["sample", "--weights", str(tmp_path / name), "--out", str(tmp_path)],
                         "not a .*weights file or it is damaged")
     _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path)],
                     "is a folder, not a checkpoint file; pass one of its ckpt-\\*.pt files")
-    _one_line_error(capsys, ddpm.main, ["sample", "--weights", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path)],
+    _one_line_error(capsys, evaluate.main, ["sample", "--weights", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path)],
                     "is a checkpoint of ddpm.py train, not released weights; pass it with --checkpoint")
     _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "state_dict.pt"), "--out",
                                         str(tmp_path)], "not a checkpoint written by ddpm.py train; pass released "
@@ -2623,10 +2651,10 @@ def test_data_and_samples_files_that_cannot_serve_get_one_line(tmp_path, capsys)
 
 
 def test_ctrl_c_during_sample_says_what_is_kept(tmp_path):
-    """A real SIGINT to `ddpm.py sample` after its first chunk: status 130, one line saying which chunks are kept
+    """A real SIGINT to `evaluate.py sample` after its first chunk: status 130, one line saying which chunks are kept
     and that a rerun continues, and no traceback (test_sample_never_mixes_... shows the rerun continues exactly)."""
     _tiny_model_checkpoint(tmp_path / "ckpt.pt")
-    argv = [sys.executable, DDPM_PY, "sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "40", "--batch-size",
+    argv = [sys.executable, os.path.join(os.path.dirname(DDPM_PY), "evaluate.py"), "sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "40", "--batch-size",
             "1", "--out", str(tmp_path / "out")]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
