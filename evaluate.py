@@ -14,15 +14,19 @@ It imports ddpm.py, torch, numpy and scipy; matplotlib (plots) and Pillow (PNGs)
 Timestep convention, as in ddpm.py: code index t = 0..T-1 is the paper's t = 1..T.
 """
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import re
 import sys
+import time
 import warnings
 import zipfile
 
@@ -30,6 +34,8 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import ddpm
 
@@ -949,6 +955,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: runs/eval/<checkpoint name>)")
     p.set_defaults(func=cmd_figures)
+    add_digits_evidence_commands(sub)  # section 7
     return parser
 
 
@@ -969,6 +976,694 @@ def run(args):
     if getattr(args, "out", None):
         ddpm.check_out(args.out, folder=args.command != "fid-stats")
     return args.func(args)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. The paper's findings on 8x8 digits, on a CPU: an offline sample-quality score (digits-FD), Table 2 in
+#    miniature, Table 1's NLL contrast and sample quality against the number of sampling steps
+# ------------------------------------------------------------------------------------------------
+# digits-FD is not FID. It is the same Frechet distance (frechet_distance above), taken in the 64-d feature space
+# of a small classifier trained on the digits train split instead of Inception's, between N samples and the 1,500
+# train images (the paper measures FID against the training set). Its values mean nothing outside this project:
+# every score is printed beside its floor (real held-out digits) and a bad baseline (independent pixels).
+
+DIGITS_SCORE_N = 256            # images per score in every table; the floor is 256 of the 297 held-out digits
+DIGITS_BOOTSTRAP = 100          # resamples of the N images behind each +- (the bootstrap standard deviation)
+DIGITS_CLASSIFIER_VERSION = 1   # part of the cache file's name: bump it when the classifier or its training changes
+DIGITS_CLASSIFIER_EPOCHS = 20
+
+
+@functools.lru_cache(maxsize=2)
+def _digits(split):
+    """ddpm.load_digits(split), read-only and read once per process (scikit-learn parses a CSV on every call)."""
+    images = ddpm.load_digits(split)
+    images.setflags(write=False)
+    return images
+
+
+@functools.lru_cache(maxsize=2)
+def digits_labels(split):
+    """The classes 0..9 of ddpm.load_digits(split)'s images, in the same order: int64 numpy [N], read-only."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("the digits score needs scikit-learn: pip install scikit-learn") from None
+    y = load_digits().target.astype(np.int64)
+    y = y[:ddpm.DIGITS_NUM_TRAIN] if split == "train" else y[ddpm.DIGITS_NUM_TRAIN:]
+    y.setflags(write=False)
+    return y
+
+
+class DigitsClassifier(nn.Module):
+    """A small CNN for digits [N, 1, 8, 8] in [-1, 1]: two conv-BN-ReLU blocks at 8x8, max-pool, one at 4x4,
+    max-pool, then a linear layer to 64 features, the score's feature space (taken before the ReLU, so no
+    feature is constant), and ReLU -> dropout -> 10 logits."""
+
+    def __init__(self, width=32, num_features=64):
+        super().__init__()
+        block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.conv = nn.Sequential(*block(1, width), *block(width, width), nn.MaxPool2d(2),
+                                  *block(width, 2 * width), nn.MaxPool2d(2))           # [N, 2 width, 2, 2]
+        self.fc = nn.Linear(8 * width, num_features)
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Linear(num_features, 10))
+
+    def features(self, x):
+        return self.fc(self.conv(x).flatten(1))                                         # [N, num_features]
+
+    def forward(self, x):
+        return self.head(self.features(x))                                              # logits [N, 10]
+
+
+def _augment_digits(x, generator):
+    """A random small affine distortion of each digit [N, 1, 8, 8] in [-1, 1] (rotation up to 15 degrees, scale
+    0.9..1.1, shift up to one pixel), the background -1 filling in: how the held-out writers differ."""
+    u = lambda *shape: torch.rand(*shape, generator=generator) * 2 - 1                 # U(-1, 1)
+    angle, scale, shift = u(len(x)) * math.pi / 12, 1 + 0.1 * u(len(x)), 0.25 * u(len(x), 2)  # 0.25: 1 of 8 px
+    cos, sin = scale * torch.cos(angle), scale * torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, align_corners=False) - 1  # grid_sample pads with 0, i.e. -1 after the shift
+
+
+def train_digits_classifier(seed=0, epochs=DIGITS_CLASSIFIER_EPOCHS, batch_size=50, lr=2e-3):
+    """DigitsClassifier trained on the digits train split with Adam (cosine lr, weight decay 1e-4) and
+    _augment_digits, in eval mode. One CPU thread and RNGs of its own: the weights are a function of the seed."""
+    x, y = ddpm.normalize_data(_digits("train")), torch.tensor(digits_labels("train"))
+    generator, threads = torch.Generator().manual_seed(seed), torch.get_num_threads()
+    total = epochs * math.ceil(len(x) / batch_size)
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():  # the initial weights and dropout, without touching the caller's RNG
+            torch.manual_seed(seed)
+            model = DigitsClassifier().train()
+            opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+            for step in range(total):
+                if step % math.ceil(len(x) / batch_size) == 0:
+                    order = torch.randperm(len(x), generator=generator)
+                idx = order[step % math.ceil(len(x) / batch_size) * batch_size:][:batch_size]
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                loss = F.cross_entropy(model(_augment_digits(x[idx], generator)), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+_DIGITS_CLASSIFIERS = {}  # seed -> (classifier, test accuracy): read or trained once per process
+
+
+def load_digits_classifier(seed=0):
+    """(DigitsClassifier in eval mode, its test accuracy) for a seed: trained once (seconds on a CPU), then read
+    from ddpm.cache_dir(); the file name holds the version and a hash of the train split. Prints the test accuracy."""
+    if seed in _DIGITS_CLASSIFIERS:
+        return _DIGITS_CLASSIFIERS[seed]
+    train_key = hashlib.sha256(_digits("train").tobytes()).hexdigest()[:12]
+    path = os.path.join(ddpm.cache_dir(), f"digits-classifier-v{DIGITS_CLASSIFIER_VERSION}-seed{seed}-{train_key}.pt")
+    model, how = DigitsClassifier(), f"read from {path}"
+    try:
+        model.load_state_dict(ddpm.load_checkpoint(path)["model"])
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError):  # none yet, or unreadable: train it again
+        start = time.time()
+        model = train_digits_classifier(seed)
+        os.makedirs(ddpm.cache_dir(), exist_ok=True)
+        ddpm.save_checkpoint(path, {"model": model.state_dict(), "seed": seed})
+        how = f"trained in {time.time() - start:.0f} s, cached in {path}"
+    model.eval()
+    test = _digits("test")
+    probs = digits_classifier_outputs(model, test)[1]
+    accuracy = float((probs.argmax(1) == digits_labels("test")).mean())
+    print(f"digits classifier (seed {seed}; {how}): test accuracy {100 * accuracy:.1f} % on the {len(test)} "
+          f"held-out digits", flush=True)
+    _DIGITS_CLASSIFIERS[seed] = model, accuracy
+    return model, accuracy
+
+
+@torch.inference_mode()
+def digits_classifier_outputs(classifier, images, batch_size=1000):
+    """(features float64 [N, 64], class probabilities float64 [N, 10]) of uint8 digits [N, 8, 8, 1]."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.shape[1:] != (8, 8, 1):
+        raise ValueError(f"the digits score takes uint8 images [N, 8, 8, 1], got {images.dtype} {images.shape}; "
+                         f"it measures models of the digits preset only")
+    features = torch.cat([classifier.features(ddpm.normalize_data(images[s:s + batch_size]))
+                          for s in range(0, len(images), batch_size)])
+    return features.double().numpy(), classifier.head(features).softmax(1).double().numpy()
+
+
+class DigitsScore:
+    """digits-FD and digits-IS of uint8 digits [N, 8, 8, 1], each with a bootstrap uncertainty.
+
+    digits-FD = frechet_distance between the Gaussians fitted to the images' classifier features and to the
+    1,500 train images' features: 0 for the train split itself, lower is better, and biased upward for small N
+    (so every table uses one N). digits-IS = the Inception Score formula (inception_score, one split) on the
+    classifier's 10 classes: 1 to 10, higher is better. The +- is the standard deviation over num_bootstrap
+    resamples, with replacement, of the N images.
+    """
+
+    def __init__(self, seed=0, num_bootstrap=DIGITS_BOOTSTRAP):
+        self.classifier, self.accuracy = load_digits_classifier(seed)
+        train_features = digits_classifier_outputs(self.classifier, _digits("train"))[0]
+        self.reference = feature_statistics(train_features)
+        self.seed, self.num_bootstrap = seed, num_bootstrap
+
+    def __call__(self, images):
+        """{'fd', 'fd_std', 'is', 'is_std', 'n'} of the images."""
+        features, probs = digits_classifier_outputs(self.classifier, images)
+        fd = lambda idx: frechet_distance(*feature_statistics(features[idx]), *self.reference)
+        inception = lambda idx: inception_score(probs[idx], num_splits=1)[0]
+        rng = np.random.default_rng(self.seed)
+        resamples = [rng.integers(0, len(images), len(images)) for _ in range(self.num_bootstrap)]
+        with warnings.catch_warnings(record=True) as caught:  # a few images: one warning, not one per resample
+            warnings.simplefilter("always")
+            everything = np.arange(len(images))
+            result = {"fd": fd(everything), "is": inception(everything), "n": len(images)}
+            fds, iss = [fd(idx) for idx in resamples], [inception(idx) for idx in resamples]
+        for message in sorted({str(w.message) for w in caught}):
+            warnings.warn(message)
+        std = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+        return dict(result, fd_std=std(fds), is_std=std(iss))
+
+
+class PixelCategorical:
+    """The bad baseline: an independent categorical distribution per pixel over the grey levels of the train
+    images (uint8 [N, H, W, C]), fitted with add-one smoothing. A proper distribution over images, so its NLL in
+    bits/dim is comparable with a diffusion model's bound."""
+
+    def __init__(self, train):
+        self.levels, self.shape = np.unique(train), train.shape[1:]
+        index = np.searchsorted(self.levels, train.reshape(len(train), -1))                  # [N, D]
+        counts = np.stack([(index == k).sum(axis=0) for k in range(len(self.levels))], 1)     # [D, K]
+        self.probs = (counts + 1) / (len(train) + len(self.levels))                           # [D, K]
+
+    def nll_bpd(self, images):
+        """-log2 p(image) / D for each uint8 image: float64 [N] bits/dim."""
+        flat = np.asarray(images).reshape(len(images), -1)
+        index = np.searchsorted(self.levels, flat).clip(max=len(self.levels) - 1)
+        if (self.levels[index] != flat).any():
+            raise ValueError("the images hold grey levels the train split never uses; the categorical model "
+                             "gives them probability 0")
+        return -np.log2(self.probs[np.arange(flat.shape[1]), index]).mean(axis=1)
+
+    def sample(self, n, seed=0):
+        """n independent draws, uint8 [n, H, W, C]."""
+        u = np.random.default_rng(seed).random((n, self.probs.shape[0], 1))
+        index = (u > self.probs.cumsum(axis=1)).sum(axis=2).clip(max=len(self.levels) - 1)  # inverse CDF
+        return self.levels[index].reshape(n, *self.shape).astype(np.uint8)
+
+
+def digits_nll_references(test_images):
+    """The reference points of a digits NLL in bits/dim, computed from the data: the per-pixel categorical
+    model's NLL of `test_images` (mean, standard error), uniform over the grey levels the train split uses
+    (log2 of their number) and uniform over 256 levels."""
+    categorical = PixelCategorical(_digits("train"))
+    return {"categorical": mean_and_stderr(categorical.nll_bpd(test_images)), "num_levels": len(categorical.levels),
+            "uniform_levels": math.log2(len(categorical.levels)), "uniform_256": math.log2(256)}
+
+
+def digits_score_scale(score, n=DIGITS_SCORE_N, seed=0):
+    """The scale printed with every digits score, at the same n: 'floor' = the first n held-out real digits,
+    'baseline' = n samples of the per-pixel categorical model."""
+    test = _digits("test")
+    if not 2 <= n <= len(test):
+        raise ValueError(f"--n {n} must be in [2, {len(test)}]: the floor is n of the {len(test)} held-out digits")
+    return {"floor": score(test[:n]), "baseline": score(PixelCategorical(_digits("train")).sample(n, seed))}
+
+
+def _pm(mean, std, digits=2):
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _check_digits_model(config, source):
+    if (config.model.resolution, config.model.in_channels) != (8, 1):
+        raise ValueError(f"{source} is a {config.model.resolution}x{config.model.resolution} model with "
+                         f"{config.model.in_channels} channel(s); the digits score needs an 8x8 grayscale model "
+                         f"(ddpm.py train --preset digits)")
+
+
+def digits_samples(model, diffusion, n, seed, folder, sampler="ancestral"):
+    """n uint8 samples [n, 8, 8, 1] by ddpm.sample_images (Algorithm 2, or DDIM with eta = 0 for
+    sampler='ddim'), cached in folder/<sampler>-<steps>-n<n>-seed<seed>.npz with the weights' fingerprint and
+    the kept timesteps, so digits-score and steps share them and a rerun on the same model reads them.
+    Raises FloatingPointError for non-finite samples (a diverged learned variance)."""
+    T = diffusion.num_timesteps
+    kept = np.asarray(getattr(diffusion, "timestep_map", range(T)), dtype=np.int64)  # respaced: the original indices
+    kept_sha = hashlib.sha256(kept.tobytes()).hexdigest()[:16]
+    key = f"{weights_sha256(model)} {sampler} timesteps={kept_sha} n={n} seed={seed}"
+    path = os.path.join(folder, f"{sampler}-{T}-n{n}-seed{seed}.npz")
+    if os.path.isfile(path):
+        with np.load(path) as f:
+            if "key" in f and str(f["key"]) == key:
+                return f["arr_0"]
+    x = ddpm.sample_images(model, diffusion, n, seed=seed, ddim_eta=0.0 if sampler == "ddim" else None)
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"{int((~torch.isfinite(x)).sum())} non-finite pixels in {n} samples")
+    images = ddpm.unnormalize_data(x)
+    os.makedirs(folder, exist_ok=True)
+    atomic_savez(path, arr_0=images, key=np.array(key))
+    return images
+
+
+def digits_test_nll(model, diffusion, num_images, seed=0):
+    """The bound in bits/dim on the first num_images held-out digits (ddpm.dataset_bpd: calc_bpd_loop, x0
+    clipped) as (mean, standard error). Raises FloatingPointError when it is not finite."""
+    x_start = ddpm.normalize_data(_digits("test")[:num_images])
+    bpd = ddpm.dataset_bpd(model, diffusion, x_start, seed=seed)["total_bpd"]
+    if not np.isfinite(bpd).all():
+        raise FloatingPointError(f"the bound is not finite for {int((~np.isfinite(bpd)).sum())} test images")
+    return mean_and_stderr(bpd)
+
+
+def print_digits_scale(scale):
+    for name, what in (("floor", "floor: real held-out digits"), ("baseline", "baseline: per-pixel categorical")):
+        s = scale[name]
+        print(f"    {what:<34} digits-FD {_pm(s['fd'], s['fd_std']):>16}   digits-IS {_pm(s['is'], s['is_std'])}")
+
+
+DIGITS_HOW_TO_READ = ("How to read: lower is better for bits/dim and digits-FD, higher for digits-IS (at most 10). "
+                      "digits-FD is a Frechet distance in a digits classifier's features, not FID: near the floor, "
+                      "samples are as close to the training digits as unseen real ones; near the baseline, they "
+                      "have no more structure than independent pixels. The NLL is an upper bound.")
+
+
+def cmd_digits_score(args):
+    device = torch.device(args.device)
+    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
+    source = args.checkpoint or args.weights
+    _check_digits_model(config, source)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(source)), "digits-score")
+    os.makedirs(out, exist_ok=True)
+    d = config.diffusion
+    print(f"digits evidence for {source}: {d.model_mean_type} / {d.model_var_type} / {d.loss_type}, "
+          f"{diffusion.num_timesteps} sampling steps, EMA weights", flush=True)
+    score = DigitsScore(args.seed, args.bootstrap)
+    start = time.time()
+    nll = digits_test_nll(model, diffusion, args.nll_images, args.seed)
+    refs = digits_nll_references(_digits("test")[:args.nll_images])
+    print(f"  test NLL bound {_pm(*nll)} bits/dim on the first {args.nll_images} held-out digits "
+          f"({time.time() - start:.0f} s)")
+    print(f"    per-pixel categorical model {_pm(*refs['categorical'])}   (independent pixels, add-one smoothing)")
+    print(f"    uniform over the {refs['num_levels']} grey levels {refs['uniform_levels']:.2f}")
+    print(f"    uniform over 256 levels {refs['uniform_256']:.2f}")
+    start = time.time()
+    images = digits_samples(model, diffusion, args.n, args.seed, os.path.join(os.path.dirname(out), "digits-samples"))
+    ddpm.save_image_grid(images[:64], os.path.join(out, "samples.png"))
+    s, scale = score(images), digits_score_scale(score, args.n, args.seed)
+    print(f"  samples ({args.n}, {time.time() - start:.0f} s)        digits-FD {_pm(s['fd'], s['fd_std']):>16}   "
+          f"digits-IS {_pm(s['is'], s['is_std'])}   (± = bootstrap std; {os.path.join(out, 'samples.png')})")
+    print_digits_scale(scale)
+    print(DIGITS_HOW_TO_READ)
+    result = {"nll": nll, "nll_references": refs, "score": s, "scale": scale, "source": source}
+    with open(os.path.join(out, "digits-score.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+# --- Table 2 in miniature --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Table2Row:
+    key: str                 # the row's folder under --out
+    group: str               # the paper's parameterisation heading (no '|': the table is Markdown)
+    objective: str           # the paper's objective column
+    model_mean_type: str     # how ddpm.py expresses the row (DiffusionConfig)
+    model_var_type: str
+    loss_type: str
+    paper_is: str            # the paper's CIFAR-10 numbers (Table 2); "unstable" where the paper has a blank
+    paper_fid: str
+
+
+# Fixed isotropic Sigma is sigma^2 = beta ('fixedlarge'), the paper's CIFAR-10 choice; 'L' is loss_type 'kl', the
+# true bound term L_{t-1} for a uniformly drawn t (the decoder L_0 at t = 1); mu~ prediction is 'xprev'.
+TABLE2_ROWS = (
+    Table2Row("mu-L-learned", "μ̃ prediction", "L, learned diagonal Σ", "xprev", "learned", "kl",
+              "7.28±0.10", "23.69"),
+    Table2Row("mu-L-fixed", "μ̃ prediction", "L, fixed isotropic Σ", "xprev", "fixedlarge", "kl",
+              "8.06±0.09", "13.22"),
+    Table2Row("mu-mse", "μ̃ prediction", "‖μ̃ − μ̃θ‖²", "xprev", "fixedlarge", "mse",
+              "unstable", "unstable"),
+    Table2Row("eps-L-learned", "ε prediction", "L, learned diagonal Σ", "eps", "learned", "kl",
+              "unstable", "unstable"),
+    Table2Row("eps-L-fixed", "ε prediction", "L, fixed isotropic Σ", "eps", "fixedlarge", "kl",
+              "7.67±0.13", "13.51"),
+    Table2Row("eps-Lsimple", "ε prediction", "‖ε − εθ‖² (L_simple)", "eps", "fixedlarge", "mse",
+              "9.46±0.11", "3.17"),
+    Table2Row("eps-hybrid-range", "beyond the paper", "hybrid, learned range (improved DDPM)", "eps",
+              "learned_range", "hybrid", "-", "-"),
+)
+TABLE2_CONTRAST = ("eps-L-fixed", "eps-Lsimple")  # Table 1: the true bound L against L_simple, both fixed Sigma
+TABLE2_TASKS = ("train", "samples", "nll")
+
+
+def table2_config(row, settings, out):
+    """The digits preset with the row's parameterisation and objective, trained for settings['steps'] steps
+    with a checkpoint at half of them (Table 1's NLL contrast reads both)."""
+    config = ddpm.get_preset("digits")
+    d, tc = config.diffusion, config.train
+    d.model_mean_type, d.model_var_type, d.loss_type = row.model_mean_type, row.model_var_type, row.loss_type
+    d.num_timesteps = settings["timesteps"]
+    tc.steps, tc.seed, tc.out = settings["steps"], settings["seed"], out
+    tc.ckpt_every, tc.keep_ckpts = max(1, settings["steps"] // 2), 2
+    tc.eval_bpd = tc.sample_every = 0  # the table measures both itself
+    return config
+
+
+def _redirect_output(path):
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so tqdm too) to the end of `path`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(path, "a") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+
+
+def table2_task(key, task, settings, out, threads=None, log=False):
+    """One unit of table2's work on one row: 'train' it, score its 'samples', or its test 'nll'. Returns the
+    result, also written to out/<key>/<task>.json, the cache a rerun reads instead of running the task again.
+    A worker process passes log=True (its output goes to out/<key>/<task>.log) and its share of the CPU threads."""
+    row, folder = next(r for r in TABLE2_ROWS if r.key == key), os.path.join(out, key)
+    os.makedirs(folder, exist_ok=True)
+    if log:
+        _redirect_output(os.path.join(folder, f"{task}.log"))
+    if threads:
+        torch.set_num_threads(threads)
+    start, cpu = time.time(), time.process_time()
+    result = {"status": "ok"}
+    try:
+        ckpt = os.path.join(folder, f"ckpt-{settings['steps']:07d}.pt")
+        if task == "train":
+            ddpm.train(table2_config(row, settings, folder), resume=True)
+            if not os.path.isfile(ckpt):  # stopped by a signal: no json, so a rerun resumes the training
+                raise RuntimeError(f"training stopped before step {settings['steps']}; rerun to resume it")
+        else:
+            model, diffusion, _ = ddpm.load_model(ckpt)
+            if task == "samples":
+                images = digits_samples(model, diffusion, settings["n"], settings["seed"], folder)
+                atomic_savez(os.path.join(folder, "samples.npz"), arr_0=images)  # for the figure
+                result["score"] = DigitsScore(settings["seed"], settings["bootstrap"])(images)
+            else:
+                result["nll"] = digits_test_nll(model, diffusion, settings["nll_images"], settings["seed"])
+                half = os.path.join(folder, f"ckpt-{settings['steps'] // 2:07d}.pt")
+                if key in TABLE2_CONTRAST and os.path.isfile(half):
+                    result["nll_half"] = digits_test_nll(ddpm.load_model(half)[0], diffusion, settings["nll_images"],
+                                                         settings["seed"])
+    except FloatingPointError as e:  # the NaN guard of training, or non-finite samples or bound
+        result = {"status": "unstable", "note": str(e)}
+    result.update(wall_s=time.time() - start, cpu_s=time.process_time() - cpu)
+    ddpm.atomic_write(os.path.join(folder, f"{task}.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _table2_todo(results, submitted):
+    """The (row, task) pairs that can start now: training first; samples and nll once a row trained stably."""
+    todo = []
+    for row in TABLE2_ROWS:
+        done = results[row.key]
+        if "train" not in done:
+            tasks = ["train"]
+        elif done["train"]["status"] == "ok":
+            tasks = [t for t in TABLE2_TASKS[1:] if t not in done]
+        else:  # unstable: nothing to sample or evaluate
+            tasks = []
+        todo += [(row.key, t) for t in tasks if (row.key, t) not in submitted]
+    return todo
+
+
+def run_table2_tasks(settings, out, jobs=2):
+    """Every row's tasks, `jobs` at a time in worker processes with cpu_count // jobs threads each (jobs=1: in
+    this process, with its threads). Finished tasks are read from their json; a task that crashes is reported
+    and left for a rerun, and the others go on. Returns {row key: {task: result}}."""
+    results = {row.key: {} for row in TABLE2_ROWS}
+    for row in TABLE2_ROWS:
+        for task in TABLE2_TASKS:
+            path = os.path.join(out, row.key, f"{task}.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    results[row.key][task] = json.load(f)
+    submitted, threads = set(), max(1, (os.cpu_count() or 1) // jobs)
+
+    def finish(key, task, result):
+        results[key][task] = result
+        note = f": {result['note']}" if result["status"] != "ok" else ""
+        print(f"  {time.strftime('%H:%M:%S')} {key} {task} {result['status']} in {result['wall_s'] / 60:.1f} min"
+              + note, flush=True)
+
+    if jobs == 1:
+        while todo := _table2_todo(results, submitted):
+            submitted.add(todo[0])
+            finish(*todo[0], table2_task(*todo[0], settings, out))
+        return results
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {}
+        while True:
+            for key, task in _table2_todo(results, submitted):
+                submitted.add((key, task))
+                pending[pool.submit(table2_task, key, task, settings, out, threads, True)] = key, task
+            if not pending:
+                return results
+            finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                key, task = pending.pop(future)
+                try:
+                    finish(key, task, future.result())
+                except Exception as e:  # a bug or a killed worker: this task only; a rerun retries it
+                    print(f"  {key} {task} failed ({type(e).__name__}: {e}); see {out}/{key}/{task}.log", flush=True)
+
+
+def _table2_cells(result):
+    """(digits-FD, digits-IS, test NLL) cells of a row's results."""
+    if not result.get("train"):
+        return ("not run",) * 3
+    bad = [r for r in result.values() if r["status"] != "ok"]
+    if bad:
+        return ("unstable",) * 3
+    s, nll = result.get("samples", {}).get("score"), result.get("nll", {}).get("nll")
+    return (_pm(s["fd"], s["fd_std"], 1) if s else "not run", _pm(s["is"], s["is_std"]) if s else "not run",
+            _pm(*nll) if nll else "not run")
+
+
+def print_table2(results, scale, settings, refs):
+    """The paper's Table 2 as Markdown, our digits columns beside the paper's CIFAR-10 IS and FID."""
+    print(f"\nTable 2 on 8x8 digits: {settings['steps']} training steps per row (seed {settings['seed']}, T = "
+          f"{settings['timesteps']}); {settings['n']} samples of {settings['timesteps']} steps (Algorithm 2) per "
+          f"score; test NLL bound on the first {settings['nll_images']} held-out digits; ± = bootstrap std "
+          f"(scores) and standard error (NLL)\n")
+    print("| objective | paper IS | paper FID | digits-IS | digits-FD | test NLL (bits/dim) |")
+    print("|---|---|---|---|---|---|")
+    group = None
+    for row in TABLE2_ROWS:
+        if row.group != group:
+            group = row.group
+            print(f"| **{group}** | | | | | |")
+        fd, inception, nll = _table2_cells(results[row.key])
+        print(f"| {row.objective} | {row.paper_is} | {row.paper_fid} | {inception} | {fd} | {nll} |")
+    for name, what in (("floor", "real held-out digits (floor)"), ("baseline", "per-pixel categorical (baseline)")):
+        s = scale[name]
+        nll = (_pm(*refs["categorical"]) if name == "baseline" else "-")
+        print(f"| {what} | | | {_pm(s['is'], s['is_std'])} | {_pm(s['fd'], s['fd_std'], 1)} | {nll} |")
+    print(f"\nuniform over the {refs['num_levels']} grey levels: {refs['uniform_levels']:.2f} bits/dim; over 256: "
+          f"{refs['uniform_256']:.2f}. Row mapping (model_mean_type / model_var_type / loss_type): "
+          + "; ".join(f"{r.key} {r.model_mean_type}/{r.model_var_type}/{r.loss_type}" for r in TABLE2_ROWS))
+
+
+def print_table1_contrast(results, settings):
+    """Table 1's NLL contrast, the true bound L against L_simple (both eps, fixed Sigma), at half and all steps."""
+    print("\nTable 1's NLL contrast (the paper, CIFAR-10: L <= 3.70, L_simple <= 3.75 bits/dim):")
+    first_better = None
+    for label, field, step in (("half", "nll_half", settings["steps"] // 2), ("all", "nll", settings["steps"])):
+        values = [results[k].get("nll", {}).get(field) for k in TABLE2_CONTRAST]
+        if None in values:
+            print(f"  step {step}: not measured (a row is unstable or not run)")
+            continue
+        (l_mean, l_se), (s_mean, s_se) = values
+        diff, se = l_mean - s_mean, math.hypot(l_se, s_se)
+        better = "L better" if diff < -2 * se else "L_simple better" if diff > 2 * se else "no difference beyond 2 se"
+        print(f"  step {step}: L {_pm(l_mean, l_se)}, L_simple {_pm(s_mean, s_se)}, L - L_simple = "
+              f"{diff:+.2f} ± {se:.2f}: {better}")
+        if diff < -2 * se and first_better is None:
+            first_better = step
+    print("  L gives the better NLL: " + (f"yes, from step {first_better}" if first_better else
+                                           f"not within {settings['steps']} steps"))
+
+
+def plot_table2_samples(results, out, path, per_row=16):
+    """One strip of per_row samples per Table 2 row, labelled, as a PNG (rows without samples are left out)."""
+    plt = _pyplot("Table 2 sample figure")
+    keys = [r for r in TABLE2_ROWS if os.path.isfile(os.path.join(out, r.key, "samples.npz"))
+            and results[r.key].get("samples", {}).get("status") == "ok"]
+    if plt is None or not keys:
+        return False
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 0.62 * len(keys) + 0.2), squeeze=False)
+    for ax, row in zip(axes[:, 0], keys):
+        with np.load(os.path.join(out, row.key, "samples.npz")) as f:
+            tiles = np.pad(f["arr_0"][:per_row, :, :, 0], ((0, 0), (1, 1), (1, 1)), constant_values=255)
+        ax.imshow(np.concatenate(list(tiles), axis=1), cmap="gray", vmin=0, vmax=255)  # one row, white gaps
+        ax.set_title(f"{row.group}: {row.objective}", fontsize=7, loc="left", pad=2)
+        ax.axis("off")
+    return _save_figure(plt, fig, path)
+
+
+def cmd_table2(args):
+    settings = dict(steps=args.steps, n=args.n, nll_images=args.nll_images, timesteps=args.timesteps, seed=args.seed,
+                    bootstrap=args.bootstrap)
+    test = _digits("test")
+    if not 1 <= args.nll_images <= len(test):
+        raise ValueError(f"--nll-images must be in [1, {len(test)}], the held-out digits, got {args.nll_images}")
+    if args.steps < 2 or args.jobs < 1:
+        raise ValueError(f"--steps must be at least 2 and --jobs at least 1, got {args.steps} and {args.jobs}")
+    os.makedirs(args.out, exist_ok=True)
+    settings_path = os.path.join(args.out, "settings.json")
+    if os.path.isfile(settings_path):
+        with open(settings_path) as f:
+            old = json.load(f)
+        if old != settings:
+            raise ValueError(f"{args.out} holds rows made with {old}, not {settings}; rerun with those flags to "
+                             f"resume it, or pass another --out")
+    with open(settings_path, "w") as f:
+        json.dump(settings, f)
+    start = time.time()
+    score = DigitsScore(args.seed, args.bootstrap)  # trains and caches the classifier before the workers read it
+    scale = digits_score_scale(score, args.n, args.seed)
+    refs = digits_nll_references(test[:args.nll_images])
+    print(f"Table 2 on digits: {len(TABLE2_ROWS)} rows x (train, samples, nll), {args.jobs} at a time, in "
+          f"{args.out}; logs in {args.out}/<row>/<task>.log", flush=True)
+    results = run_table2_tasks(settings, args.out, args.jobs)
+    print_table2(results, scale, settings, refs)
+    print_table1_contrast(results, settings)
+    figure = os.path.join(args.out, "table2-samples.png")
+    if plot_table2_samples(results, args.out, figure):
+        print(f"\nwrote {figure}")
+    spent = {t: sum(r[t]["wall_s"] for r in results.values() if t in r) for t in TABLE2_TASKS}
+    print(f"time: {(time.time() - start) / 60:.1f} min wall for this command; task wall times summed over rows "
+          f"(as recorded, including earlier runs): " + ", ".join(f"{t} {v / 60:.1f} min" for t, v in spent.items())
+          + f"; {args.jobs} tasks at a time")
+    with open(os.path.join(args.out, "table2.json"), "w") as f:
+        json.dump({"settings": settings, "results": results, "scale": scale, "nll_references": refs}, f, indent=1)
+    return results
+
+
+# --- quality against the number of sampling steps --------------------------------------------------
+
+def cmd_steps(args):
+    if args.respacing:
+        raise ValueError("steps respaces the model itself; drop --respacing and list the step counts in --counts")
+    device = torch.device(args.device)
+    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
+    source = args.checkpoint or args.weights
+    _check_digits_model(config, source)
+    T = diffusion.num_timesteps
+    counts = sorted({int(c) for c in args.counts.split(",") if c.strip()}, reverse=True) if \
+        re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", args.counts) else None
+    if not counts or counts[-1] < 1 or counts[0] > T:
+        raise ValueError(f"--counts must be comma-separated step counts in [1, {T}] (the model's T), "
+                         f"got {args.counts!r}")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(source)), "steps")
+    samples = os.path.join(os.path.dirname(os.path.abspath(out)), "digits-samples")  # shared with digits-score
+    os.makedirs(out, exist_ok=True)
+    score = DigitsScore(args.seed, args.bootstrap)
+    scale = digits_score_scale(score, args.n, args.seed)
+    print(f"digits-FD against network evaluations for {source} ({args.n} samples each, seed {args.seed})")
+    rows = []
+    for sampler in ("ancestral", "ddim"):
+        for count in counts:
+            spaced = ddpm.respace(diffusion, f"ddim{count}" if sampler == "ddim" else str(count))
+            start = time.time()
+            images = digits_samples(model, spaced, args.n, args.seed, samples, sampler)
+            rows.append(dict(sampler=sampler, evaluations=count, seconds=time.time() - start, **score(images)))
+            print(f"  {sampler:9s} {count:5d}  digits-FD {_pm(rows[-1]['fd'], rows[-1]['fd_std']):>16}  "
+                  f"digits-IS {_pm(rows[-1]['is'], rows[-1]['is_std'])}  ({rows[-1]['seconds']:.0f} s)", flush=True)
+    print_digits_scale(scale)
+    print_steps_table(rows, counts)
+    with open(os.path.join(out, "steps.json"), "w") as f:
+        json.dump({"rows": rows, "scale": scale, "source": source, "n": args.n}, f, indent=1)
+    if plot_steps(rows, scale, os.path.join(out, "steps.png")):
+        print(f"wrote {os.path.join(out, 'steps.png')} and steps.json")
+    return rows
+
+
+def fewest_steps_within(rows, sampler, reference):
+    """The fewest evaluations whose digits-FD is not worse than the reference's by more than two combined
+    bootstrap standard deviations, for one sampler; None if none is."""
+    ok = [r["evaluations"] for r in rows if r["sampler"] == sampler
+          and r["fd"] - reference["fd"] <= 2 * math.hypot(r["fd_std"], reference["fd_std"])]
+    return min(ok) if ok else None
+
+
+def print_steps_table(rows, counts):
+    """The steps table as Markdown and the answer: how few evaluations stay within the uncertainty of all T."""
+    cell = {(r["sampler"], r["evaluations"]): r for r in rows}
+    print("\n| network evaluations | ancestral (respaced) digits-FD | digits-IS | DDIM eta=0 digits-FD | digits-IS |")
+    print("|---|---|---|---|---|")
+    for count in counts:
+        a, d = cell["ancestral", count], cell["ddim", count]
+        print(f"| {count} | {_pm(a['fd'], a['fd_std'], 1)} | {_pm(a['is'], a['is_std'])} | "
+              f"{_pm(d['fd'], d['fd_std'], 1)} | {_pm(d['is'], d['is_std'])} |")
+    print()
+    for reference in ("ancestral", "ddim"):
+        ref = cell[reference, counts[0]]
+        answers = {s: fewest_steps_within(rows, s, ref) for s in ("ancestral", "ddim")}
+        print(f"Within the uncertainty of {counts[0]} {reference} steps (digits-FD {ref['fd']:.1f}, not worse by more "
+              f"than 2 combined bootstrap std): " + "; ".join(f"{s} from {a} evaluations" if a else
+                                                             f"{s}: none of the counts" for s, a in answers.items()))
+
+
+def plot_steps(rows, scale, path):
+    """digits-FD (± bootstrap std) against network evaluations for both samplers, with the floor and baseline."""
+    plt = _pyplot("steps plot")
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for sampler, label in (("ancestral", "ancestral, respaced"), ("ddim", "DDIM, eta = 0")):
+        pts = [r for r in rows if r["sampler"] == sampler]
+        ax.errorbar([r["evaluations"] for r in pts], [r["fd"] for r in pts], yerr=[r["fd_std"] for r in pts],
+                    marker="o", capsize=3, label=label)
+    for name, style in (("floor", ":"), ("baseline", "--")):
+        ax.axhline(scale[name]["fd"], color="gray", linestyle=style, label=f"{name} ({scale[name]['fd']:.1f})")
+    ax.set(xscale="log", yscale="log", xlabel="network evaluations per sample", ylabel="digits-FD (lower is better)")
+    ax.legend(fontsize=7)
+    return _save_figure(plt, fig, path)
+
+
+def add_digits_evidence_commands(sub):
+    """digits-score, table2 and steps: the subcommands of section 7."""
+    def bootstrap_arg(p):
+        p.add_argument("--bootstrap", type=int, default=DIGITS_BOOTSTRAP,
+                       help="resamples behind each ± of a score (default: %(default)s)")
+    p = sub.add_parser("digits-score", allow_abbrev=False,
+                       help="a digits model's test NLL and digits-FD/IS, each beside its reference points")
+    add_model_args(p)
+    p.add_argument("--n", type=int, default=DIGITS_SCORE_N, help="samples to score (default: %(default)s)")
+    p.add_argument("--nll-images", type=int, default=100, help="held-out digits for the NLL (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="samples, bound noise, classifier and bootstrap")
+    p.add_argument("--out", help="output folder (default: digits-score/ next to the checkpoint)")
+    bootstrap_arg(p)
+    p.set_defaults(func=cmd_digits_score)
+
+    p = sub.add_parser("table2", allow_abbrev=False,
+                       help="the paper's Table 2 (six objectives, plus improved DDPM's hybrid) trained on digits")
+    p.add_argument("--steps", type=int, default=ddpm.get_preset("digits").train.steps, help="training steps per row")
+    p.add_argument("--n", type=int, default=DIGITS_SCORE_N, help="samples per score (default: %(default)s)")
+    p.add_argument("--nll-images", type=int, default=100, help="held-out digits for the NLL (default: %(default)s)")
+    p.add_argument("--timesteps", type=int, default=ddpm.DiffusionConfig.num_timesteps,
+                   help="T of every row (default: the paper's %(default)s; smaller only for smoke tests)")
+    p.add_argument("--jobs", type=int, default=2, help="tasks at a time, one process each (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join("runs", "table2"), help="a rerun resumes there (default: %(default)s)")
+    bootstrap_arg(p)
+    p.set_defaults(func=cmd_table2)
+
+    p = sub.add_parser("steps", allow_abbrev=False,
+                       help="digits-FD against sampling steps: respaced ancestral sampling and DDIM (eta = 0)")
+    add_model_args(p)
+    p.add_argument("--counts", default="1000,250,100,50,25,10", help="network evaluations (default: %(default)s)")
+    p.add_argument("--n", type=int, default=DIGITS_SCORE_N, help="samples per score (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default: steps/ next to the checkpoint); a rerun reuses samples")
+    bootstrap_arg(p)
+    p.set_defaults(func=cmd_steps)
 
 
 if __name__ == "__main__":

@@ -2674,3 +2674,97 @@ def test_ctrl_c_during_sample_says_what_is_kept(tmp_path):
     assert "Traceback" not in err and [line for line in err.splitlines() if "interrupted" in line] == \
         [f"interrupted: {len(kept)} of 40 chunks are kept in {tmp_path / 'out'}; rerun the same command to continue"]
     assert 1 <= len(kept) < 40 and all(k.startswith("chunk-seed0-batch1-") for k in kept)
+
+
+# --- digits evidence (issue 12) ---
+
+def _frechet_by_eigh(a, b):
+    """The Frechet distance between Gaussians fitted to feature sets a and b, a second way: the trace of
+    (S_a^1/2 S_b S_a^1/2)^1/2 from symmetric eigendecompositions (numpy), not scipy's sqrtm of S_a S_b."""
+    mu_a, mu_b, s_a, s_b = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(w.clip(min=0))) @ v.T
+    inner = np.linalg.eigvalsh(root_a @ s_b @ root_a).clip(min=0)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.sqrt(inner).sum())
+
+
+@pytest.fixture(scope="module")
+def digits_score():
+    return evaluate.DigitsScore(seed=0, num_bootstrap=20)  # trains the classifier once (seconds) or reads its cache
+
+
+def test_digits_score_floor_baseline_and_identity(digits_score):
+    """digits-FD is 0 for the train split itself, equals the Frechet distance computed from eigendecompositions,
+    and puts real held-out digits (the floor) far below independent-pixel samples (the baseline), whose
+    digits-IS is lower; the classifier behind it is at least 97 % accurate on the held-out digits."""
+    assert digits_score.accuracy >= 0.97
+    train, test = ddpm.load_digits("train"), ddpm.load_digits("test")
+    assert abs(digits_score(train)["fd"]) < 1e-6  # identical sets: sqrtm round-off only
+    scale = evaluate.digits_score_scale(digits_score, n=256, seed=0)
+    floor, baseline = scale["floor"], scale["baseline"]
+    features = lambda x: evaluate.digits_classifier_outputs(digits_score.classifier, x)[0]
+    # float64 statistics, two matrix-root routes: agreement to round-off of the 64x64 eigenproblems
+    assert floor["fd"] == pytest.approx(_frechet_by_eigh(features(test[:256]), features(train)), rel=1e-6)
+    assert floor["fd"] + 3 * floor["fd_std"] < (baseline["fd"] - 3 * baseline["fd_std"]) / 5  # a wide margin
+    assert floor["is"] - 3 * floor["is_std"] > baseline["is"] + 3 * baseline["is_std"]
+    probs = evaluate.digits_classifier_outputs(digits_score.classifier, test[:256])[1]
+    p_y = probs.mean(0)
+    assert floor["is"] == pytest.approx(np.exp(np.mean([(p * np.log(p / p_y)).sum() for p in probs])), rel=1e-9)
+
+
+def test_pixel_categorical_against_counts():
+    """The per-pixel categorical baseline's NLL equals add-one smoothed frequencies counted pixel by pixel in
+    a loop, and its samples' frequencies at a pixel match its probabilities (Monte Carlo, 5 standard errors)."""
+    train, test = ddpm.load_digits("train")[:300], ddpm.load_digits("test")[:5]
+    model = evaluate.PixelCategorical(train)
+    levels = sorted(set(train.ravel().tolist()))
+    flat_train, flat_test = train.reshape(len(train), -1), test.reshape(len(test), -1)
+    for n in range(len(test)):
+        bits = [-math.log2(((flat_train[:, d] == flat_test[n, d]).sum() + 1) / (len(train) + len(levels)))
+                for d in range(flat_test.shape[1])]
+        assert model.nll_bpd(test[n:n + 1])[0] == pytest.approx(np.mean(bits), rel=1e-12)
+    samples = model.sample(4000, seed=1).reshape(4000, -1)
+    d = 36  # a pixel in the middle of the digits: many levels occur there
+    for k, level in enumerate(levels):
+        p = model.probs[d, k]
+        assert abs((samples[:, d] == level).mean() - p) <= 5 * math.sqrt(p * (1 - p) / 4000) + 1e-12
+    refs = evaluate.digits_nll_references(test)
+    assert refs["uniform_levels"] == pytest.approx(math.log2(17)) and refs["uniform_256"] == 8.0
+
+
+def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_score):
+    """`evaluate.py table2` with a tiny budget trains, samples and scores all seven rows (a number or
+    'unstable' in every cell), a rerun reads the finished rows instead of training again and refuses other
+    settings; `evaluate.py steps` on one row's checkpoint prints both samplers at each count and the answer."""
+    out = str(tmp_path / "table2")
+    argv = ["table2", "--steps", "2", "--timesteps", "25", "--n", "8", "--nll-images", "2", "--jobs", "1",
+            "--bootstrap", "3", "--out", out]
+    results, printed = _run_cli(capsys, argv)
+    rows = [line for line in printed.splitlines() if line.startswith("| ") and "**" not in line]
+    assert len(rows) == 1 + 7 + 2  # header, the paper's six rows and the hybrid, floor and baseline
+    for line in rows[1:8]:
+        cells = [c.strip() for c in line.strip("|").split("|")][3:]
+        assert all(c == "unstable" or re.fullmatch(r"-?\d+\.\d+ ± \d+\.\d+", c) for c in cells), line
+    assert results["eps-Lsimple"]["train"]["status"] == "ok" and "Table 1's NLL contrast" in printed
+    assert os.path.isfile(os.path.join(out, "eps-Lsimple", "ckpt-0000001.pt"))  # the half-budget checkpoint
+    calls, real_train = [], ddpm.train
+    monkeypatch.setattr(ddpm, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    again, printed_again = _run_cli(capsys, argv)
+    table = lambda text: text.split("\nTable 2 on 8x8")[1].split("\ntime:")[0]
+    assert calls == [] and table(printed_again) == table(printed)
+    with pytest.raises(SystemExit, match="error: .* holds rows made with"):
+        evaluate.main(argv[:2] + ["3"] + argv[3:])
+    ckpt = os.path.join(out, "eps-Lsimple", "ckpt-0000002.pt")
+    steps, printed = _run_cli(capsys, ["steps", "--checkpoint", ckpt, "--counts", "25,5", "--n", "8", "--device",
+                                       "cpu", "--bootstrap", "3", "--out", str(tmp_path / "steps")])
+    assert [(r["sampler"], r["evaluations"]) for r in steps] == [("ancestral", 25), ("ancestral", 5), ("ddim", 25),
+                                                                  ("ddim", 5)]
+    assert "Within the uncertainty of 25 ancestral steps" in printed
+    with pytest.raises(SystemExit, match="error: --counts must be"):
+        evaluate.main(["steps", "--checkpoint", ckpt, "--counts", "50", "--device", "cpu"])
+    report, printed = _run_cli(capsys, ["digits-score", "--checkpoint", ckpt, "--n", "8", "--nll-images", "2",
+                                        "--device", "cpu", "--bootstrap", "3", "--out", str(tmp_path / "score")])
+    for words in ("test NLL bound", "per-pixel categorical model", "uniform over the 17 grey levels 4.09",
+                  "uniform over 256 levels 8.00", "digits-FD", "floor: real held-out digits", "How to read"):
+        assert words in printed
+    assert list(report["nll"]) == pytest.approx(list(results["eps-Lsimple"]["nll"]["nll"]))  # same images and seed
