@@ -512,9 +512,11 @@ class SpacedDiffusion(GaussianDiffusion):
         return wrapped
 
     def p_mean_variance(self, model, x, t, clip_denoised=True):
+        """GaussianDiffusion.p_mean_variance on this chain: the model sees the original index s_t."""
         return super().p_mean_variance(self._wrap_model(model), x, t, clip_denoised=clip_denoised)
 
     def training_losses(self, model, x_start, t, noise=None):
+        """GaussianDiffusion.training_losses on this chain: t indexes the kept steps; the model sees s_t."""
         return super().training_losses(self._wrap_model(model), x_start, t, noise=noise)
 
 
@@ -764,6 +766,7 @@ def optimize_model(model, channels_last=True, compile=False):
 
 @dataclass
 class ModelConfig:
+    """The U-Net of create_model_and_diffusion: the official unet.py arguments."""
     ch: int = 128                            # base width; every level is ch * ch_mult[level]
     ch_mult: tuple = (1, 2, 2, 2)            # one entry per resolution level (32, 16, 8, 4 for CIFAR-10)
     num_res_blocks: int = 2                  # resblocks per level going down (one more going up)
@@ -775,6 +778,7 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
+    """The diffusion of create_model_and_diffusion: the paper's Section 4 defaults, the rows of Table 2."""
     beta_schedule: str = "linear"            # 1e-4 -> 0.02
     num_timesteps: int = 1000                # T
     model_mean_type: str = "eps"             # the paper's eps-prediction
@@ -784,6 +788,7 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
+    """Algorithm 1's recipe (the official run_cifar.py values) and the run's bookkeeping."""
     data: str = "cifar10"                    # cifar10 | digits | a folder of images | a .npy/.npz of uint8 NHWC
     lr: float = 2e-4
     batch_size: int = 128                    # global batch, split across DDP ranks
@@ -806,6 +811,7 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    """A whole run: one dataclass per concern and the preset it started from; saved in every checkpoint."""
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -1331,6 +1337,7 @@ class Metrics:
         self.step, self.clock, self.paused = step, time.time(), 0.0  # paused: seconds of sampling and saving
 
     def add(self, loss, grad_norm, losses, t, T):
+        """Add one step's batch loss, gradient norm and per-example losses [b] at indices t [b]."""
         with torch.no_grad():
             quarter = t * 4 // T  # 0: t in the first quarter of 0..T-1, ..., 3: the last
             self.loss += loss.detach()
@@ -1377,6 +1384,7 @@ class StopOnSignal:
         return self
 
     def request(self, signum, frame):
+        """The signal handler: remember the signal and restore the previous handler for a second one."""
         self.signal = signal.Signals(signum).name
         signal.signal(signum, self.previous[signum])
 
