@@ -2661,8 +2661,9 @@ def test_ctrl_c_during_sample_says_what_is_kept(tmp_path):
     """A real SIGINT to `evaluate.py sample` after its first chunk: status 130, one line saying which chunks are kept
     and that a rerun continues, and no traceback (test_sample_never_mixes_... shows the rerun continues exactly)."""
     _tiny_model_checkpoint(tmp_path / "ckpt.pt")
-    argv = [sys.executable, os.path.join(os.path.dirname(DDPM_PY), "evaluate.py"), "sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "40", "--batch-size",
-            "1", "--out", str(tmp_path / "out")]
+    # 1000 one-sample chunks take far longer than the signal needs to arrive, even on a loaded machine.
+    argv = [sys.executable, os.path.join(os.path.dirname(DDPM_PY), "evaluate.py"), "sample",
+            "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "1000", "--batch-size", "1", "--out", str(tmp_path / "out")]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     while proc.poll() is None and not os.path.exists(tmp_path / "out" / "chunk-seed0-batch1-00000.npz"):
@@ -2672,8 +2673,8 @@ def test_ctrl_c_during_sample_says_what_is_kept(tmp_path):
     assert proc.wait(timeout=60) == 130, err
     kept = sorted(os.listdir(tmp_path / "out"))
     assert "Traceback" not in err and [line for line in err.splitlines() if "interrupted" in line] == \
-        [f"interrupted: {len(kept)} of 40 chunks are kept in {tmp_path / 'out'}; rerun the same command to continue"]
-    assert 1 <= len(kept) < 40 and all(k.startswith("chunk-seed0-batch1-") for k in kept)
+        [f"interrupted: {len(kept)} of 1000 chunks are kept in {tmp_path / 'out'}; rerun the same command to continue"]
+    assert 1 <= len(kept) < 1000 and all(k.startswith("chunk-seed0-batch1-") for k in kept)
 
 
 # --- digits evidence (issue 12) ---
