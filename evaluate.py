@@ -368,9 +368,8 @@ def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_deno
                                  f"{', '.join(f'{k}={old.get(k)!r}' for k in differ)}); rerun with those settings "
                                  f"to resume it, or pass another --out")
         else:
-            with open(manifest_path + ".tmp", "w") as f:
-                json.dump(dict(manifest, info=run_info or {}), f, indent=1)
-            os.replace(manifest_path + ".tmp", manifest_path)
+            record = json.dumps(dict(manifest, info=run_info or {}), indent=1)
+            ddpm.atomic_write(manifest_path, lambda f: f.write(record.encode()))
         done = BatchFolder(out_dir, math.ceil(N / batch_size))
     return ddpm.dataset_bpd(model, diffusion, x_start, batch_size, seed, clip_denoised, done=done, progress=progress)
 
