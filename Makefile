@@ -61,7 +61,7 @@ demo: install       ## train the digits preset on 2 CPU cores, then test NLL and
 		ddpm.py train --preset digits --out runs/demo --eval-bpd 0 --sample-every 0
 	$(PYTHON) evaluate.py digits-score --checkpoint runs/demo/ckpt-0001000.pt --device cpu
 
-table2: install     ## Table 2 on digits: 7 objectives trained, sampled and scored, 2 at a time (40-60 min)
+table2: install     ## Table 2 on digits: 7 objectives trained, sampled and scored, 2 at a time (about 55 min)
 	nice -n 10 $(PYTHON) evaluate.py table2 --out runs/table2
 
 steps: install      ## digits-FD of the demo's checkpoint at 1000 ... 10 sampling steps, ancestral and DDIM

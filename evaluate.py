@@ -54,6 +54,11 @@ def atomic_savez(path, **arrays):
     ddpm.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
+def atomic_json(path, value):
+    """`value` as indented JSON, written atomically (ddpm.atomic_write)."""
+    ddpm.atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
+
+
 # ------------------------------------------------------------------------------------------------
 # 1. Released weights: the paper's checkpoints as ported by pesser/pytorch_diffusion and by diffusers
 # ------------------------------------------------------------------------------------------------
@@ -482,9 +487,8 @@ def cmd_nll(args):
         writer.writerow(["reverse_time", "t", "rate_bits_per_dim", "distortion_rmse_0_255"])
         for row in table4_rows(rate, rmse):
             writer.writerow([row[0], row[1], f"{row[2]:.5f}", f"{row[3]:.5f}"])
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(summary, data=args.data, split=args.split, num_timesteps=T, seed=args.seed,
-                       model=args.checkpoint or args.weights), f, indent=1)
+    atomic_json(stem + ".json", dict(summary, data=args.data, split=args.split, num_timesteps=T, seed=args.seed,
+                                     model=args.checkpoint or args.weights))
     plotted = plot_rate_distortion(stem + "-rate-distortion.png", rate, rmse)
 
     (m, s), (pm, _), (rm, rs), (dm, ds) = (summary[k] for k in ("total_bpd", "prior_bpd", "rate_bpd", "distortion_bpd"))
@@ -1280,8 +1284,7 @@ def cmd_digits_score(args):
     print_digits_scale(scale)
     print(DIGITS_HOW_TO_READ)
     result = {"nll": nll, "nll_references": refs, "score": s, "scale": scale, "source": source}
-    with open(os.path.join(out, "digits-score.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    atomic_json(os.path.join(out, "digits-score.json"), result)
     return result
 
 
@@ -1376,7 +1379,7 @@ def table2_task(key, task, settings, out, threads=None, log=False):
     except FloatingPointError as e:  # the NaN guard of training, or non-finite samples or bound
         result = {"status": "unstable", "note": str(e)}
     result.update(wall_s=time.time() - start, cpu_s=time.process_time() - cpu)
-    ddpm.atomic_write(os.path.join(folder, f"{task}.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
+    atomic_json(os.path.join(folder, f"{task}.json"), result)
     print(json.dumps(result), flush=True)
     return result
 
@@ -1526,8 +1529,7 @@ def cmd_table2(args):
         if old != settings:
             raise ValueError(f"{args.out} holds rows made with {old}, not {settings}; rerun with those flags to "
                              f"resume it, or pass another --out")
-    with open(settings_path, "w") as f:
-        json.dump(settings, f)
+    atomic_json(settings_path, settings)
     start = time.time()
     score = DigitsScore(args.seed, args.bootstrap)  # trains and caches the classifier before the workers read it
     scale = digits_score_scale(score, args.n, args.seed)
@@ -1544,8 +1546,8 @@ def cmd_table2(args):
     print(f"time: {(time.time() - start) / 60:.1f} min wall for this command; task wall times summed over rows "
           f"(as recorded, including earlier runs): " + ", ".join(f"{t} {v / 60:.1f} min" for t, v in spent.items())
           + f"; {args.jobs} tasks at a time")
-    with open(os.path.join(args.out, "table2.json"), "w") as f:
-        json.dump({"settings": settings, "results": results, "scale": scale, "nll_references": refs}, f, indent=1)
+    atomic_json(os.path.join(args.out, "table2.json"),
+                {"settings": settings, "results": results, "scale": scale, "nll_references": refs})
     return results
 
 
@@ -1581,8 +1583,7 @@ def cmd_steps(args):
                   f"digits-IS {_pm(rows[-1]['is'], rows[-1]['is_std'])}  ({rows[-1]['seconds']:.0f} s)", flush=True)
     print_digits_scale(scale)
     print_steps_table(rows, counts)
-    with open(os.path.join(out, "steps.json"), "w") as f:
-        json.dump({"rows": rows, "scale": scale, "source": source, "n": args.n}, f, indent=1)
+    atomic_json(os.path.join(out, "steps.json"), {"rows": rows, "scale": scale, "source": source, "n": args.n})
     if plot_steps(rows, scale, os.path.join(out, "steps.png")):
         print(f"wrote {os.path.join(out, 'steps.png')} and steps.json")
     return rows

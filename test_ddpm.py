@@ -29,7 +29,7 @@ def diffusion_for(T=1000, schedule="linear", **kw):
 
 
 def tiny_unet(out_ch=1, **kw):
-    """A ~100k-parameter U-Net with the official structure, for 8x8 single-channel inputs."""
+    """The digits preset's 0.7M-parameter U-Net (the official structure, two levels), for 8x8 single-channel inputs."""
     return ddpm.UNet(**{**dict(ch=32, out_ch=out_ch, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                                dropout=0.0, in_channels=1, resolution=8), **kw})
 
@@ -1005,9 +1005,9 @@ def test_a_tiny_model_overfits_one_batch():
     d = diffusion_for(25)
     model = tiny_unet()
     x0 = torch.rand(16, 1, 8, 8) * 2 - 1
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3, foreach=True)  # one kernel per op over all tensors: faster
     losses = []
-    for step in range(150):
+    for step in range(100):
         t = torch.randint(0, 25, (16,))
         loss = d.training_losses(model, x0, t)["loss"].mean()
         opt.zero_grad()
