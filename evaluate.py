@@ -991,7 +991,7 @@ def run(args):
 # every score is printed beside its floor (real held-out digits) and a bad baseline (independent pixels).
 
 DIGITS_SCORE_N = 256            # images per score in every table; the floor is 256 of the 297 held-out digits
-DIGITS_SAMPLE_BATCH = 128      # samples drawn at once: at 8x8 on a CPU, 256 at once took 14-25 % longer than 2 x 128
+DIGITS_SAMPLE_BATCH = 128      # samples drawn at once: at 8x8 on a CPU, 256 at once took 11-14 % longer than 2 x 128
 DIGITS_BOOTSTRAP = 100          # resamples of the N images behind each +- (the bootstrap standard deviation)
 DIGITS_CLASSIFIER_VERSION = 1   # part of the cache file's name: bump it when the classifier or its training changes
 DIGITS_CLASSIFIER_EPOCHS = 20
