@@ -50,7 +50,7 @@ test: install       ## the whole suite: the math check and everything else; a co
 	$(PYTHON) -m pytest -q test_ddpm.py
 
 # The offline CPU demo: 8x8 digits. Training runs as two single-threaded DDP processes (gloo), one per core: at 8x8 a
-# second intra-op thread mostly waits at barriers. It skips the in-training sample grid (64 samples on one core while
+# second intra-op thread helps training little (docs/training.md). It skips the in-training sample grid (64 samples on one core while
 # the other waits); the scoring that follows draws 256 samples with both cores' threads, prints the test bits/dim and
 # the samples' digits-FD, each beside its reference points (docs/evidence.md), and writes
 # runs/demo/digits-score/samples.png.
