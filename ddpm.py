@@ -1591,7 +1591,11 @@ def sample_batch(model, diffusion, seed, i, n, ddim_eta=None, progress=False):
     """Batch i of a sample run: n samples as uint8 [n, H, W, C], drawn from a seed derived from (seed, i), so
     a run gives the same images whichever of its batches are drawn again (evaluate.py's resumable sampler)."""
     batch_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-    return unnormalize_data(sample_images(model, diffusion, n, batch_seed, progress, ddim_eta))
+    x = sample_images(model, diffusion, n, batch_seed, progress, ddim_eta)
+    if not torch.isfinite(x).all():  # uint8 would hide it: NaN becomes a black pixel
+        raise FloatingPointError(f"{int((~torch.isfinite(x)).sum())} non-finite pixels in a batch of {n} samples: "
+                                 f"the model diverged; sample an earlier checkpoint")
+    return unnormalize_data(x)
 
 
 def save_samples(out, images, record=None):

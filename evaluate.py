@@ -977,7 +977,7 @@ def run(args):
     if getattr(args, "device", None):
         ddpm.parse_device(args.device)
     if getattr(args, "out", None):
-        ddpm.check_out(args.out, folder=args.command != "fid-stats")
+        ddpm.check_out(args.out, folder=args.command not in ("fid-stats", "digits-classifier"))
     return args.func(args)
 
 
@@ -993,8 +993,12 @@ def run(args):
 DIGITS_SCORE_N = 256            # images per score in every table; the floor is 256 of the 297 held-out digits
 DIGITS_SAMPLE_BATCH = 128      # samples drawn at once: at 8x8 on a CPU, 256 at once took 11-14 % longer than 2 x 128
 DIGITS_BOOTSTRAP = 100          # resamples of the N images behind each +- (the bootstrap standard deviation)
-DIGITS_CLASSIFIER_VERSION = 1   # part of the cache file's name: bump it when the classifier or its training changes
 DIGITS_CLASSIFIER_EPOCHS = 20
+# The scoring network is a fixed file, as FID's Inception is: training it again on another CPU gives other weights
+# (oneDNN and BLAS pick other kernels and 20 epochs amplify the last bits), so every score reads this file, refused
+# unless its bytes have this sha256. `evaluate.py digits-classifier` retrains a copy elsewhere and compares.
+DIGITS_CLASSIFIER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits-classifier.pt")
+DIGITS_CLASSIFIER_SHA256 = "2111cc26fe51a2c817e69b2781a04bdc3fc2fa2b7c1e0126e7eb8216dfca5137"
 
 
 @functools.lru_cache(maxsize=2)
@@ -1076,33 +1080,62 @@ def train_digits_classifier(seed=0, epochs=DIGITS_CLASSIFIER_EPOCHS, batch_size=
     return model.eval()
 
 
-_DIGITS_CLASSIFIERS = {}  # seed -> (classifier, test accuracy): read or trained once per process
+_DIGITS_CLASSIFIERS = {}  # path -> (classifier, held-out accuracy): read once per process
 
 
-def load_digits_classifier(seed=0):
-    """(DigitsClassifier in eval mode, its test accuracy) for a seed: trained once (seconds on a CPU), then read
-    from ddpm.cache_dir(); the file name holds the version and a hash of the train split. Prints the test accuracy."""
-    if seed in _DIGITS_CLASSIFIERS:
-        return _DIGITS_CLASSIFIERS[seed]
-    train_key = hashlib.sha256(_digits("train").tobytes()).hexdigest()[:12]
-    path = os.path.join(ddpm.cache_dir(), f"digits-classifier-v{DIGITS_CLASSIFIER_VERSION}-seed{seed}-{train_key}.pt")
-    model, how = DigitsClassifier(), f"read from {path}"
-    try:
-        model.load_state_dict(ddpm.load_checkpoint(path)["model"])
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError):  # none yet, or unreadable: train it again
-        start = time.time()
-        model = train_digits_classifier(seed)
-        os.makedirs(ddpm.cache_dir(), exist_ok=True)
-        ddpm.save_checkpoint(path, {"model": model.state_dict(), "seed": seed})
-        how = f"trained in {time.time() - start:.0f} s, cached in {path}"
+def digits_accuracy(classifier):
+    """The classifier's accuracy on the 297 held-out digits."""
+    probs = digits_classifier_outputs(classifier, _digits("test"))[1]
+    return float((probs.argmax(1) == digits_labels("test")).mean())
+
+
+def load_digits_classifier(path=None):
+    """(DigitsClassifier in eval mode, its held-out accuracy) from the pinned file (DIGITS_CLASSIFIER_FILE), read
+    once per process and refused unless its sha256 is DIGITS_CLASSIFIER_SHA256. Prints the accuracy."""
+    path = path or DIGITS_CLASSIFIER_FILE
+    if path in _DIGITS_CLASSIFIERS:
+        return _DIGITS_CLASSIFIERS[path]
+    restore = (f"restore the pinned file with `git checkout -- {os.path.basename(path)}` in the ddpm repository "
+               f"(evaluate.py digits-classifier retrains a copy elsewhere, never over it)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the digits classifier {path} is missing; {restore}")
+    digest = ddpm.file_digest(path)
+    if digest != DIGITS_CLASSIFIER_SHA256:
+        raise ValueError(f"the digits classifier {path} is not the pinned file (sha256 {digest[:12]}, pinned "
+                         f"{DIGITS_CLASSIFIER_SHA256[:12]}), so its scores would not be comparable; {restore}")
+    model = DigitsClassifier()
+    model.load_state_dict(ddpm.load_checkpoint(path))
     model.eval()
-    test = _digits("test")
-    probs = digits_classifier_outputs(model, test)[1]
-    accuracy = float((probs.argmax(1) == digits_labels("test")).mean())
-    print(f"digits classifier (seed {seed}; {how}): test accuracy {100 * accuracy:.1f} % on the {len(test)} "
-          f"held-out digits", flush=True)
-    _DIGITS_CLASSIFIERS[seed] = model, accuracy
+    accuracy = digits_accuracy(model)
+    print(f"digits classifier ({os.path.basename(path)}, sha256 {digest[:12]}): test accuracy {100 * accuracy:.1f} % "
+          f"on the {len(_digits('test'))} held-out digits", flush=True)
+    _DIGITS_CLASSIFIERS[path] = model, accuracy
     return model, accuracy
+
+
+def cmd_digits_classifier(args):
+    """`evaluate.py digits-classifier`: train the scoring network again from the digits train split with the pinned
+    file's recipe (train_digits_classifier, seed 0), write it to --out, never over the pinned file, and say
+    whether it reproduces the pinned file bit for bit on this machine."""
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and os.path.exists(DIGITS_CLASSIFIER_FILE) and os.path.samefile(out, DIGITS_CLASSIFIER_FILE):
+        raise ValueError(f"--out {args.out} is the pinned classifier, which scores must keep reading; pass another "
+                         f"--out (to adopt a new file, copy it there and pin its sha256 in evaluate.py)")
+    start = time.time()
+    model = train_digits_classifier(seed=0)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    ddpm.save_checkpoint(out, model.state_dict())
+    digest = ddpm.file_digest(out)
+    print(f"trained in {time.time() - start:.0f} s: test accuracy {100 * digits_accuracy(model):.1f} % on the "
+          f"{len(_digits('test'))} held-out digits; wrote {args.out} (sha256 {digest[:12]})")
+    if digest == DIGITS_CLASSIFIER_SHA256:
+        print(f"it reproduces the pinned {os.path.basename(DIGITS_CLASSIFIER_FILE)} bit for bit on this machine")
+        return True
+    pinned = load_digits_classifier()[0].state_dict()
+    largest = max(float((v - pinned[k]).abs().max()) for k, v in model.state_dict().items() if v.is_floating_point())
+    print(f"it differs from the pinned {os.path.basename(DIGITS_CLASSIFIER_FILE)} (largest weight difference "
+          f"{largest:.3g}): this CPU's kernels round differently; scores keep reading the pinned file")
+    return False
 
 
 @torch.inference_mode()
@@ -1128,7 +1161,7 @@ class DigitsScore:
     """
 
     def __init__(self, seed=0, num_bootstrap=DIGITS_BOOTSTRAP):
-        self.classifier, self.accuracy = load_digits_classifier(seed)
+        self.classifier, self.accuracy = load_digits_classifier()
         train_features = digits_classifier_outputs(self.classifier, _digits("train"))[0]
         self.reference = feature_statistics(train_features)
         self.seed, self.num_bootstrap = seed, num_bootstrap
@@ -1208,27 +1241,24 @@ def _check_digits_model(config, source):
 
 
 def digits_samples(model, diffusion, n, seed, folder, sampler="ancestral"):
-    """n uint8 samples [n, 8, 8, 1] by ddpm.sample_images (Algorithm 2, or DDIM with eta = 0 for sampler='ddim')
-    in batches of DIGITS_SAMPLE_BATCH from one generator seeded `seed`, cached in
-    folder/<sampler>-<steps>-n<n>-seed<seed>.npz with the weights' fingerprint and the kept timesteps, so
+    """n uint8 samples [n, 8, 8, 1] by ddpm.sample_batch (Algorithm 2, or DDIM with eta = 0 for sampler='ddim') in
+    batches of DIGITS_SAMPLE_BATCH, so they are the images of `ddpm.py sample --n n --batch-size 128 --seed seed`;
+    cached in folder/<sampler>-<steps>-n<n>-seed<seed>.npz with the weights' fingerprint and the kept timesteps, so
     digits-score and steps share them and a rerun on the same model reads them.
     Raises FloatingPointError for non-finite samples (a diverged learned variance)."""
     T = diffusion.num_timesteps
     kept = np.asarray(getattr(diffusion, "timestep_map", range(T)), dtype=np.int64)  # respaced: the original indices
     kept_sha = hashlib.sha256(kept.tobytes()).hexdigest()[:16]
-    key = f"{weights_sha256(model)} {sampler} timesteps={kept_sha} n={n} seed={seed} batch={DIGITS_SAMPLE_BATCH}"
+    key = (f"{weights_sha256(model)} {sampler} timesteps={kept_sha} n={n} seed={seed} batch={DIGITS_SAMPLE_BATCH} "
+           f"rule=sample_batch")
     path = os.path.join(folder, f"{sampler}-{T}-n{n}-seed{seed}.npz")
     if os.path.isfile(path):
         with np.load(path) as f:
             if "key" in f and str(f["key"]) == key:
                 return f["arr_0"]
-    generator = torch.Generator(ddpm._model_device(model)).manual_seed(seed)  # one noise stream for all batches
-    x = torch.cat([ddpm.sample_images(model, diffusion, min(DIGITS_SAMPLE_BATCH, n - start), generator=generator,
-                                      ddim_eta=0.0 if sampler == "ddim" else None)
-                   for start in range(0, n, DIGITS_SAMPLE_BATCH)])
-    if not torch.isfinite(x).all():
-        raise FloatingPointError(f"{int((~torch.isfinite(x)).sum())} non-finite pixels in {n} samples")
-    images = ddpm.unnormalize_data(x)
+    eta = 0.0 if sampler == "ddim" else None
+    images = np.concatenate([ddpm.sample_batch(model, diffusion, seed, i, min(DIGITS_SAMPLE_BATCH, n - start), eta)
+                             for i, start in enumerate(range(0, n, DIGITS_SAMPLE_BATCH))])
     os.makedirs(folder, exist_ok=True)
     atomic_savez(path, arr_0=images, key=np.array(key))
     return images
@@ -1257,6 +1287,7 @@ DIGITS_HOW_TO_READ = ("How to read: lower is better for bits/dim and digits-FD, 
 
 
 def cmd_digits_score(args):
+    score = DigitsScore(args.seed, args.bootstrap)  # the pinned classifier, refused if changed, before any work
     device = torch.device(args.device)
     model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
     source = args.checkpoint or args.weights
@@ -1266,7 +1297,6 @@ def cmd_digits_score(args):
     d = config.diffusion
     print(f"digits evidence for {source}: {d.model_mean_type} / {d.model_var_type} / {d.loss_type}, "
           f"{diffusion.num_timesteps} sampling steps, EMA weights", flush=True)
-    score = DigitsScore(args.seed, args.bootstrap)
     start = time.time()
     nll = digits_test_nll(model, diffusion, args.nll_images, args.seed)
     refs = digits_nll_references(_digits("test")[:args.nll_images])
@@ -1531,7 +1561,7 @@ def cmd_table2(args):
                              f"resume it, or pass another --out")
     atomic_json(settings_path, settings)
     start = time.time()
-    score = DigitsScore(args.seed, args.bootstrap)  # trains and caches the classifier before the workers read it
+    score = DigitsScore(args.seed, args.bootstrap)  # refuses a classifier file that is not the pinned one before any work
     scale = digits_score_scale(score, args.n, args.seed)
     refs = digits_nll_references(test[:args.nll_images])
     print(f"Table 2 on digits: {len(TABLE2_ROWS)} rows x (train, samples, nll), {args.jobs} at a time, in "
@@ -1556,6 +1586,7 @@ def cmd_table2(args):
 def cmd_steps(args):
     if args.respacing:
         raise ValueError("steps respaces the model itself; drop --respacing and list the step counts in --counts")
+    score = DigitsScore(args.seed, args.bootstrap)  # the pinned classifier, refused if changed, before any work
     device = torch.device(args.device)
     model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
     source = args.checkpoint or args.weights
@@ -1642,10 +1673,16 @@ def add_digits_evidence_commands(sub):
     add_model_args(p)
     p.add_argument("--n", type=int, default=DIGITS_SCORE_N, help="samples to score (default: %(default)s)")
     p.add_argument("--nll-images", type=int, default=100, help="held-out digits for the NLL (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="samples, bound noise, classifier and bootstrap")
+    p.add_argument("--seed", type=int, default=0, help="samples, bound noise and bootstrap")
     p.add_argument("--out", help="output folder (default: digits-score/ next to the checkpoint)")
     bootstrap_arg(p)
     p.set_defaults(func=cmd_digits_score)
+
+    p = sub.add_parser("digits-classifier", allow_abbrev=False,
+                       help="train the digits score's classifier again and compare it with the pinned file")
+    p.add_argument("--out", default=os.path.join("runs", "digits-classifier.pt"),
+                   help="where to write it; never the pinned file (default: %(default)s)")
+    p.set_defaults(func=cmd_digits_classifier)
 
     p = sub.add_parser("table2", allow_abbrev=False,
                        help="the paper's Table 2 (six objectives, plus improved DDPM's hybrid) trained on digits")
