@@ -27,7 +27,7 @@ endef
 export CHECK_PY
 CHECK = $(PYTHON) -c "$$CHECK_PY"
 
-.PHONY: install install-cpu math test demo table2 steps bench bench-gpu
+.PHONY: install install-cpu math test stats demo table2 steps bench bench-gpu
 
 install:            ## idempotent: torch for this machine, then requirements-dev.txt; only when something is missing
 	@$(CHECK) $(MODULES) || { \
@@ -48,6 +48,9 @@ math: install       ## the math check alone: every formula against an independen
 
 test: install       ## the whole suite: the math check and everything else; a couple of minutes on 2 cores
 	$(PYTHON) -m pytest -q test_ddpm.py
+
+stats:              ## ddpm.py's lines of code by section and the README's length, against their aims (no install)
+	$(PYTHON) .ci/stats.py
 
 # The offline CPU demo: 8x8 digits. Training runs as two single-threaded DDP processes (gloo), one per core: at 8x8 a
 # second intra-op thread helps training little (docs/training.md). It skips the in-training sample grid (64 samples on one core while
