@@ -1,37 +1,87 @@
-"""The math check for ddpm.py, then everything else.
+"""The tests of ddpm.py, evaluate.py and bench.py, in the code's order: the math check first, then the harness.
 
 `pytest -m math` runs the math check alone, in seconds, with torch, numpy, pytest and hypothesis only: each
-formula of ddpm.py's sections 1-4, respacing, DDIM, the EMA and the lr warmup against an independent computation
-(float64 numpy written below from the paper's and the official code's equations, closed forms, the official
-reference values, torch.distributions, Monte Carlo with a tolerance derived from the sample size), each
-tolerance with its reason. Run everything with `make test` (python -m pytest -q test_ddpm.py).
+formula of ddpm.py's sections 1-5 (schedules, Gaussians, the diffusion, respacing and DDIM, the U-Net), the EMA and
+the lr warmup against an independent computation (float64 numpy written below from the paper's and the official
+code's equations, closed forms, the official reference values, torch.distributions, Monte Carlo with a tolerance
+derived from the sample size), each tolerance with its reason. Then ddpm.py's harness (training, the NLL over a data
+set, checkpoints, data, sampling, the command line and its bad input), evaluate.py (sample, NLL, Inception/FID/IS,
+figures, released weights, the digits score), the experiments (Table 2, steps) and bench.py. Each bad-input test
+sits beside the feature it tests and matches the key phrase of the message: what is wrong and the fix.
+
+Dependencies, one rule: the math check needs torch, numpy, pytest and hypothesis; everything else needs
+requirements-dev.txt (`make install`; `make test` runs the whole suite with it). Those packages are named once,
+below (DevRequirement): where one is missing the math check still runs and every test that uses it fails, naming
+the package. No test skips. Run everything with `make test` (python -m pytest -q test_ddpm.py).
 """
+import dataclasses
+import importlib
+import io
+import json
 import math
+import os
+import pickle
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
+import bench
 import ddpm
+
+
+class DevRequirement:
+    """A package of requirements-dev.txt, imported at its first use: diffusers and scikit-learn take seconds to
+    import, which `pytest -m math` does not pay. Where it is not installed, that use fails the test, naming it."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getattr__(self, attribute):
+        if attribute.startswith("__"):  # pytest's and copy's probes (__test__, ...) import nothing
+            raise AttributeError(attribute)
+        try:
+            module = importlib.import_module(self.name)
+        except ModuleNotFoundError as error:
+            raise ModuleNotFoundError(f"{self.name} needs {error.name}, which is not installed: the tests that use "
+                                      f"it need requirements-dev.txt (make install)") from None
+        return getattr(module, attribute)
+
+
+try:
+    import evaluate  # imported here, for the tests that monkeypatch it; it imports scipy
+except ModuleNotFoundError:
+    evaluate = DevRequirement("evaluate")
+diffusers = DevRequirement("diffusers")
+Image = DevRequirement("PIL.Image")
+safetensors_torch = DevRequirement("safetensors.torch")
+sklearn_datasets = DevRequirement("sklearn.datasets")
+
+
+# ---- 1. Shared helpers and fixtures ----
+
 
 # Sized for 2 CPU cores; every property is cheap per example. derandomize: the same examples on every run, so a
 # wrong formula fails every time and a passing run is reproducible (the examples still vary widely).
 CI = settings(max_examples=25, deadline=None, derandomize=True)
+
+
 LN2 = math.log(2.0)
 
 
-def diffusion_for(T=1000, schedule="linear", **kw):
-    return ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule(schedule, T), **kw)
-
-
-def tiny_unet(out_ch=1, **kw):
-    """The digits preset's 0.7M-parameter U-Net (the official structure, two levels), for 8x8 single-channel inputs."""
-    return ddpm.UNet(**{**dict(ch=32, out_ch=out_ch, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                               dropout=0.0, in_channels=1, resolution=8), **kw})
+math_check = pytest.mark.math
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -43,16 +93,180 @@ def cache_outside_home(tmp_path_factory):
     patch.undo()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op thread for every test: the suite's tensors are tiny, and a second thread waiting at OpenMP
+    barriers makes each op slower, 10-50x on a shared 2-core machine (measured: the overfit test 299 s with two
+    threads under load). The DDP test's processes get OMP_NUM_THREADS=1. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def diffusion_for(T=1000, schedule="linear", **kw):
+    return ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule(schedule, T), **kw)
+
+
+def tiny_unet(in_channels=1, seed=0, **kw):
+    """The one tiny U-Net of this file: the digits preset's layout at ch=32 with one resblock per level (0.7M
+    parameters for 1 channel), 8x8 inputs with `in_channels` channels, two levels and attention at 4x4, so every
+    code path of the CIFAR-10 network runs in ms; dropout 0, its weights drawn from torch's generator seeded `seed`."""
+    torch.manual_seed(seed)
+    return ddpm.UNet(**{**dict(ch=32, out_ch=in_channels, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                               dropout=0.0, in_channels=in_channels, resolution=8), **kw})
+
+
+def busy(module, seed=0):
+    """The module in float64 with every weight, bias and GroupNorm affine random and O(1) (at the official init
+    the last convs are ~1e-10 and GroupNorm's affine is 1 and 0, which would hide errors behind them)."""
+    g = torch.Generator().manual_seed(seed)
+    module = module.double().eval()
+    with torch.no_grad():
+        for name, q in module.named_parameters():
+            if q.dim() > 1:
+                fan = q[0].numel()
+                q.copy_(torch.randn(q.shape, generator=g, dtype=q.dtype) / math.sqrt(fan))
+            else:
+                q.copy_(torch.randn(q.shape, generator=g, dtype=q.dtype) * 0.2 + (1.0 if "norm" in name and
+                                                                                    name.endswith("weight") else 0.0))
+    return module
+
+
+def np64(x):
+    return x.detach().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def assert_close64(got, want, scale=1.0):
+    """Two float64 computations of one quantity agree elementwise to 1e-9 of (|want| + scale): float64 rounding,
+    ~1e-16 relative, amplified by the conditioning that `scale` (broadcast per row) states. Any formula change
+    moves a value by far more."""
+    got, want = np64(got), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    err, bound = np.abs(got - want), 1e-9 * (np.abs(want) + scale)
+    bad = ~(err <= bound)  # NaN fails too
+    assert not bad.any(), f"{bad.sum()} of {bad.size} differ, first at {np.argwhere(bad)[0]}: {got[bad][0]} != {want[bad][0]}"
+
+
+def assert_close(got, want, rtol, atol):
+    """np.testing.assert_allclose on tensors or arrays (torch.testing imports ~500 modules: seconds of `-m math`)."""
+    np.testing.assert_allclose(np64(got), np64(want), rtol=rtol, atol=atol)
+
+
+def states_equal(a, b):
+    """Exact equality of two nested checkpoint structures (tensors compared bitwise)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(states_equal(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    return a == b
+
+
+DDPM_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddpm.py")
+
+
+TINY_FLAGS = ["--preset", "digits", "--model.in-channels", "3", "--model.ch", "32", "--model.ch-mult", "1,2",
+              "--model.num-res-blocks", "1", "--diffusion.num-timesteps", "10", "--diffusion.beta-schedule", "cosine",
+              "--batch-size", "8", "--warmup", "2", "--sample-every", "0", "--eval-bpd", "0"]
+
+
+def save_tiny_images(path):
+    """24 random uint8 8x8 RGB images as a .npy at `path`: a dataset that loads in microseconds."""
+    np.save(path, np.random.default_rng(0).integers(0, 256, (24, 8, 8, 3), dtype=np.uint8))
+    return str(path)
+
+
+@pytest.fixture
+def images(tmp_path):
+    """The tiny images' .npy in this test's folder."""
+    return save_tiny_images(tmp_path / "images.npy")
+
+
+def tiny_config(out, data, **train):
+    """The tiny model of TINY_FLAGS as a Config (dropout and flips on, so the RNG state matters)."""
+    config = ddpm.get_preset("digits")
+    config.model = ddpm.ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1,
+                                    in_channels=3, resolution=8)
+    config.diffusion = ddpm.DiffusionConfig(beta_schedule="cosine", num_timesteps=10)
+    defaults = dict(data=data, lr=1e-3, batch_size=8, warmup=2, randflip=True, steps=4, log_every=2, ckpt_every=2,
+                    sample_every=0, eval_bpd=0, out=str(out))
+    config.train = dataclasses.replace(config.train, **{**defaults, **train})
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, one_thread):
+    """The one trained tiny run, trained once for the tests that only read it: 6 steps of tiny_config (warmup 2) on the
+    tiny images, a checkpoint and a metrics line at every step, on one thread like the tests' own runs (one_thread,
+    so that they compare bit for bit); returns its folder. Checkpoints and log lines read no RNG: the trajectory is any
+    tiny_config run's."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    return ddpm.train(tiny_config(root / "run", save_tiny_images(root / "images.npy"), steps=6, log_every=1,
+                                  ckpt_every=1, keep_ckpts=6))
+
+
+def _tiny_model_checkpoint(path, T=25, seed=0):
+    """The digits preset at ch=32, one resblock per level and T=25 (the smallest linear schedule with every
+    beta < 1 is T > 20, since betas end at 0.02 * 1000 / T), with random weights: a checkpoint of `ddpm.py train`."""
+    config = ddpm.get_preset("digits")
+    config.model.ch, config.model.ch_mult, config.model.num_res_blocks = 32, (1, 2), 1
+    config.diffusion.num_timesteps = T
+    torch.manual_seed(seed)
+    model, diffusion = ddpm.create_model_and_diffusion(config)
+    # A larger output scale than the init's ~0, so the bound terms are not all equal.
+    torch.nn.init.normal_(model.conv_out.weight, std=0.05)
+    ddpm.save_checkpoint(path, {"config": config.to_dict(), "step": 0, "model": model.state_dict(),
+                                 "ema": model.state_dict()})
+    return ddpm.load_model(path)
+
+
+def _run_cli(capsys, argv):
+    result = evaluate.main(argv)
+    return result, capsys.readouterr().out
+
+
+def _one_line_error(capsys, main, argv, *patterns):
+    """main(argv) exits non-zero with one line 'error: ...' matching every pattern, and prints no traceback; the
+    line never advises weights_only=False or allow_pickle (both run a file's code)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    message, err = str(e.value.code), capsys.readouterr().err
+    assert e.value.code not in (0, None) and message.startswith("error: ") and "\n" not in message, message
+    assert "Traceback" not in err and "weights_only" not in message and "allow_pickle" not in message, message
+    for pattern in patterns:
+        assert re.search(pattern, message), (pattern, message)
+    return message
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading a model or data fails the test: what is checked with it must be checked before any work."""
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the input was checked")
+    for module, name in ((ddpm, "load_model"), (evaluate, "load_for_sampling"), (ddpm, "load_data"),
+                         (evaluate, "load_images")):
+        monkeypatch.setattr(module, name, work)
+
+
+# ---- 2. The math check's float64 references ----
+# Written from the paper and the official code (diffusion_utils_2.py, utils.py, improved-diffusion's learned_range,
+# respace.py and DDIM), in numpy, never from ddpm.py's buffers. Every test from here to section 8 is marked `math`.
+
+
 random_betas = arrays(np.float64, st.integers(1, 30), elements=st.floats(1e-5, 0.999))  # any valid schedule
+
+
 # T that do not divide 1000 (37, 999) and the paper's 1000 come up often; linear needs T >= 21 to stay below beta 1
 any_T = st.one_of(st.sampled_from([37, 999, 1000]), st.integers(21, 1200))
+
+
 named_betas = st.builds(ddpm.get_beta_schedule, st.sampled_from(["linear", "cosine"]), any_T)
+
+
 # schedules whose abar stays above ~1e-9, so that float64 keeps 1/coef1 and 1/sqrt(abar) well conditioned
 schedules = st.one_of(named_betas, arrays(np.float64, st.integers(2, 30), elements=st.floats(1e-4, 0.5)))
-
-
-# ---- float64 references, written from the paper and the official code (diffusion_utils_2.py, utils.py,
-# improved-diffusion's learned_range, respace.py and DDIM), in numpy, never from ddpm.py's buffers ----
 
 
 class Ref:
@@ -131,26 +345,6 @@ def ref_prior_bpd(r, x0):
     return ref_kl(np.sqrt(a) * x0, np.log(1 - a), 0.0, 0.0).mean(tuple(range(1, x0.ndim))) / LN2
 
 
-def np64(x):
-    return x.detach().numpy() if torch.is_tensor(x) else np.asarray(x)
-
-
-def assert_close64(got, want, scale=1.0):
-    """Two float64 computations of one quantity agree elementwise to 1e-9 of (|want| + scale): float64 rounding,
-    ~1e-16 relative, amplified by the conditioning that `scale` (broadcast per row) states. Any formula change
-    moves a value by far more."""
-    got, want = np64(got), np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    err, bound = np.abs(got - want), 1e-9 * (np.abs(want) + scale)
-    bad = ~(err <= bound)  # NaN fails too
-    assert not bad.any(), f"{bad.sum()} of {bad.size} differ, first at {np.argwhere(bad)[0]}: {got[bad][0]} != {want[bad][0]}"
-
-
-def assert_close(got, want, rtol, atol):
-    """np.testing.assert_allclose on tensors or arrays (torch.testing imports ~500 modules: seconds of `-m math`)."""
-    np.testing.assert_allclose(np64(got), np64(want), rtol=rtol, atol=atol)
-
-
 def fake_network(C=1, extra=0):
     """A deterministic stand-in network with output [N, C + extra, ...]: smooth in x, depending on t, large enough
     that x0_hat leaves [-1, 1] often (so clipping acts) and never zero (so a sign or factor error shows)."""
@@ -167,9 +361,7 @@ def fake_network_np(x, t, C=1, extra=0):
     return np.concatenate([out, np.sin(3 * x[:, :extra] + tt)], 1) if extra else out
 
 
-math_check = pytest.mark.math
-
-# ---- 1. schedules and buffers ----
+# ---- 3. Beta schedules (ddpm.py section 1) ----
 
 
 @math_check
@@ -241,7 +433,100 @@ def test_bad_schedule_and_diffusion_options_raise_with_the_valid_choices():
         ddpm.GaussianDiffusion(betas=np.array([0.1, 1.5]))
 
 
-# ---- 2. the forward process ----
+# ---- 4. Gaussian helpers: the KL and the discretised decoder (ddpm.py section 2) ----
+
+
+@math_check
+def test_normal_kl_reference_values_and_torch_distributions():
+    """normal_kl gives the spec's values and equals torch.distributions' closed form."""
+    z = torch.tensor(0.0, dtype=torch.float64)
+    assert float(ddpm.normal_kl(z, z, z, z)) == 0
+    assert float(ddpm.normal_kl(z + 1, z, z, z)) == 0.5
+    assert abs(float(ddpm.normal_kl(z, torch.log(z + 0.5), z + 1, z)) - 0.5965735902799727) < 1e-15
+
+
+@math_check
+@CI
+@given(arrays(np.float64, (4, 4), elements=st.floats(-3, 3)))
+def test_normal_kl_is_the_gaussian_kl_and_nonnegative(a):
+    """KL(N1||N2) matches torch.distributions, is >= 0, and is 0 exactly when the Gaussians are equal."""
+    m1, lv1, m2, lv2 = map(torch.tensor, a)
+    kl = ddpm.normal_kl(m1, lv1, m2, lv2)
+    N = torch.distributions.Normal
+    ref = torch.distributions.kl_divergence(N(m1, torch.exp(0.5 * lv1)), N(m2, torch.exp(0.5 * lv2)))
+    assert_close(kl, ref, rtol=1e-9, atol=1e-12)  # two float64 closed forms
+    assert (kl >= -1e-12).all()
+    assert ddpm.normal_kl(m1, lv1, m1, lv1).abs().max() < 1e-15  # -1 + lv - lv + 1 rounds to within 2 ulp of 0
+    differ = ((m1 - m2).abs() > 1e-6) | ((lv1 - lv2).abs() > 1e-6)  # below that, float64 rounding can give 0
+    assert (kl[differ] > 0).all()
+
+
+@math_check
+def test_decoder_reference_values():
+    """discretized_gaussian_log_likelihood gives the spec's nats, including the 1e-12 clamp."""
+    ls = torch.tensor(-4.908362567647835, dtype=torch.float64)
+    cases = [((0, 0), -0.90501811), ((1, 1), -0.35344121), ((-1, -1), -0.35344121), ((0, 0.01), -1.73937760),
+             ((1, 0.99), -1.58314074), ((-1, -0.9), -27.63102112)]
+    for (x, m), nats in cases:
+        got = ddpm.discretized_gaussian_log_likelihood(torch.tensor([x], dtype=torch.float64),
+                                                       torch.tensor([m], dtype=torch.float64), ls)
+        assert abs(float(got) - nats) < 1e-7, (x, m)  # the spec prints 8 decimals
+    for x, nats in ((0, -5.7670574736), (0.5, -5.8925726456), (1, -1.8340951623), (-1, -1.8340951623)):
+        got = ddpm.discretized_gaussian_log_likelihood(torch.tensor([x], dtype=torch.float64),
+                                                       torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+        assert abs(float(got) - nats) < 1e-9
+    # each of the three floors: the left edge bin, the right edge bin and an inner bin far from the mean
+    for x, m in ((-1, -0.9), (1, 0.9), (0, 0.5)):
+        got = ddpm.discretized_gaussian_log_likelihood(torch.tensor([float(x)], dtype=torch.float64),
+                                                       torch.tensor([m], dtype=torch.float64), ls)
+        assert float(got) == pytest.approx(math.log(1e-12), rel=1e-12)
+
+
+@math_check
+@CI
+@given(st.floats(-1.2, 1.2), st.floats(-7, 1))
+def test_decoder_probabilities_over_the_256_bins_sum_to_one(mean, log_scale):
+    """The 256 bins of the discretised Gaussian cover the real line, so their probabilities sum to 1, and each
+    bin's log-probability is the official formula's (tanh CDF, edge bins to +-inf), in float64."""
+    x = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    logp = ddpm.discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), torch.full_like(x, log_scale))
+    # the CDF telescopes to 1; each bin's 1e-12 floor can add at most 256e-12
+    assert abs(float(logp.exp().sum()) - 1) < 1e-9
+    # log of a difference of two CDFs: float64's ~1e-16 absolute error in each becomes ~1e-16/p relative in p
+    want = ref_decoder(x.numpy(), mean, log_scale)
+    assert_close64(logp, want, 1e-6 / np.exp(want))
+
+
+# ---- 5. The diffusion: q, the posterior, p and the bound, the losses, sampling (ddpm.py section 3) ----
+
+
+@math_check
+def test_extract_gathers_every_buffer_by_name_exactly():
+    """_extract(name, t, x) is the float64 buffer `name` at t: exactly for float64 x, its float32 cast otherwise."""
+    # Regression guard: a cache that once served another array's values (x_0 -> mu~ -> x_0 came back off by ~1 at
+    # t=1). Every buffer, gathered at both ends and the middle, must be its own numpy values.
+    d = ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule("linear", 1000))
+    t = torch.tensor([0, 500, 999])
+    names = [k for k, v in vars(d).items() if isinstance(v, np.ndarray)]
+    assert {"betas", "alphas_cumprod", "posterior_mean_coef1", "fixedlarge_log_variance"} <= set(names)
+    for _ in range(2):  # the second pass reads the cached tensors
+        for name in names:
+            expected = getattr(d, name)[[0, 500, 999]]
+            got64 = d._extract(name, t, torch.zeros(3, 2, dtype=torch.float64)).flatten()
+            assert torch.equal(got64, torch.tensor(expected, dtype=torch.float64)), name
+            got32 = d._extract(name, t, torch.zeros(3, 2, 2)).flatten()
+            assert torch.equal(got32, torch.tensor(expected, dtype=torch.float32)), name
+
+
+@math_check
+def test_diffusion_follows_the_input_dtype():
+    """float64 inputs give float64 outputs (buffers cast at gather), float32 stays float32."""
+    d = diffusion_for(25)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.zeros(2, 1, 2, 2, dtype=dtype)
+        t = torch.tensor([0, 9])
+        assert d.q_sample(x, t).dtype == dtype
+        assert d.p_sample(lambda x_, t_: torch.zeros_like(x_), x, t)["sample"].dtype == dtype
 
 
 @math_check
@@ -307,9 +592,6 @@ def test_default_noise_is_standard_normal_in_every_sampler_and_loss():
         want = np.where(t.numpy() > 0, var[t.numpy()], 0.0)  # no noise at index 0
         got = (sample - mean).flatten(1).var(1).numpy()  # 10,000 values per example
         assert (np.abs(got - want) <= 6 * want * math.sqrt(2 / 1e4) + 1e-15).all(), (name, got, want)
-
-
-# ---- 3. the posterior and the parameterisations ----
 
 
 @math_check
@@ -523,93 +805,6 @@ def test_fixedlarge_reference_log_variances():
 
 
 @math_check
-@pytest.mark.parametrize("schedule, T", [("cosine", 7), ("linear", 30)])
-def test_sampling_loop_is_algorithm_2_step_by_step(schedule, T):
-    """p_sample_loop from x_T runs t = T-1 .. 0 with fresh noise each step (none added at index 0): the same chain
-    as the reference, written in float64 numpy with the generator's draws replayed in the loop's order."""
-    r = Ref(ddpm.get_beta_schedule(schedule, T))
-    d = ddpm.GaussianDiffusion(betas=r.betas)
-    shape = (3, 2, 2, 2)  # N != C, so that a t of the wrong length cannot broadcast
-    xT = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    steps = list(d.p_sample_loop_progressive(fake_network(C=2), shape, noise=xT,
-                                             generator=torch.Generator().manual_seed(1)))
-    assert [s["t"] for s in steps] == list(range(T - 1, -1, -1))
-    g, x = torch.Generator().manual_seed(1), xT.numpy()
-    for i, step in zip(range(T - 1, -1, -1), steps):
-        z = torch.randn(shape, generator=g, dtype=torch.float64).numpy()
-        t = np.full(3, i)
-        mean, _, logvar, _ = ref_p_mean_variance(r, fake_network_np(x, t, C=2), x, t, "eps", "fixedlarge", True)
-        x = mean + (i > 0) * np.exp(0.5 * logvar) * z
-        assert_close64(step["sample"], x, 1 / np.sqrt(r.abar[i]))
-    final = d.p_sample_loop(fake_network(C=2), shape, noise=xT, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(final, steps[-1]["sample"])
-
-
-# ---- 4. the bound's terms and the training losses ----
-
-
-@math_check
-def test_normal_kl_reference_values_and_torch_distributions():
-    """normal_kl gives the spec's values and equals torch.distributions' closed form."""
-    z = torch.tensor(0.0, dtype=torch.float64)
-    assert float(ddpm.normal_kl(z, z, z, z)) == 0
-    assert float(ddpm.normal_kl(z + 1, z, z, z)) == 0.5
-    assert abs(float(ddpm.normal_kl(z, torch.log(z + 0.5), z + 1, z)) - 0.5965735902799727) < 1e-15
-
-
-@math_check
-@CI
-@given(arrays(np.float64, (4, 4), elements=st.floats(-3, 3)))
-def test_normal_kl_is_the_gaussian_kl_and_nonnegative(a):
-    """KL(N1||N2) matches torch.distributions, is >= 0, and is 0 exactly when the Gaussians are equal."""
-    m1, lv1, m2, lv2 = map(torch.tensor, a)
-    kl = ddpm.normal_kl(m1, lv1, m2, lv2)
-    N = torch.distributions.Normal
-    ref = torch.distributions.kl_divergence(N(m1, torch.exp(0.5 * lv1)), N(m2, torch.exp(0.5 * lv2)))
-    assert_close(kl, ref, rtol=1e-9, atol=1e-12)  # two float64 closed forms
-    assert (kl >= -1e-12).all()
-    assert ddpm.normal_kl(m1, lv1, m1, lv1).abs().max() < 1e-15  # -1 + lv - lv + 1 rounds to within 2 ulp of 0
-    differ = ((m1 - m2).abs() > 1e-6) | ((lv1 - lv2).abs() > 1e-6)  # below that, float64 rounding can give 0
-    assert (kl[differ] > 0).all()
-
-
-@math_check
-def test_decoder_reference_values():
-    """discretized_gaussian_log_likelihood gives the spec's nats, including the 1e-12 clamp."""
-    ls = torch.tensor(-4.908362567647835, dtype=torch.float64)
-    cases = [((0, 0), -0.90501811), ((1, 1), -0.35344121), ((-1, -1), -0.35344121), ((0, 0.01), -1.73937760),
-             ((1, 0.99), -1.58314074), ((-1, -0.9), -27.63102112)]
-    for (x, m), nats in cases:
-        got = ddpm.discretized_gaussian_log_likelihood(torch.tensor([x], dtype=torch.float64),
-                                                       torch.tensor([m], dtype=torch.float64), ls)
-        assert abs(float(got) - nats) < 1e-7, (x, m)  # the spec prints 8 decimals
-    for x, nats in ((0, -5.7670574736), (0.5, -5.8925726456), (1, -1.8340951623), (-1, -1.8340951623)):
-        got = ddpm.discretized_gaussian_log_likelihood(torch.tensor([x], dtype=torch.float64),
-                                                       torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
-        assert abs(float(got) - nats) < 1e-9
-    # each of the three floors: the left edge bin, the right edge bin and an inner bin far from the mean
-    for x, m in ((-1, -0.9), (1, 0.9), (0, 0.5)):
-        got = ddpm.discretized_gaussian_log_likelihood(torch.tensor([float(x)], dtype=torch.float64),
-                                                       torch.tensor([m], dtype=torch.float64), ls)
-        assert float(got) == pytest.approx(math.log(1e-12), rel=1e-12)
-
-
-@math_check
-@CI
-@given(st.floats(-1.2, 1.2), st.floats(-7, 1))
-def test_decoder_probabilities_over_the_256_bins_sum_to_one(mean, log_scale):
-    """The 256 bins of the discretised Gaussian cover the real line, so their probabilities sum to 1, and each
-    bin's log-probability is the official formula's (tanh CDF, edge bins to +-inf), in float64."""
-    x = torch.arange(256, dtype=torch.float64) / 127.5 - 1
-    logp = ddpm.discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), torch.full_like(x, log_scale))
-    # the CDF telescopes to 1; each bin's 1e-12 floor can add at most 256e-12
-    assert abs(float(logp.exp().sum()) - 1) < 1e-9
-    # log of a difference of two CDFs: float64's ~1e-16 absolute error in each becomes ~1e-16/p relative in p
-    want = ref_decoder(x.numpy(), mean, log_scale)
-    assert_close64(logp, want, 1e-6 / np.exp(want))
-
-
-@math_check
 def test_prior_term_is_about_1e_5_bits_per_dim():
     """L_T for the linear schedule is the spec's 5.9e-10, 7.28e-6, 2.91e-5 bits/dim at x_0^2 = 0, 0.25, 1."""
     d = diffusion_for()
@@ -754,7 +949,30 @@ def test_calc_bpd_loop_outputs_equal_the_reference(respacing):
     assert (want["vb"] >= 0).all() and (want["mse"] > 0).all()
 
 
-# ---- 4b. respacing and DDIM ----
+@math_check
+@pytest.mark.parametrize("schedule, T", [("cosine", 7), ("linear", 30)])
+def test_sampling_loop_is_algorithm_2_step_by_step(schedule, T):
+    """p_sample_loop from x_T runs t = T-1 .. 0 with fresh noise each step (none added at index 0): the same chain
+    as the reference, written in float64 numpy with the generator's draws replayed in the loop's order."""
+    r = Ref(ddpm.get_beta_schedule(schedule, T))
+    d = ddpm.GaussianDiffusion(betas=r.betas)
+    shape = (3, 2, 2, 2)  # N != C, so that a t of the wrong length cannot broadcast
+    xT = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    steps = list(d.p_sample_loop_progressive(fake_network(C=2), shape, noise=xT,
+                                             generator=torch.Generator().manual_seed(1)))
+    assert [s["t"] for s in steps] == list(range(T - 1, -1, -1))
+    g, x = torch.Generator().manual_seed(1), xT.numpy()
+    for i, step in zip(range(T - 1, -1, -1), steps):
+        z = torch.randn(shape, generator=g, dtype=torch.float64).numpy()
+        t = np.full(3, i)
+        mean, _, logvar, _ = ref_p_mean_variance(r, fake_network_np(x, t, C=2), x, t, "eps", "fixedlarge", True)
+        x = mean + (i > 0) * np.exp(0.5 * logvar) * z
+        assert_close64(step["sample"], x, 1 / np.sqrt(r.abar[i]))
+    final = d.p_sample_loop(fake_network(C=2), shape, noise=xT, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(final, steps[-1]["sample"])
+
+
+# ---- 6. Fewer steps: respacing and DDIM (ddpm.py section 4) ----
 
 
 def ref_space_timesteps(T, counts):
@@ -847,6 +1065,28 @@ def test_respaced_model_sees_original_indices():
     seen.clear()
     d.training_losses(model, torch.zeros(2, 1, 2, 2), torch.tensor([3, 9]))
     assert seen == [[30, 90]]
+
+
+@math_check
+def test_respacing_all_steps_reproduces_original():
+    """Keeping every step gives the original diffusion: same buffers, samples, losses and bound."""
+    T = 8
+    base = ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule("cosine", T), model_var_type="fixedsmall")
+    spaced = ddpm.respace(base, str(T))
+    for name in ("betas", "alphas_cumprod", "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2"):
+        # betas are recomputed as 1 - abar_t / abar_{t-1}: float64 rounding only
+        np.testing.assert_allclose(getattr(spaced, name), getattr(base, name), rtol=1e-12, atol=1e-18)
+    model, x0 = tiny_unet(in_channels=3), torch.rand(2, 3, 8, 8) * 2 - 1
+    runs = []
+    for d in (base, spaced):
+        g = torch.Generator().manual_seed(1)
+        sample = d.p_sample_loop(model, x0.shape, generator=g)
+        bpd = d.calc_bpd_loop(model, x0, generator=g)["total_bpd"]
+        loss = d.training_losses(model, x0, torch.tensor([0, T - 1]), noise=torch.ones_like(x0))["loss"]
+        runs.append((sample, bpd, loss))
+    for a, b in zip(*runs):
+        # float32 coefficients cast from float64 values that agree to 1e-12: identical up to an ulp
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def ref_ddim_step(r, eps_out, x, t, eta, clip, z):
@@ -947,86 +1187,7 @@ def test_ddim_eta0_is_deterministic_and_exact():
         assert_close(out, x0.expand(2, -1, -1, -1), rtol=0, atol=1e-5)
 
 
-# ---- 4c. the EMA and the learning-rate warmup ----
-
-
-@math_check
-def test_update_ema_is_official_formula():
-    """update_ema sets ema <- decay * ema + (1 - decay) * param for every tensor, in place."""
-    g = torch.Generator().manual_seed(0)
-    params, ema = [[torch.randn(5, 3, generator=g), torch.randn(7, generator=g)] for _ in range(2)]
-    for decay in (0.9999, 0.9):
-        expected = [decay * e.double() + (1 - decay) * p.double() for e, p in zip(ema, params)]
-        ddpm.update_ema(ema, params, decay)
-        for e, x in zip(ema, expected):
-            assert_close(e.double(), x, rtol=1e-6, atol=1e-7)  # lerp vs the product form: fp32 rounding
-    ddpm.update_ema(ema, params, 1e-10)  # the official first step: ema becomes a copy of the parameters
-    for e, p in zip(ema, params):
-        assert_close(e, p, rtol=1e-6, atol=1e-7)
-
-
-# ---- 4d. sampling loops, dtypes and learning (not the math check: they test the loops' plumbing) ----
-
-
-def test_sampling_loop_shapes_range_and_determinism():
-    """p_sample_loop returns [N,C,H,W], the same for the same generator seed, and its progressive form ends where
-    the loop ends."""
-    d = diffusion_for(25)
-    model = tiny_unet().eval()
-    a = d.p_sample_loop(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
-    b = d.p_sample_loop(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
-    assert a.shape == (2, 1, 8, 8) and torch.equal(a, b)
-    steps = list(d.p_sample_loop_progressive(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)))
-    assert [s["t"] for s in steps] == list(range(24, -1, -1))
-    assert torch.equal(steps[-1]["sample"], a)
-    # the loop runs under inference_mode; its output and the schedule tensors it cached still train
-    assert a.is_inference() and d.calc_bpd_loop(model, a)["total_bpd"].is_inference()
-    dk = diffusion_for(25, loss_type="kl")
-    x = dk.p_sample_loop(model, (2, 1, 8, 8))
-    loss = dk.training_losses(model.train(), x, torch.tensor([0, 12]))["loss"].sum()
-    loss.backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad) and torch.isfinite(loss)
-
-
-def test_progressive_frames_start_at_t_equals_T():
-    """sample_images' Figure 6 frames: the x0 estimates at the given indices, from T-1 (t = T) down to 0, ending at the
-    sample."""
-    d, model = diffusion_for(10, "cosine"), tiny_unet().eval()
-    frames = ddpm.sample_images(model, d, 2, seed=3, frames={9, 8, 4, 0})
-    assert frames.shape == (2, 4, 1, 8, 8)  # t = 9, 8, 4, 0
-    assert_close(frames[:, -1], ddpm.sample_images(model, d, 2, seed=3), rtol=0, atol=0)
-
-
-@math_check
-def test_diffusion_follows_the_input_dtype():
-    """float64 inputs give float64 outputs (buffers cast at gather), float32 stays float32."""
-    d = diffusion_for(25)
-    for dtype in (torch.float32, torch.float64):
-        x = torch.zeros(2, 1, 2, 2, dtype=dtype)
-        t = torch.tensor([0, 9])
-        assert d.q_sample(x, t).dtype == dtype
-        assert d.p_sample(lambda x_, t_: torch.zeros_like(x_), x, t)["sample"].dtype == dtype
-
-
-def test_a_tiny_model_overfits_one_batch():
-    """Algorithm 1 on one fixed batch drives L_simple well below its initial value of ~1."""
-    torch.manual_seed(0)
-    d = diffusion_for(25)
-    model = tiny_unet()
-    x0 = torch.rand(16, 1, 8, 8) * 2 - 1
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3, foreach=True)  # one kernel per op over all tensors: faster
-    losses = []
-    for step in range(100):
-        t = torch.randint(0, 25, (16,))
-        loss = d.training_losses(model, x0, t)["loss"].mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert np.mean(losses[:5]) > 0.8 and np.mean(losses[-20:]) < 0.35, (losses[:5], losses[-20:])
-
-
-# ---- 5. the U-Net ----
+# ---- 7. The U-Net (ddpm.py section 5) ----
 # A float64 reference of the official network (models/unet.py, nn.py), written from the spec with explicit
 # GroupNorm (32 groups, eps 1e-6, biased variance), swish, single-head attention scaled by C^-1/2, TF 'SAME'
 # stride-2 padding (0 before, 1 after) and nearest 2x upsampling, reading the weights by their official names.
@@ -1115,22 +1276,6 @@ def ref_unet(p, x, t, ch, ch_mult, num_res_blocks, attn_resolutions):
             res *= 2
     assert not hs
     return ref_conv(p, "conv_out", ref_swish(ref_group_norm(p, "norm_out", h)))
-
-
-def busy(module, seed=0):
-    """The module in float64 with every weight, bias and GroupNorm affine random and O(1) (at the official init
-    the last convs are ~1e-10 and GroupNorm's affine is 1 and 0, which would hide errors behind them)."""
-    g = torch.Generator().manual_seed(seed)
-    module = module.double().eval()
-    with torch.no_grad():
-        for name, q in module.named_parameters():
-            if q.dim() > 1:
-                fan = q[0].numel()
-                q.copy_(torch.randn(q.shape, generator=g, dtype=q.dtype) / math.sqrt(fan))
-            else:
-                q.copy_(torch.randn(q.shape, generator=g, dtype=q.dtype) * 0.2 + (1.0 if "norm" in name and
-                                                                                    name.endswith("weight") else 0.0))
-    return module
 
 
 @math_check
@@ -1261,6 +1406,7 @@ def test_unet_initialisation_matches_the_official_scales():
     assert norms and all(n.eps == 1e-6 and n.num_groups == 32 for n in norms)
 
 
+@math_check
 def test_unet_output_shape_and_near_zero_output_at_init():
     """The output has the input's shape (2C for learned variances) and is ~0 at init (conv_out's scale 1e-10)."""
     torch.manual_seed(0)
@@ -1286,24 +1432,300 @@ def test_unet_rejects_a_wrong_input_size_with_the_expected_one():
     ddpm.UNet(ch=32, resolution=40)  # 40, 20, 10, 5: fine
 
 
-# ---- 6. config and checkpoints ----
+# ---- 8. The EMA and the learning-rate warmup (ddpm.py sections 6 and 10; the last of the math check) ----
 
 
-def test_presets_round_trip_and_reject_unknown_fields():
-    """Every preset survives to_dict/from_dict; unknown presets, sections and fields raise with valid names."""
-    for name in ddpm.PRESETS:
-        c = ddpm.get_preset(name)
-        assert ddpm.Config.from_dict(c.to_dict()) == c and c.preset == name
-    with pytest.raises(ValueError, match="digits"):
-        ddpm.get_preset("mnist")
-    with pytest.raises(ValueError, match="ch_mult"):
-        ddpm.Config.from_dict({"model": {"chmult": [1]}})
-    with pytest.raises(ValueError, match="section"):
-        ddpm.Config.from_dict({"optim": {}})
-    c = ddpm.get_preset("cifar10")
-    assert (c.diffusion.model_var_type, c.diffusion.loss_type, c.train.ema_decay, c.model.dropout) == \
-           ("fixedlarge", "mse", 0.9999, 0.1)
-    assert ddpm.get_preset("celebahq256").diffusion.model_var_type == "fixedsmall"
+@math_check
+def test_update_ema_is_official_formula():
+    """update_ema sets ema <- decay * ema + (1 - decay) * param for every tensor, in place."""
+    g = torch.Generator().manual_seed(0)
+    params, ema = [[torch.randn(5, 3, generator=g), torch.randn(7, generator=g)] for _ in range(2)]
+    for decay in (0.9999, 0.9):
+        expected = [decay * e.double() + (1 - decay) * p.double() for e, p in zip(ema, params)]
+        ddpm.update_ema(ema, params, decay)
+        for e, x in zip(ema, expected):
+            assert_close(e.double(), x, rtol=1e-6, atol=1e-7)  # lerp vs the product form: fp32 rounding
+    ddpm.update_ema(ema, params, 1e-10)  # the official first step: ema becomes a copy of the parameters
+    for e, p in zip(ema, params):
+        assert_close(e, p, rtol=1e-6, atol=1e-7)
+
+
+@math_check
+def test_ema_and_warmup_follow_the_official_recipe(tmp_path, images, tiny_run):
+    """The EMA is a copy of the weights after the first update, then ema = d*ema + (1-d)*theta; under warmup the
+    k-th update (k from 0) has lr = lr * min(k / warmup, 1): 0 (the weights stay as initialised), then rising by
+    lr / warmup per step up to lr, then constant."""
+    run = ddpm.train(tiny_config(tmp_path / "a", images, steps=2, warmup=0, ckpt_every=1, keep_ckpts=2, ema_decay=0.9))
+    c1, c2 = (torch.load(os.path.join(run, f"ckpt-{s:07d}.pt"), weights_only=True) for s in (1, 2))
+    for k in c1["ema"]:  # decay 1e-10 leaves 1e-10 of the initial weights, far below float32 resolution here
+        assert_close(c1["ema"][k], c1["model"][k], rtol=1e-6, atol=1e-9)
+    for k in c2["ema"]:  # the same lerp up to float32 rounding
+        assert_close(c2["ema"][k], 0.9 * c1["ema"][k] + 0.1 * c2["model"][k], rtol=1e-5, atol=1e-7)
+    assert not states_equal(c1["model"], c2["model"])
+    assert [c["optimizer"]["param_groups"][0]["lr"] for c in (c1, c2)] == [1e-3] * 2  # no warmup: lr throughout
+    torch.manual_seed(0)
+    init = ddpm.create_model_and_diffusion(tiny_config(tmp_path, images))[0].state_dict()
+    warm = [torch.load(os.path.join(tiny_run, f"ckpt-{s:07d}.pt"), weights_only=True) for s in range(1, 5)]  # warmup 2
+    assert states_equal(warm[0]["model"], init) and not states_equal(warm[1]["model"], init)
+    lrs = [c["optimizer"]["param_groups"][0]["lr"] for c in warm]  # the lr of update k = 0..3
+    np.testing.assert_allclose(lrs, [0, 1e-3 / 2, 1e-3, 1e-3], rtol=1e-12, atol=0)
+
+
+# ---- 9. Training (Algorithm 1): learning, its config, resume, the NaN guard, DDP, signals, bf16, compile ----
+
+
+def test_a_tiny_model_overfits_one_batch():
+    """Algorithm 1 on one fixed batch drives L_simple well below its initial value of ~1."""
+    torch.manual_seed(0)
+    d = diffusion_for(25)
+    model = tiny_unet()
+    x0 = torch.rand(16, 1, 8, 8) * 2 - 1
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3, foreach=True)  # one kernel per op over all tensors: faster
+    losses = []
+    for step in range(100):
+        t = torch.randint(0, 25, (16,))
+        loss = d.training_losses(model, x0, t)["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[:5]) > 0.8 and np.mean(losses[-20:]) < 0.35, (losses[:5], losses[-20:])
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 50), st.integers(1, 20), st.integers(0, 30))
+def test_batch_indices_visit_every_example_once_per_epoch(n, batch_size, steps):
+    """The data order is a chain of permutations: each epoch's n consecutive positions hold every index once."""
+    order = np.concatenate([ddpm.batch_indices(s, batch_size, n, seed=3) for s in range(steps + n)])
+    for epoch in range(len(order) // n):
+        assert sorted(order[epoch * n:(epoch + 1) * n]) == list(range(n))
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("train", "log_every", 0, "--log-every .*at least 1"), ("train", "lr", -1.0, "--lr .*greater than 0"),
+    ("train", "ema_decay", 2.0, r"--ema-decay .*in \[0, 1\]"), ("train", "precision", "fp16", "unknown precision"),
+    ("model", "ch", 0, "--model.ch .*at least 1"), ("model", "resolution", 0, "--model.resolution must be"),
+    ("model", "ch_mult", (), "--model.ch-mult needs one positive"), ("model", "ch", 48, "multiple of 32"),
+    ("diffusion", "beta_schedule", "linear", "use num_timesteps >= 20"), ("diffusion", "loss_type", "kl2", "unknown loss_type")])
+def test_train_checks_its_config_before_any_work(tmp_path, section, field, value, message):
+    """train() called from Python checks the config as the command line does, before reading data or writing."""
+    config = tiny_config(tmp_path / "run", str(tmp_path / "missing.npy"))
+    setattr(getattr(config, section), field, value)  # the tiny config has T=10
+    with pytest.raises(ValueError, match=message):
+        ddpm.train(config)
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "0"], r"--lr .*greater than 0.* 0\.0\b"),
+    (["--lr", "-1e-3"], r"--lr .*greater than 0.* -0\.001\b"),  # read as a value, not a flag
+    (["--lr=-1e-3"], r"--lr .*greater than 0.* -0\.001\b"),
+    (["--grad-clip", "0"], r"--grad-clip .*greater than 0.* 0\.0\b"),
+    (["--model.attn-resolutions", "3"], r"--model.attn-resolutions 3 .*no level of this U-Net.*use some of 8,4\b")])
+def test_values_that_would_train_nothing_or_silently_differ_are_refused(tmp_path, capsys, no_work, argv, message):
+    """--lr 0 or below (also written '--lr -1e-3'), --grad-clip 0, and an attention resolution that matches no level
+    of the U-Net are refused before the data is read."""
+    _one_line_error(capsys, ddpm.main, ["train", "--preset", "digits", "--out", str(tmp_path / "run"), *argv], message)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_resume_is_bit_for_bit(tmp_path, images, capsys, tiny_run):
+    """Training 3 steps, then resuming to 6 (past a truncated newer checkpoint) equals 6 uninterrupted steps exactly."""
+    whole = torch.load(os.path.join(tiny_run, "ckpt-0000006.pt"), weights_only=True)  # checkpointed at every step
+    ddpm.train(tiny_config(tmp_path / "b", images, steps=3, ckpt_every=3))
+    with open(tmp_path / "b" / "ckpt-0000005.pt", "wb") as f:  # a half-written file from a crash
+        f.write(open(tmp_path / "b" / "ckpt-0000003.pt", "rb").read()[:1000])
+    ddpm.train(tiny_config(tmp_path / "b", images, steps=6, ckpt_every=3), resume=True)
+    assert "skipping unreadable checkpoint" in capsys.readouterr().out
+    resumed = torch.load(tmp_path / "b" / "ckpt-0000006.pt", weights_only=True)
+    for key in ("model", "ema", "optimizer", "rng", "step"):
+        assert states_equal(whole[key], resumed[key]), key
+
+
+def test_resume_refuses_other_config_and_unasked_overwrite(tmp_path, images):
+    """Resuming with another config names the differing fields; training into a used run directory needs --resume."""
+    ddpm.train(tiny_config(tmp_path / "a", images, steps=1, ckpt_every=1))
+    with pytest.raises(ValueError, match=r"model\.dropout: 0\.1 -> 0\.0.*train\.lr: 0\.001 -> 0\.002"):
+        config = tiny_config(tmp_path / "a", images, steps=2, lr=2e-3)
+        config.model.dropout = 0.0
+        ddpm.train(config, resume=True)
+    with pytest.raises(FileExistsError, match="--resume"):  # before the data is read: it does not exist
+        ddpm.train(tiny_config(tmp_path / "a", str(tmp_path / "missing.npy"), steps=2))
+
+
+def test_keep_ckpts_never_deletes_a_readable_checkpoint_for_an_unreadable_one(tmp_path, images, capsys):
+    """Good checkpoints at steps 1 and 2 and a truncated one at step 5: --resume continues from step 2, moves the
+    truncated file aside (not counted by --keep-ckpts 2), and keeps step 2 beside the new step 3."""
+    run = ddpm.train(tiny_config(tmp_path / "run", images, steps=2, ckpt_every=1, keep_ckpts=2))
+    with open(os.path.join(run, "ckpt-0000005.pt"), "wb") as f:
+        f.write(open(os.path.join(run, "ckpt-0000002.pt"), "rb").read()[:1000])
+    ddpm.train(tiny_config(tmp_path / "run", images, steps=3, ckpt_every=1, keep_ckpts=2), resume=True)
+    assert ddpm.list_checkpoints(run) == [os.path.join(run, f"ckpt-000000{s}.pt") for s in (2, 3)]
+    log = capsys.readouterr().out
+    assert "renamed it to ckpt-0000005.pt.unreadable" in log and "resuming from" in log
+    assert ddpm.load_checkpoint(os.path.join(run, "ckpt-0000002.pt"))["step"] == 2
+    assert ddpm.load_checkpoint(os.path.join(run, "ckpt-0000003.pt"))["step"] == 3
+    assert os.path.getsize(os.path.join(run, "ckpt-0000005.pt.unreadable")) == 1000  # kept, for a person to inspect
+
+
+def test_nan_guard_keeps_last_good_checkpoint(tmp_path, images):
+    """A diverging run stops with a clear error and writes no checkpoint after the last finite one."""
+    config = tiny_config(tmp_path / "a", images, steps=20, warmup=0, lr=1e30, log_every=1, ckpt_every=1, keep_ckpts=5)
+    with pytest.raises(FloatingPointError, match="non-finite.*last good checkpoint"):
+        ddpm.train(config)
+    steps = [int(os.path.basename(p)[5:-3]) for p in ddpm.list_checkpoints(str(tmp_path / "a"))]
+    assert steps and steps == list(range(1, len(steps) + 1)) and len(steps) < 20
+    last = torch.load(ddpm.list_checkpoints(str(tmp_path / "a"))[-1], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")])
+def test_a_full_disk_while_a_checkpoint_is_written_names_the_good_one(tmp_path, images, capsys, monkeypatch, failure):
+    """A write that fails (ENOSPC, or torch's own RuntimeError for it) stops the run with one sentence that says
+    the disk is full and which checkpoint is still good; that checkpoint is whole and nothing half-written stays."""
+    save, calls = torch.save, []
+    def full_disk(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"x" * 100)
+            raise failure
+        save(obj, f)
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    _one_line_error(capsys, ddpm.main, ["train", *TINY_FLAGS, "--data", images, "--out", str(out), "--steps", "3",
+                                        "--ckpt-every", "1", "--log-every", "1"],
+                    f"could not write {out / 'ckpt-0000002.pt'}: the disk is full",
+                    f"{out / 'ckpt-0000001.pt'} is still good", "free space, then rerun with --resume")
+    assert ddpm.list_checkpoints(str(out)) == [str(out / "ckpt-0000001.pt")]
+    assert ddpm.load_checkpoint(out / "ckpt-0000001.pt")["step"] == 1
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
+
+
+def test_ddp_two_gloo_processes_equal_one_process(tmp_path, images):
+    """torchrun with 2 CPU processes (gloo) and the global batch split in two trains the same weights as one process
+    (dropout off: each rank has its own dropout stream, so only with dropout 0 are the two runs the same function)."""
+    flags = ["--data", images, "--steps", "3", "--log-every", "3", "--ckpt-every", "3", "--model.dropout", "0",
+             "--eval-bpd", "5"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           DDPM_PY, "train", *TINY_FLAGS, *flags, "--out", str(tmp_path / "ddp")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 rank(s)" in proc.stdout and "bits/dim on 5" in proc.stdout  # the NLL is split across the ranks
+    ddpm.main(["train", *TINY_FLAGS, *flags, "--out", str(tmp_path / "one")])
+    ddp, one = (torch.load(tmp_path / d / "ckpt-0000003.pt", weights_only=True) for d in ("ddp", "one"))
+    assert len(ddp["rng"]["torch"]) == 2
+    for key in ("model", "ema"):
+        for name in one[key]:  # the ranks sum gradients in another order; where a gradient nearly cancels
+            # (|g| ~ Adam's eps) Adam turns that float32 rounding into ~1% of an lr step: 3.7e-6 measured at lr 1e-3
+            torch.testing.assert_close(ddp[key][name], one[key][name], rtol=1e-4, atol=2e-5)
+
+
+def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path, images, capsys, monkeypatch):
+    """SIGTERM during training writes a checkpoint at the current step and exits cleanly (`ddpm.py train` returns,
+    status 0), and the previous handler is back afterwards."""
+    out, previous, sent, log = tmp_path / "run", signal.getsignal(signal.SIGTERM), [], ddpm._log
+
+    def log_then_sigterm(line):  # the signal arrives mid-run, from outside the loop, as `kill` sends it
+        log(line)
+        if line.startswith("step=") and not sent:
+            # only while train's handler is in place: the default action would end this test run
+            assert getattr(signal.getsignal(signal.SIGTERM), "__func__", None) is ddpm.StopOnSignal.request
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(ddpm, "_log", log_then_sigterm)
+    assert ddpm.main(["train", *TINY_FLAGS, "--data", images, "--out", str(out), "--steps", "100000",
+                      "--log-every", "1", "--ckpt-every", "100000"]) is None  # no SystemExit: status 0
+    assert sent and "stopped by SIGTERM" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is previous
+    (ckpt,) = ddpm.list_checkpoints(str(out))
+    assert 1 <= torch.load(ckpt, weights_only=True)["step"] < 100000
+
+
+def test_channels_last_keeps_weights_and_output():
+    """optimize_model (channels_last) keeps the state_dict key for key and the output to fp32 rounding."""
+    model, x, t = busy(tiny_unet(in_channels=3)).float(), torch.randn(3, 3, 8, 8), torch.tensor([0, 5, 999])
+    keys, ref = list(model.state_dict()), model(x, t)
+    fast = ddpm.optimize_model(model, channels_last=True)
+    assert list(fast.state_dict()) == keys
+    # the same products summed in another order: fp32 rounding of O(1) activations
+    torch.testing.assert_close(fast(x, t), ref, rtol=1e-4, atol=1e-4)
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_bf16_agrees_with_fp32():
+    """Under autocast bf16 the U-Net output and the training loss agree with fp32 to bf16 precision."""
+    model = ddpm.optimize_model(busy(tiny_unet(in_channels=3)).float())
+    d = ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule("linear", 100))
+    x0, t, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.tensor([0, 10, 50, 99]), torch.randn(4, 3, 8, 8)
+    ref_out, ref_loss = model(x0, t), d.training_losses(model, x0, t, noise=noise)["loss"]
+    with ddpm.autocast("cpu", "bf16"):
+        out, loss = model(x0, t), d.training_losses(model, x0, t, noise=noise)["loss"]
+    assert out.dtype == torch.bfloat16
+    # bf16 keeps 8 significant bits (0.4% per rounding); over ~20 layers that random-walks to ~2%
+    assert _rel_err(out, ref_out) < 5e-2
+    torch.testing.assert_close(loss, ref_loss, rtol=5e-2, atol=0)
+    with pytest.raises(ValueError):
+        ddpm.autocast("cpu", "fp16")
+
+
+def test_bf16_training_step_runs_on_cpu(tmp_path, images, tiny_run):
+    """--precision bf16 autocasts on CPU: each step's logged loss is the fp32 run's (same seed, batches, t and noise)
+    to bf16 precision, yet not bit-identical to it, so the network did run in bf16; near 1 at initialisation."""
+    losses = {}
+    for precision, run in (("fp32", tiny_run), ("bf16", ddpm.train(tiny_config(tmp_path / "bf16", images, steps=4,
+                                                                             log_every=1, ckpt_every=4, precision="bf16")))):
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            losses[precision] = np.array([record["loss"] for record in map(json.loads, f) if "loss" in record])[:4]
+    fp32, bf16 = losses["fp32"], losses["bf16"]
+    assert len(fp32) == len(bf16) == 4 and np.isfinite(bf16).all()
+    assert 0.5 < bf16[0] < 1.5  # L_simple at init is E[eps^2] = 1 (output layer ~0)
+    # bf16 keeps 8 significant bits (0.4% per rounding); the loss is dominated by eps^2 (fp32) and the network's
+    # O(1e-2) output after 2 updates, so bf16 moves it by far less than 1% (a wrong cast or scale moves it by O(1))
+    np.testing.assert_allclose(bf16, fp32, rtol=1e-2, atol=0)
+    assert not np.array_equal(bf16, fp32)  # with --precision ignored the two runs would be bit for bit the same
+
+
+def test_compiled_agrees_with_eager():
+    """The U-Net compiled (as optimize_model(compile=True) does) leaves the module's state_dict keys as they were,
+    and its output and gradients agree with eager."""
+    model, x, t = ddpm.optimize_model(busy(tiny_unet(in_channels=3)).float()), torch.randn(2, 3, 8, 8), torch.tensor([3, 999])
+    ref = model(x, t)
+    ref.square().mean().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    keys = list(model.state_dict())
+    # Inductor's C++ code generation takes minutes for even this model on 2 cores (measured 130 s forward +
+    # 100 s backward under load), so CI checks graph capture and AOTAutograd; bench.py --compile runs inductor.
+    compiled = torch.compile(model, backend="aot_eager")
+    assert list(model.state_dict()) == keys and compiled._orig_mod is model
+    out = compiled(x, t)
+    out.square().mean().backward()
+    # the same kernels run in the same order once captured: fp32 rounding at most
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for p, g in zip(model.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+# ---- 10. The NLL over a data set (ddpm.dataset_bpd, in training and in evaluate.py nll) ----
+
+
+def test_train_eval_bpd_and_evaluate_nll_print_the_same_number(tmp_path, images, capsys):
+    """`train --eval-bpd 5` and `evaluate.py nll` on the checkpoint it writes, with the same --batch-size, --seed
+    and --max-examples, print the same bound: both run ddpm.dataset_bpd with batch b's noise seeded seed + b."""
+    run = ddpm.train(tiny_config(tmp_path / "run", images, steps=2, ckpt_every=2, eval_bpd=5, batch_size=4, seed=3))
+    trained = re.search(r"test NLL (\d+\.\d{4})", capsys.readouterr().out)[1]
+    _, printed = _run_cli(capsys, ["nll", "--checkpoint", os.path.join(run, "ckpt-0000002.pt"), "--data", images,
+                                   "--split", "test", "--max-examples", "5", "--batch-size", "4", "--seed", "3",
+                                   "--out", str(tmp_path / "eval"), "--device", "cpu", "--no-progress"])
+    evaluated = re.search(r"NLL \(the bound\)\s+(\d+\.\d{4})", printed)[1]
+    assert trained == evaluated and float(trained) > 0
+
+
+# ---- 11. Checkpoints ----
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
@@ -1324,15 +1746,779 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ddpm.load_model(tmp_path / "nope.pt")
 
-# ---- released weights ----
-# diffusers and safetensors are dev requirements (requirements-dev.txt), imported inside the tests so that their
-# absence fails these tests loudly, never skips them, and leaves the rest of the file running.
+
+def test_checkpoint_survives_kill_mid_save(tmp_path):
+    """A process killed (SIGKILL) in the middle of save_checkpoint leaves the previous file whole."""
+    path = str(tmp_path / "ckpt.pt")
+    ddpm.save_checkpoint(path, {"step": 1, "w": torch.ones(1000)})
+    newer = {"step": 2, "w": torch.zeros(1000)}
+    pid = os.fork()  # a copy of this process is the one killed: no second interpreter and torch import to wait for
+    if pid == 0:
+        try:
+            def dying_save(obj, f):
+                f.write(b"x" * 4096)
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            torch.save = dying_save
+            ddpm.save_checkpoint(path, newer)
+        finally:
+            os._exit(1)  # reached only if the kill did not land; the child never returns into pytest
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    state = ddpm.load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(1000))
+    assert ddpm.list_checkpoints(str(tmp_path)) == []  # a leftover .tmp file is never taken for a checkpoint
+
+
+def test_a_file_that_is_not_a_ddpm_checkpoint_gets_one_line(tmp_path, capsys):
+    """Random bytes, a pickled object, a config.json, a folder, released weights given as --checkpoint and a training
+    checkpoint given as --weights each get one line naming the problem and the fix, never torch's weights_only advice."""
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    with open(tmp_path / "object.pt", "wb") as f:
+        pickle.dump({"model": ddpm.ModelConfig()}, f)  # an object: torch.load(weights_only=True) refuses it
+    (tmp_path / "config.json").write_text('{"model": {"ch": 32}}')
+    os.makedirs(tmp_path / "run")
+    _tiny_model_checkpoint(tmp_path / "ckpt.pt")
+    torch.save(ddpm.load_checkpoint(tmp_path / "ckpt.pt")["model"], tmp_path / "state_dict.pt")
+    for name in ("random.pt", "object.pt", "config.json"):
+        _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / name), "--out", str(tmp_path)],
+                        "is not a ddpm checkpoint or is damaged", "pass a ckpt-.*pt written by ddpm.py train")
+        _one_line_error(capsys, evaluate.main, ["sample", "--weights", str(tmp_path / name), "--out", str(tmp_path)],
+                        "not a .*weights file or it is damaged")
+    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path)],
+                    "is a folder, not a checkpoint file", r"pass one of its ckpt-\*\.pt files")
+    _one_line_error(capsys, evaluate.main, ["sample", "--weights", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path)],
+                    "is a checkpoint of ddpm.py train, not released weights", "pass it with --checkpoint")
+    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "state_dict.pt"), "--out",
+                                        str(tmp_path)], "not a checkpoint written by ddpm.py train",
+                    "pass released weights with --weights")
+    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path),
+                                        "--respacing", "ddim0"], "'ddim0' asks for 0 of 25 steps", "1 <= N <= 25")
+
+
+# ---- 12. Data ----
+
+
+def fake_cifar10(cache, monkeypatch, corrupt=False):
+    """A small archive in the official format (data_batch_1..5 and test_batch pickles), trusted by its md5."""
+    rng = np.random.default_rng(0)
+    batches = {**{f"data_batch_{i}": 3 for i in range(1, 6)}, "test_batch": 2}
+    data = {name: rng.integers(0, 256, (n, 3072), dtype=np.uint8) for name, n in batches.items()}
+    os.makedirs(cache, exist_ok=True)
+    path = os.path.join(cache, "cifar-10-python.tar.gz")
+    with tarfile.open(path, "w:gz") as tar:
+        for name, x in data.items():
+            blob = pickle.dumps({b"data": x, b"labels": [0] * len(x), b"batch_label": name.encode()})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    monkeypatch.setenv("DDPM_CACHE", str(cache))
+    monkeypatch.setattr(ddpm, "CIFAR10_MD5", ddpm.file_digest(path, "md5"))
+    if corrupt:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    return data
+
+
+def test_cifar10_loads_official_format(tmp_path, monkeypatch):
+    """The train split is data_batch_1..5 in order, the test split test_batch, each row R..G..B turned into NHWC."""
+    data = fake_cifar10(tmp_path / "cache", monkeypatch)
+    train, test = ddpm.load_data("cifar10", "train"), ddpm.load_data("cifar10", "test", resolution=32, in_channels=3)
+    assert train.shape == (15, 32, 32, 3) and test.shape == (2, 32, 32, 3) and train.dtype == np.uint8
+    row = data["data_batch_2"][1]  # the official layout: 1024 red, then 1024 green, then 1024 blue, row-major
+    assert np.array_equal(train[4, 5, 7], [row[5 * 32 + 7], row[1024 + 5 * 32 + 7], row[2048 + 5 * 32 + 7]])
+    assert np.array_equal(test.reshape(2, -1, 3).transpose(0, 2, 1).reshape(2, -1), data["test_batch"])
+
+
+def test_cifar10_bad_md5_and_offline(tmp_path, monkeypatch):
+    """A truncated archive fails its md5 with advice; with no archive and no network the error says where to put it."""
+    fake_cifar10(tmp_path / "cache", monkeypatch, corrupt=True)
+    with pytest.raises(ValueError, match="wrong md5.*delete it"):
+        ddpm.load_data("cifar10")
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "empty"))
+
+    def offline(*args, **kwargs):
+        raise OSError("Network is unreachable")
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    with pytest.raises(ConnectionError, match="copy cifar-10-python.tar.gz"):
+        ddpm.load_data("cifar10")
+
+
+def test_digits_split_and_scaling():
+    """digits: 1,500 train and 297 held-out test images, 0..16 scaled to 0..255, as [N, 8, 8, 1]."""
+    train, test = ddpm.load_data("digits", "train", resolution=8, in_channels=1), ddpm.load_data("digits", "test")
+    assert train.shape == (1500, 8, 8, 1) and test.shape == (297, 8, 8, 1)
+    assert np.array_equal(np.concatenate([train, test])[..., 0], np.round(sklearn_datasets.load_digits().images * 255 / 16))
+
+
+def test_folder_and_arrays(tmp_path):
+    """A folder of PNGs, a .npy and a .npz all load as the same uint8 NHWC array; --resize fits other sizes."""
+    x = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    os.makedirs(tmp_path / "imgs" / "sub")
+    for i, image in enumerate(x):
+        Image.fromarray(image).save(tmp_path / "imgs" / ("sub" if i == 2 else "") / f"{i}.png")
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "x.npz", arr_0=x)
+    for source in ("imgs", "x.npy", "x.npz"):
+        assert np.array_equal(ddpm.load_data(str(tmp_path / source), "test", resolution=8, in_channels=3), x), source
+    assert ddpm.load_data(str(tmp_path / "x.npy"), resolution=16, resize=True).shape == (3, 16, 16, 3)
+    os.makedirs(tmp_path / "gray")
+    Image.fromarray(x[0, :, :, 0]).save(tmp_path / "gray" / "0.png")
+    assert np.array_equal(ddpm.load_data(str(tmp_path / "gray")), x[:1, :, :, :1])  # all grayscale: C = 1
+    Image.fromarray(x[0, :, :, 0]).save(tmp_path / "imgs" / "gray.png")
+    assert ddpm.load_data(str(tmp_path / "imgs")).shape == (4, 8, 8, 3)  # mixed modes: all RGB
+
+
+def test_bad_inputs_get_one_clear_sentence(tmp_path, images):
+    """Missing path, mixed sizes, a non-image, a channel mismatch and too few images each raise a specific message."""
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        ddpm.load_data(str(tmp_path / "missing"))
+    os.makedirs(tmp_path / "mixed")
+    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
+    Image.new("RGB", (8, 6)).save(tmp_path / "mixed" / "b.png")
+    with pytest.raises(ValueError, match="mixed sizes.*--resize"):
+        ddpm.load_data(str(tmp_path / "mixed"))
+    (tmp_path / "mixed" / "notes.txt").write_text("not a picture")
+    with pytest.raises(ValueError, match="notes.txt is not an image"):
+        ddpm.load_data(str(tmp_path / "mixed"), resize=True, resolution=8)
+    with pytest.raises(ValueError, match="RGB images but the model takes grayscale.*--model.in-channels 3"):
+        ddpm.load_data(images, in_channels=1)
+    with pytest.raises(ValueError, match="8x8 images but the model is 32x32.*--resize"):
+        ddpm.load_data(images, resolution=32)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        ddpm.train(tiny_config(tmp_path / "run", images, batch_size=32))
+    np.save(tmp_path / "floats.npy", np.zeros((4, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="must be uint8 images"):
+        ddpm.load_data(str(tmp_path / "floats.npy"))
+    with pytest.raises(SystemExit, match="^error: .*no such file or folder"):  # one sentence, no traceback
+        ddpm.main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
+
+
+def test_data_and_samples_files_that_cannot_serve_get_one_line(tmp_path, capsys):
+    """A text file named .npy, a samples file with 0 or 1 images for FID, fewer samples than IS splits, and RGB
+    data for a grayscale model in `evaluate.py nll` each get one line whose fix is a flag of that command."""
+    (tmp_path / "text.npy").write_text("not an array")
+    _one_line_error(capsys, ddpm.main, ["train", "--preset", "digits", "--data", str(tmp_path / "text.npy"),
+                                        "--out", str(tmp_path / "run")],
+                    r"cannot read .*text\.npy: it is not a numpy \.npy/\.npz file", "save the images")
+    _one_line_error(capsys, evaluate.main, ["is", str(tmp_path / "text.npy")], "it is not a numpy .npy/.npz file")
+    for n in (0, 1):
+        np.savez(tmp_path / f"{n}.npz", arr_0=np.zeros((n, 8, 8, 3), np.uint8))
+        _one_line_error(capsys, evaluate.main, ["fid", str(tmp_path / f"{n}.npz"), "--ref", str(tmp_path / "1.npz")],
+                        rf"{n}\.npz holds {n} image\(s\)", r"FID .*needs at least 2", "pass more")
+    np.savez(tmp_path / "20.npz", arr_0=np.zeros((20, 8, 8, 3), np.uint8))
+    _one_line_error(capsys, evaluate.main, ["is", str(tmp_path / "20.npz"), "--splits", "50"],
+                    r"holds 20 image\(s\)", "--splits 50 needs at least 50", "lower --splits or pass more samples")
+    _tiny_model_checkpoint(tmp_path / "ckpt.pt")  # grayscale 8x8
+    message = _one_line_error(capsys, evaluate.main, ["nll", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data",
+                                                      str(tmp_path / "20.npz"), "--out", str(tmp_path / "eval")],
+                              "holds 8x8x3 images", "the model takes 8x8x1", "pass --data images of that shape")
+    assert "--model" not in message and "--resize" not in message  # flags evaluate.py does not have
+
+
+# ---- 13. Sampling: the loops' plumbing and sample_images ----
+
+
+def test_sampling_loop_shapes_range_and_determinism():
+    """p_sample_loop returns [N,C,H,W], the same for the same generator seed, and its progressive form ends where
+    the loop ends."""
+    d = diffusion_for(25)
+    model = tiny_unet().eval()
+    a = d.p_sample_loop(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    b = d.p_sample_loop(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 1, 8, 8) and torch.equal(a, b)
+    steps = list(d.p_sample_loop_progressive(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)))
+    assert [s["t"] for s in steps] == list(range(24, -1, -1))
+    assert torch.equal(steps[-1]["sample"], a)
+    # the loop runs under inference_mode; its output and the schedule tensors it cached still train
+    assert a.is_inference() and d.calc_bpd_loop(model, a)["total_bpd"].is_inference()
+    dk = diffusion_for(25, loss_type="kl")
+    x = dk.p_sample_loop(model, (2, 1, 8, 8))
+    loss = dk.training_losses(model.train(), x, torch.tensor([0, 12]))["loss"].sum()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad) and torch.isfinite(loss)
+
+
+def test_progressive_frames_start_at_t_equals_T():
+    """sample_images' Figure 6 frames: the x0 estimates at the given indices, from T-1 (t = T) down to 0: the first
+    is the estimate from the pure noise x_T that the seed draws (Eq. 15, recomputed here), the last the sample."""
+    # A gentle schedule, abar_T = 0.95^10 = 0.60: at a real schedule's abar_T ~ 1e-5 nearly every x0 estimate at
+    # t = T is clipped to +-1, which would hide a wrong x_T, t or formula. O(1) weights: eps_hat far from 0.
+    betas = np.full(10, 0.05)
+    d, model = ddpm.GaussianDiffusion(betas=betas), busy(tiny_unet()).float()
+    frames = ddpm.sample_images(model, d, 2, seed=3, frames={9, 8, 4, 0})
+    assert frames.shape == (2, 4, 1, 8, 8)  # t = 9, 8, 4, 0
+    assert_close(frames[:, -1], ddpm.sample_images(model, d, 2, seed=3), rtol=0, atol=0)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))  # sample_images' first draw
+    with torch.no_grad():
+        eps = model(x_T, torch.full((2,), 9)).double()
+    abar_T = np.prod(1 - betas)
+    x0_hat = ((x_T.double() - math.sqrt(1 - abar_T) * eps) / math.sqrt(abar_T)).clamp(-1, 1)
+    assert (x0_hat.abs() < 1).double().mean() > 0.3  # mostly inside [-1, 1]: the values themselves are compared
+    assert_close(frames[:, 0], x0_hat, rtol=0, atol=1e-5)  # float32 arithmetic on O(1) values against float64
+
+
+# ---- 14. Configuration and the command line ----
+
+
+def test_presets_round_trip_and_reject_unknown_fields():
+    """Every preset survives to_dict/from_dict; unknown presets, sections and fields raise with valid names."""
+    for name in ddpm.PRESETS:
+        c = ddpm.get_preset(name)
+        assert ddpm.Config.from_dict(c.to_dict()) == c and c.preset == name
+    with pytest.raises(ValueError, match="digits"):
+        ddpm.get_preset("mnist")
+    with pytest.raises(ValueError, match="ch_mult"):
+        ddpm.Config.from_dict({"model": {"chmult": [1]}})
+    with pytest.raises(ValueError, match="section"):
+        ddpm.Config.from_dict({"optim": {}})
+    c = ddpm.get_preset("cifar10")
+    assert (c.diffusion.model_var_type, c.diffusion.loss_type, c.train.ema_decay, c.model.dropout) == \
+           ("fixedlarge", "mse", 0.9999, 0.1)
+    assert ddpm.get_preset("celebahq256").diffusion.model_var_type == "fixedsmall"
+
+
+def test_cli_rejects_unknown_flags_and_wrong_types(capsys):
+    """Unknown flags, abbreviations, wrong types and out-of-range values stop before any work."""
+    for argv in (["train", "--bogus", "1"], ["train", "--batch-size", "abc"], ["train", "--model.ch-mult", "1,x"],
+                 ["train", "--precision", "fp16"], ["train", "--step", "5"], ["train", "--preset", "nope"]):
+        with pytest.raises(SystemExit) as e:
+            ddpm.main(argv)
+        assert e.value.code == 2, argv
+    with pytest.raises(SystemExit, match="--batch-size .*at least 1"):
+        ddpm.main(["train", "--batch-size", "0"])
+
+
+def test_cli_flags_reach_every_config_field():
+    """Every field of every config section has a flag, and flags override the preset with the right types."""
+    parser = ddpm.argparse.ArgumentParser()
+    ddpm.add_config_flags(parser)
+    dests = {a.dest for a in parser._actions} - {"help"}
+    fields = {f"{s}.{f.name}" for s in ("model", "diffusion", "train")
+              for f in dataclasses.fields(type(getattr(ddpm.Config(), s)))}
+    assert dests == fields
+    args = parser.parse_args(["--lr", "3e-4", "--model.ch_mult", "1,2", "--no-randflip",
+                              "--diffusion.num-timesteps", "50"])
+    args.preset = "cifar10"
+    config = ddpm.config_from_args(args)
+    assert (config.train.lr, config.model.ch_mult, config.train.randflip, config.diffusion.num_timesteps) == \
+        (3e-4, (1, 2), False, 50)
+
+
+def test_train_and_sample_cli_smoke(tmp_path, images, capsys):
+    """`train` writes config.json, metrics.jsonl, a grid and a weights_only checkpoint; `sample` the npz and PNGs."""
+    out = tmp_path / "run"
+    ddpm.main(["train", *TINY_FLAGS, "--data", images, "--out", str(out), "--steps", "2", "--log-every", "1",
+               "--sample-every", "2", "--ckpt-every", "2", "--eval-bpd", "3"])
+    log = capsys.readouterr().out
+    assert "parameters" in log and "step=2 loss=" in log and "loss_q3=" in log and "img/s=" in log
+    assert "bits/dim on 3" in log  # the NLL of the EMA after training (the array is its own test split)
+    assert sorted(os.listdir(out)) == ["ckpt-0000002.pt", "config.json", "metrics.jsonl", "samples-0000002.png"]
+    ckpt = torch.load(out / "ckpt-0000002.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["config"]["model"]["ch"] == 32
+    assert {"model", "ema", "optimizer", "rng"} <= set(ckpt)
+    ddpm.main(["sample", "--checkpoint", str(out / "ckpt-0000002.pt"), "--n", "5", "--batch-size", "2"])
+    samples = np.load(out / "ckpt-0000002-samples" / "samples_5x8x8x3.npz")["arr_0"]
+    assert samples.shape == (5, 8, 8, 3) and samples.dtype == np.uint8
+    assert sorted(os.listdir(out / "ckpt-0000002-samples")) == ["samples.png", "samples_5x8x8x3.npz"]
+    ddpm.main(["sample", "--checkpoint", str(out / "ckpt-0000002.pt"), "--n", "2", "--progressive"])
+    # min(T, 20) = 10 columns and 2 rows of 8 px images with 1 px gaps, enlarged 4x
+    assert Image.open(out / "ckpt-0000002-samples" / "progressive.png").size == (10 * 36 - 4, 2 * 36 - 4)
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, no_work):
+    """--out in /proc or /sys, under a file, or naming a file where a folder is meant (and the reverse for
+    fid-stats) is refused in one sentence before a model or data is loaded (root ignores chmod, so no chmod case)."""
+    (tmp_path / "file").write_text("x")
+    os.makedirs(tmp_path / "folder")
+    sample = ["sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--out"]
+    for out, why in (("/proc/ddpm-out", r"cannot write --out /proc/ddpm-out \(/proc: "),
+                     ("/sys/ddpm-out", r"cannot write --out /sys/ddpm-out \(/sys: "),
+                     (str(tmp_path / "file" / "sub"), r"\(.*file: Not a directory\)"),
+                     (str(tmp_path / "file"), r"is a file, where a folder is meant")):
+        _one_line_error(capsys, ddpm.main, [*sample, out], why, "pass (an|another) --out")
+        _one_line_error(capsys, ddpm.main, ["train", "--data", "digits", "--out", out], why)
+    _one_line_error(capsys, evaluate.main, ["nll", "--checkpoint", "c.pt", "--out", str(tmp_path / "file")],
+                    "is a file, where a folder is meant", "pass another --out")
+    _one_line_error(capsys, evaluate.main, ["fid-stats", "--out", str(tmp_path / "folder")],
+                    "is a folder, where a file is meant", "pass another --out")
+    _one_line_error(capsys, evaluate.main, ["fid-stats", "--out", "/proc/stats.npz"], "cannot write --out")
+    assert sorted(os.listdir(tmp_path)) == ["file", "folder"]  # nothing made
+
+
+def test_the_device_is_checked_at_start(capsys, no_work):
+    """--device foo, and a CUDA device this machine does not have, are refused before the model is loaded."""
+    for device in ("foo", "cuda:99") + (() if torch.cuda.is_available() else ("cuda",)):
+        message = _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", "c.pt", "--device", device],
+                                  f"--device '{device}' is not a device of this machine", "use cpu, or cuda")
+        assert ("no CUDA GPU" in message) == (device.startswith("cuda") and not torch.cuda.is_available())
+        _one_line_error(capsys, evaluate.main, ["nll", "--checkpoint", "c.pt", "--device", device], "use cpu")
+
+
+# ---- 15. evaluate.py sample: resumable chunks, their records, Ctrl-C ----
+
+
+def _sample_cli(ckpt, out, *flags):
+    """`evaluate.py sample` of 3 images in chunks of 2 from `ckpt` into `out`; the npz it writes, loaded."""
+    evaluate.main(["sample", "--checkpoint", str(ckpt), "--n", "3", "--batch-size", "2", "--out", str(out), *flags])
+    return np.load(os.path.join(out, "samples_3x8x8x1.npz"))["arr_0"]  # the digits preset: 1 channel
+
+
+def test_sample_chunks_resume(tmp_path, images, tiny_run):
+    """An `evaluate.py sample` run that finds chunks from an interrupted run reuses them and gives the same npz as a
+    fresh run, and as `ddpm.py sample` with the same flags."""
+    ckpt = os.path.join(tiny_run, "ckpt-0000001.pt")
+    args = ["sample", "--checkpoint", ckpt, "--n", "3", "--batch-size", "2", "--out"]
+    evaluate.main([*args, str(tmp_path / "fresh")])
+    model, diffusion, _ = ddpm.load_model(ckpt)
+    seed = int(np.random.SeedSequence([0, 0]).generate_state(1)[0])  # chunk 0 of --seed 0
+    chunk = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 2, seed))
+    os.makedirs(tmp_path / "resumed")
+    record = np.load(tmp_path / "fresh" / "samples_3x8x8x3.npz")["record"]  # the settings, as a chunk records them
+    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00000.npz", arr_0=chunk, record=record)
+    evaluate.main([*args, str(tmp_path / "resumed")])
+    ddpm.main([*args, str(tmp_path / "plain")])
+    fresh, resumed, plain = (np.load(tmp_path / d / "samples_3x8x8x3.npz")["arr_0"] for d in ("fresh", "resumed", "plain"))
+    assert np.array_equal(fresh, resumed) and np.array_equal(fresh, plain)
+    # the last chunk draws only the remainder; one left by a run with another --n is drawn again at its size
+    last = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 1, seed))
+    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00001.npz", arr_0=last, record=record)
+    evaluate.main([*args[:4], "4", *args[5:], str(tmp_path / "resumed")])
+    assert np.load(tmp_path / "resumed" / "samples_4x8x8x3.npz")["arr_0"].shape == (4, 8, 8, 3)
+
+
+def test_sample_never_mixes_chunks_of_other_settings(tmp_path, one_thread, monkeypatch, capsys):
+    """A run interrupted after its first chunk, rerun with another --respacing, --ddim-eta or --seed... into the same
+    --out, is refused before any sampling and leaves the chunk; the original settings then finish it exactly."""
+    _tiny_model_checkpoint(tmp_path / "ckpt.pt")
+    fresh = _sample_cli(tmp_path / "ckpt.pt", tmp_path / "fresh")
+    calls, sample_images = [], ddpm.sample_images
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return sample_images(*a, **kw)
+    monkeypatch.setattr(ddpm, "sample_images", interrupted)
+    with pytest.raises(SystemExit) as e:  # Ctrl-C: one line that says what is kept and how to continue
+        _sample_cli(tmp_path / "ckpt.pt", tmp_path / "out")
+    assert e.value.code == 130
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line.startswith("interrupted: ") and f"1 of 2 chunks are kept in {tmp_path / 'out'}" in last_line
+    assert "rerun the same command" in last_line
+    monkeypatch.setattr(ddpm, "sample_images", sample_images)
+    assert sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz"]
+    chunk = np.load(tmp_path / "out" / "chunk-seed0-batch2-00000.npz")["arr_0"]
+    for flags, setting in ((["--respacing", "10"], "--respacing"), (["--ddim-eta", "0"], "--ddim-eta")):
+        calls.clear()
+        monkeypatch.setattr(ddpm, "sample_images", interrupted)  # a refusal draws nothing
+        with pytest.raises(SystemExit, match=f"^error: .*chunk-seed0-batch2-00000.npz was sampled with other {setting} "
+                                             f".*use another --out"):
+            _sample_cli(tmp_path / "ckpt.pt", tmp_path / "out", *flags)
+        assert calls == [] and sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz"]
+        assert np.array_equal(np.load(tmp_path / "out" / "chunk-seed0-batch2-00000.npz")["arr_0"], chunk)
+    monkeypatch.setattr(ddpm, "sample_images", sample_images)
+    other = ddpm.load_checkpoint(tmp_path / "ckpt.pt")  # the same config with other weights, at the same path
+    other["ema"] = {k: v + 0.01 for k, v in other["ema"].items()}
+    ddpm.save_checkpoint(tmp_path / "other.pt", other)
+    with pytest.raises(SystemExit, match=r"was sampled with other weights .*ckpt.pt sha256 [0-9a-f]{12}, now .*other.pt"):
+        _sample_cli(tmp_path / "other.pt", tmp_path / "out")
+    assert np.array_equal(_sample_cli(tmp_path / "ckpt.pt", tmp_path / "out"), fresh)  # the chunk reused, the rest drawn
+    # the record is the weights' content, not their path: a copy at another path reuses the file
+    assert np.array_equal(np.load(tmp_path / "out" / "samples_3x8x8x1.npz")["arr_0"], fresh)
+
+
+def test_sample_refuses_a_stale_final_file(tmp_path, one_thread, capsys):
+    """A finished samples_*.npz from other weights or another --respacing is refused (and kept) rather than reported
+    as done; from the same weights (even at another path) and settings it is done."""
+    _tiny_model_checkpoint(tmp_path / "a.pt", seed=0)
+    _tiny_model_checkpoint(tmp_path / "b.pt", seed=1)
+    made = _sample_cli(tmp_path / "a.pt", tmp_path / "out")
+    stamp = os.stat(tmp_path / "out" / "samples_3x8x8x1.npz").st_mtime_ns
+    for ckpt, flags, setting in (("b.pt", [], "weights"), ("a.pt", ["--respacing", "10"], "--respacing"),
+                                 ("a.pt", ["--seed", "1"], "--seed"), ("a.pt", ["--batch-size", "3"], "--batch-size")):
+        with pytest.raises(SystemExit, match=f"^error: .*samples_3x8x8x1.npz was sampled with other {setting} "):
+            _sample_cli(tmp_path / ckpt, tmp_path / "out", *flags)  # a later --batch-size overrides the first
+    assert os.stat(tmp_path / "out" / "samples_3x8x8x1.npz").st_mtime_ns == stamp  # kept as it was
+    shutil.copy(tmp_path / "a.pt", tmp_path / "copy.pt")
+    capsys.readouterr()
+    assert np.array_equal(_sample_cli(tmp_path / "copy.pt", tmp_path / "out"), made)
+    assert "already exists with these settings; nothing to do" in capsys.readouterr().out
+    np.savez(tmp_path / "out" / "samples_3x8x8x1.npz", arr_0=made)  # a file with no record: not taken as done
+    with pytest.raises(SystemExit, match="holds no record of the settings.*delete it"):
+        _sample_cli(tmp_path / "a.pt", tmp_path / "out")
+
+
+def test_ctrl_c_during_sample_says_what_is_kept(tmp_path, capsys, monkeypatch):
+    """A real SIGINT (Python's own handler, as Ctrl-C sends it) to `evaluate.py sample` after its first chunk: status
+    130, one line saying which chunks are kept and that a rerun continues, and no traceback
+    (test_sample_never_mixes_... shows the rerun continues exactly)."""
+    _tiny_model_checkpoint(tmp_path / "ckpt.pt")
+    save = evaluate.atomic_savez
+
+    def save_then_sigint(path, **arrays):  # the signal lands mid-run, after the first chunk is on disk
+        save(path, **arrays)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # so it raises KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(evaluate, "atomic_savez", save_then_sigint)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "1000", "--batch-size", "1",
+                       "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 130, err
+    kept = sorted(os.listdir(tmp_path / "out"))
+    (line,) = [line for line in err.splitlines() if "interrupted" in line]
+    assert "Traceback" not in err and line.startswith("interrupted: ")
+    assert f"{len(kept)} of 1000 chunks are kept in {tmp_path / 'out'}" in line and "rerun the same command" in line
+    assert kept == ["chunk-seed0-batch1-00000.npz"]  # the first chunk, whole; the signal came before the second
+
+
+# ---- 16. evaluate.py nll: the bound, rate and distortion, Table 4, resume ----
+
+
+def test_nll_agrees_with_calc_bpd_loop(tmp_path):
+    """evaluate_nll equals calc_bpd_loop called directly with batch b's generator seeded seed + b, and its
+    rate + distortion + prior parts add up to the total bound for every example."""
+    model, diffusion, _ = _tiny_model_checkpoint(str(tmp_path / "ckpt.pt"))
+    x = ddpm.normalize_data(ddpm.load_data("digits", "test")[:5])
+    got = evaluate.evaluate_nll(model, diffusion, x, batch_size=3, seed=7, progress=False)
+    for b, sl in enumerate((slice(0, 3), slice(3, 5))):
+        want = diffusion.calc_bpd_loop(model, x[sl], generator=torch.Generator().manual_seed(7 + b))
+        for k in evaluate.NLL_KEYS:
+            assert np.array_equal(got[k][sl], want[k].numpy()), k  # the same computation, bit for bit
+    s = evaluate.nll_summary(got)
+    # float64 sums of float32 terms: round-off ~1e-6 relative
+    assert s["rate_bpd"][0] + s["distortion_bpd"][0] == pytest.approx(s["total_bpd"][0], rel=1e-5)
+    per_example = got["vb"][:, 1:].sum(1) + got["prior_bpd"] + got["vb"][:, 0]
+    assert np.allclose(per_example, got["total_bpd"], rtol=1e-5)
+    # The rate-distortion curve against a loop over paper times t = 1..T (independent of the cumsum).
+    T = diffusion.num_timesteps
+    rate, rmse = evaluate.rate_distortion(got["vb"], got["prior_bpd"], got["xstart_mse"])
+    for t in (1, 2, T // 2, T):
+        loop = np.mean([got["prior_bpd"][n] + sum(got["vb"][n, s] for s in range(t, T)) for n in range(5)])
+        assert rate[t - 1] == pytest.approx(loop, rel=1e-6)
+        assert rmse[t - 1] == pytest.approx(127.5 * np.sqrt(got["xstart_mse"][:, t - 1].mean()), rel=1e-6)
+    assert rate[0] == pytest.approx(s["rate_bpd"][0], rel=1e-6) and rmse[0] == pytest.approx(s["xstart_rmse"])
+    rows = evaluate.table4_rows(rate, rmse)
+    assert [r[0] for r in rows] == [25, 23, 20, 18, 15, 13, 10, 8, 5, 3] and rows[0][1] == 1 and rows[-1][1] == 23
+
+
+def test_nll_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """An evaluation interrupted after one batch and rerun gives the same arrays as an uninterrupted one,
+    recomputing only the missing batches; a rerun with another batch size refuses to mix results."""
+    model, diffusion, _ = _tiny_model_checkpoint(str(tmp_path / "ckpt.pt"))
+    x = ddpm.normalize_data(ddpm.load_data("digits", "test")[:5])
+    full = evaluate.evaluate_nll(model, diffusion, x, batch_size=2, seed=3, out_dir=str(tmp_path / "a"), progress=False)
+
+    calls, real = [], diffusion.calc_bpd_loop
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 and not resuming:
+            raise RuntimeError("simulated crash")  # a kill or Ctrl-C mid-evaluation
+        return real(*args, **kwargs)
+    resuming = False
+    monkeypatch.setattr(diffusion, "calc_bpd_loop", interrupted)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate.evaluate_nll(model, diffusion, x, batch_size=2, seed=3, out_dir=str(tmp_path / "b"), progress=False)
+    assert sorted(f for f in os.listdir(tmp_path / "b") if f.startswith("batch")) == ["batch-00000.npz"]
+    calls.clear()
+    resuming = True
+    resumed = evaluate.evaluate_nll(model, diffusion, x, batch_size=2, seed=3, out_dir=str(tmp_path / "b"),
+                                    progress=False)
+    assert len(calls) == 2  # batches 1 and 2 only; batch 0 came from disk
+    for k in evaluate.NLL_KEYS:
+        assert np.array_equal(full[k], resumed[k]), k
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate.evaluate_nll(model, diffusion, x, batch_size=3, seed=3, out_dir=str(tmp_path / "b"), progress=False)
+
+
+def test_nll_cli_end_to_end(tmp_path, capsys):
+    """`evaluate.py nll` on a digits checkpoint prints the bound, rate, distortion and Table 4 and writes the
+    per-example/per-t .npz, the CSV and the JSON summary, consistent with each other."""
+    _tiny_model_checkpoint(str(tmp_path / "ckpt.pt"))
+    out = str(tmp_path / "eval")
+    summary, printed = _run_cli(capsys, ["nll", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", "digits",
+                                         "--split", "test", "--max-examples", "4", "--batch-size", "3", "--out", out,
+                                         "--device", "cpu", "--no-progress"])
+    for word in ("NLL (the bound)", "prior L_T", "rate", "distortion L_0", "x0 RMSE", "Table 4"):
+        assert word in printed
+    with np.load(os.path.join(out, "nll-test.npz")) as f:
+        assert f["vb"].shape == (4, 25) and f["total_bpd"].shape == (4,)
+        assert summary["total_bpd"][0] == pytest.approx(f["total_bpd"].astype(np.float64).mean())
+    with open(os.path.join(out, "nll-test-table4.csv")) as f:
+        lines = f.read().splitlines()
+    assert lines[0].startswith("reverse_time") and len(lines) == 11 and lines[1].startswith("25,1,")
+    assert float(lines[1].split(",")[2]) == pytest.approx(summary["rate_bpd"][0], abs=1e-5)  # 5 decimals in the CSV
+    with open(os.path.join(out, "nll-test.json")) as f:
+        assert json.load(f)["num_examples"] == 4
+
+
+# ---- 17. evaluate.py: the Inception network, FID and IS ----
+
+
+def _random_cov(rng, d, rank=None):
+    a = rng.standard_normal((d, rank or d))
+    return a @ a.T / (rank or d) + (0 if rank else 0.1 * np.eye(d))
+
+
+def frechet_by_eigh(mu1, sigma1, mu2, sigma2):
+    """The Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) a second way: the trace of
+    (S1^1/2 S2 S1^1/2)^1/2 from symmetric eigendecompositions (numpy), not scipy's sqrtm of S1 S2."""
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
+    inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1).clip(min=0)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(inner).sum())
+
+
+def test_frechet_identical_statistics_is_zero():
+    """Identical statistics are at Fréchet distance 0."""
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.standard_normal(8), _random_cov(rng, 8)
+    # sqrtm(sigma^2) == sigma up to float64 round-off on a well-conditioned 8x8 matrix
+    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+
+
+def test_frechet_mean_shift_is_squared_norm():
+    """Equal covariances and a pure mean shift give ||mu1 - mu2||^2."""
+    rng = np.random.default_rng(1)
+    mu1, mu2, sigma = rng.standard_normal(6), rng.standard_normal(6), _random_cov(rng, 6)
+    expected = float(((mu1 - mu2) ** 2).sum())
+    assert evaluate.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_frechet_diagonal_covariances_scalar_formula():
+    """Diagonal covariances give sum_i (mu1_i - mu2_i)^2 + (sqrt(s1_i) - sqrt(s2_i))^2."""
+    rng = np.random.default_rng(2)
+    mu1, mu2 = rng.standard_normal(5), rng.standard_normal(5)
+    s1, s2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
+    expected = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum())
+    got = evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+    assert got == pytest.approx(expected, rel=1e-9)  # float64 throughout: round-off only
+
+
+def test_frechet_symmetric_and_matches_eigenvalue_route():
+    """d(a, b) = d(b, a), and Tr sqrt(S1 S2) equals the sum of the square roots of the eigenvalues of
+    sqrt(S1) S2 sqrt(S1), an independent way to compute the same trace."""
+    rng = np.random.default_rng(3)
+    mu1, mu2, s1, s2 = rng.standard_normal(7), rng.standard_normal(7), _random_cov(rng, 7), _random_cov(rng, 7)
+    ab, ba = evaluate.frechet_distance(mu1, s1, mu2, s2), evaluate.frechet_distance(mu2, s2, mu1, s1)
+    expected = frechet_by_eigh(mu1, s1, mu2, s2)
+    assert ab == pytest.approx(ba, rel=1e-9) and ab == pytest.approx(expected, rel=1e-8)  # two float64 routes
+
+
+def test_frechet_singular_covariances_stay_finite():
+    """Rank-deficient covariances (fewer samples than features, or zero) give a finite distance, and the
+    eps offset for an exactly singular product shifts it by no more than ~D * eps."""
+    rng = np.random.default_rng(4)
+    s1, s2 = _random_cov(rng, 16, rank=3), _random_cov(rng, 16, rank=3)
+    low = evaluate.frechet_distance(np.zeros(16), s1, np.ones(16), s2)
+    assert np.isfinite(low) and low > 0
+    with pytest.warns(UserWarning, match="singular"):
+        got = evaluate.frechet_distance(np.zeros(4), np.zeros((4, 4)), np.ones(4), np.zeros((4, 4)))
+    assert got == pytest.approx(4.0, abs=1e-4)  # ||mu||^2 = 4; the 1e-6 * I offset changes it by ~8e-6
+
+
+def test_frechet_rejects_mismatched_shapes():
+    """Statistics of different sizes raise instead of broadcasting."""
+    with pytest.raises(ValueError, match="shape"):
+        evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_feature_statistics_are_the_mean_and_np_cov():
+    """feature_statistics, summed in 10,000-row chunks, equals np.mean and the unbiased np.cov."""
+    features = np.random.default_rng(8).standard_normal((25_000, 3)).astype(np.float32) * [1, 2, 3] + 5
+    mu, sigma = evaluate.feature_statistics(features)
+    # both in float64 from the same float32 values; only summation order differs
+    np.testing.assert_allclose(mu, features.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(features.astype(np.float64), rowvar=False), rtol=1e-10)
+
+
+def test_inception_score_bounds():
+    """Identical predictions give IS 1; one-hot predictions spread uniformly over K classes give IS K."""
+    rng = np.random.default_rng(5)
+    p = rng.dirichlet(np.ones(7))
+    mean, std = evaluate.inception_score(np.tile(p, (50, 1)), num_splits=10)
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)  # KL(p || p) = 0 exactly
+    K = 5
+    onehot = np.eye(K)[np.arange(10 * 4 * K) % K]  # every split holds each class 4 times
+    mean, std = evaluate.inception_score(onehot, num_splits=10)
+    assert mean == pytest.approx(K, rel=1e-12) and std == pytest.approx(0.0, abs=1e-9)  # exp(log K)
+    with pytest.raises(ValueError, match="probability"):
+        evaluate.inception_score(rng.standard_normal((20, 3)))  # logits, not probabilities
+
+
+class _InceptionStandIn(nn.Module):
+    """A tiny network with the call signature of inception-2015-12-05.pt: uint8-range images [N, 3, H, W] of
+    any size, resized inside (to 16x16 here, 299x299 there), scaled as (x - 128) / 128; 2048-d (here 12-d)
+    features with return_features=True, else a softmax over the classes, without the output bias when asked."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv2d(3, 12, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.output = nn.Linear(12, 10)
+        nn.init.normal_(self.output.weight, std=3.0)  # predictions that vary between images
+        nn.init.normal_(self.output.bias, std=3.0)  # a large bias, so no_output_bias visibly matters
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
+        batch_size, channels, height, width = img.shape
+        assert channels == 3
+        x = F.interpolate(img.to(torch.float32), size=(16, 16), mode="bilinear", align_corners=False)
+        features = self.layers((x - 128.0) / 128.0).reshape(batch_size, -1)
+        if return_features:
+            return features
+        if no_output_bias:
+            logits = F.linear(features, self.output.weight, None)
+        else:
+            logits = self.output(features)
+        return F.softmax(logits, 1)
+
+
+@pytest.fixture
+def inception_standin(tmp_path):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.10+ deprecates TorchScript; the real file is one
+        net = torch.jit.script(_InceptionStandIn().eval())
+    path = str(tmp_path / "inception-standin.pt")
+    net.save(path)
+    return net, path
+
+
+def test_inception_feature_path_end_to_end(tmp_path, capsys, inception_standin):
+    """fid-stats, fid and is through the CLI equal the statistics, distance and score computed from the
+    stand-in's outputs on the whole NCHW batch at once (layout, grayscale repeat, batching, no_output_bias)."""
+    net, path = inception_standin
+    rng = np.random.default_rng(6)
+    ref = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    samples = np.clip(ref.astype(int) + rng.integers(-60, 60, ref.shape), 0, 255).astype(np.uint8)
+    np.save(tmp_path / "ref.npy", ref)
+    np.savez(tmp_path / "samples.npz", arr_0=samples)  # the layout `ddpm.py sample` writes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the stand-in's sha256 is not the real network's: expected warning
+        stats = str(tmp_path / "stats.npz")
+        _run_cli(capsys, ["fid-stats", "--data", str(tmp_path / "ref.npy"), "--out", stats, "--inception", path,
+                          "--batch-size", "7", "--device", "cpu", "--no-progress"])
+        fid, out = _run_cli(capsys, ["fid", str(tmp_path / "samples.npz"), "--ref", stats, "--inception", path,
+                                     "--batch-size", "16", "--device", "cpu", "--no-progress"])
+        fid_data, _ = _run_cli(capsys, ["fid", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npy"),
+                                        "--inception", path, "--device", "cpu", "--no-progress"])
+        (is_mean, is_std), is_out = _run_cli(capsys, ["is", str(tmp_path / "samples.npz"), "--inception", path,
+                                                      "--splits", "4", "--device", "cpu", "--no-progress"])
+        os.makedirs(tmp_path / "pngs")
+        for i, image in enumerate(samples):
+            Image.fromarray(image).save(tmp_path / "pngs" / f"{i:03d}.png")
+        is_pngs, _ = _run_cli(capsys, ["is", str(tmp_path / "pngs"), "--inception", path, "--splits", "4",
+                                       "--device", "cpu", "--no-progress"])
+    with torch.no_grad():
+        nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)
+        f_ref, f_smp = (net(nchw(a), return_features=True).double().numpy() for a in (ref, samples))
+        probs = net(nchw(samples), no_output_bias=True).double().numpy()
+        probs_bias = net(nchw(samples)).double().numpy()
+    mu, sigma, info = evaluate.load_fid_stats(stats)
+    # float32 network outputs accumulated in float64: batch-size-dependent round-off only
+    assert np.allclose(mu, f_ref.mean(0), atol=1e-6) and np.allclose(sigma, np.cov(f_ref, rowvar=False), atol=1e-6)
+    assert info["num_images"] == 40
+    mu_ref, sigma_ref = f_ref.mean(0), np.cov(f_ref, rowvar=False)
+    expected = evaluate.frechet_distance(*evaluate.feature_statistics(f_smp), mu_ref, sigma_ref)
+    assert fid == pytest.approx(expected, rel=1e-5) and fid_data == pytest.approx(expected, rel=1e-5) and fid > 0
+    assert (is_mean, is_std) == pytest.approx(evaluate.inception_score(probs, 4), rel=1e-5)
+    assert is_pngs == pytest.approx((is_mean, is_std), rel=1e-9)  # PNG is lossless: the same images, same order
+    got = evaluate.inception_outputs(net, samples, what="probs", batch_size=16, progress=False)
+    assert np.allclose(got, probs, atol=1e-6) and not np.allclose(got, probs_bias, atol=1e-2)  # bias left out
+    assert "40 samples" in out and "stats.npz (40 images of" in out and "40 samples" in is_out
+    # Grayscale images are repeated to 3 channels, as StyleGAN2-ADA does.
+    gray = ref[..., :1]
+    got = evaluate.inception_outputs(net, gray, batch_size=9, progress=False)
+    with torch.no_grad():
+        want = net(nchw(np.repeat(gray, 3, axis=-1)), return_features=True).double().numpy()
+    assert np.allclose(got, want, atol=1e-6)
+
+
+def test_inception_download_checks_sha256(tmp_path, monkeypatch, inception_standin):
+    """A download with the right sha256 is cached and loads; a wrong one is refused and nothing is kept;
+    a cached file that changed is refused; a missing --inception file raises."""
+    _, path = inception_standin
+    digest = ddpm.file_digest(path)
+    url = "file://" + os.path.abspath(path)
+    with pytest.raises(ValueError, match="sha256"):
+        evaluate.download_inception(url, str(tmp_path / "cache"), sha256="0" * 64)
+    assert not os.path.exists(tmp_path / "cache" / evaluate.INCEPTION_FILENAME)
+    cached = evaluate.download_inception(url, str(tmp_path / "cache"), sha256=digest)
+    assert ddpm.file_digest(cached) == digest
+    with pytest.raises(ValueError, match="sha256"):
+        evaluate.download_inception(url, str(tmp_path / "cache"))  # the cached stand-in is not the real network
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "offline"))  # offline and nothing cached: say where to put it
+    with pytest.raises(ConnectionError, match=f"--inception PATH, or copy it to {tmp_path / 'offline'}"):
+        evaluate.download_inception("file:///nonexistent/inception.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate.load_inception(str(tmp_path / "missing.pt"))
+    with pytest.warns(UserWarning, match="not the standard"):
+        evaluate.load_inception(path)
+
+
+def test_inception_bad_input(tmp_path, inception_standin):
+    """Samples of the wrong dtype or shape and statistics files without mu/sigma raise a clear error."""
+    net, _ = inception_standin
+    with pytest.raises(ValueError, match="uint8"):
+        evaluate.inception_outputs(net, np.zeros((4, 8, 8, 3), np.float32), progress=False)
+    with pytest.raises(ValueError, match="uint8"):
+        evaluate.inception_outputs(net, np.zeros((4, 3, 8, 8), np.uint8), progress=False)  # NCHW, not NHWC
+    np.savez(tmp_path / "floats.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        evaluate.load_images(str(tmp_path / "floats.npz"))
+    np.savez(tmp_path / "bad_stats.npz", m=np.zeros(3), s=np.eye(3))
+    with pytest.raises(ValueError, match="mu"):
+        evaluate.load_fid_stats(str(tmp_path / "bad_stats.npz"))
+    with pytest.raises(ValueError, match="mu"):
+        evaluate.is_stats_file(str(tmp_path / "bad_stats.npz"))
+    np.savez(tmp_path / "half_stats.npz", mu=np.zeros(3))
+    with pytest.raises(ValueError, match="mu"):
+        evaluate.is_stats_file(str(tmp_path / "half_stats.npz"))
+    with pytest.raises(FileNotFoundError):
+        evaluate.load_fid_stats(str(tmp_path / "nope.npz"))
+    # Through the CLI: one sentence, before any network is loaded (--inception names no file at all).
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit, match="error: .*no 'mu'/'sigma'"):
+        evaluate.main(["fid", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "bad_stats.npz"),
+                       "--inception", str(tmp_path / "nope.pt")])
+
+
+# ---- 18. evaluate.py figures: Figures 6-8 and the loss curve ----
+
+
+def test_figures_cli(tmp_path, capsys):
+    """`evaluate.py figures` writes Figures 6-8 as PNGs of the expected grid sizes, and the loss curve from
+    metrics.jsonl when matplotlib is installed."""
+    _tiny_model_checkpoint(str(tmp_path / "ckpt.pt"))
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(0, 50, 10):
+            f.write(json.dumps({"step": step, "loss": 1.0 / (step + 1), "lr": 1e-3}) + "\n")
+        f.write('{"step": 50, "lo')  # a half-written line of a running job is skipped
+    out = str(tmp_path / "fig")
+    paths, _ = _run_cli(capsys, ["figures", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "2", "--frames", "4",
+                                 "--samples-per-latent", "3", "--data", "digits", "--interp-t", "5", "--out", out,
+                                 "--device", "cpu"])
+    scale, tile = 4, 8 + 1  # 8x8 digits enlarged 4x by save_image_grid; 1-pixel gaps between the tiles
+    sizes = {os.path.basename(p): Image.open(p).size for p in paths}
+    assert sizes["fig6-progressive.png"] == ((4 * tile - 1) * scale, (2 * tile - 1) * scale)
+    assert sizes["fig7-shared-latents.png"] == ((5 * tile - 1) * scale, (4 * tile - 1) * scale)  # x0, xt, 3 samples
+    assert sizes["fig8-interpolation.png"] == ((13 * tile - 1) * scale, (2 * tile - 1) * scale)  # x0, 11 lambdas, x0'
+    assert "loss.png" in sizes  # matplotlib is in requirements-dev.txt
+    with pytest.raises(SystemExit, match="interp-t"):
+        evaluate.main(["figures", "--checkpoint", str(tmp_path / "ckpt.pt"), "--interp-t", "26", "--device", "cpu"])
+    (tmp_path / "empty.jsonl").write_text('{"step": 1}\n')  # refused before any sampling
+    with pytest.raises(SystemExit, match="no line with 'step' and 'loss'"):
+        evaluate.main(["figures", "--checkpoint", str(tmp_path / "ckpt.pt"),
+                       "--metrics", str(tmp_path / "empty.jsonl"), "--device", "cpu"])
+
+
+# ---- 19. evaluate.py: released weights (the official/pesser layout and diffusers' port) ----
 
 
 def ddpm_unet2d(block_out_channels, attn_level, sample_size, dropout):
     """diffusers' UNet2DModel with the google/ddpm-* settings and random weights, GroupNorm affines included
     (at their init of 1 and 0 a swapped norm1/norm2 or a lost bias would go unnoticed)."""
-    import diffusers
     levels = len(block_out_channels)
     unet = diffusers.UNet2DModel(
         sample_size=sample_size, in_channels=3, out_channels=3, layers_per_block=2,
@@ -1431,8 +2617,7 @@ def test_sample_command_draws_from_a_diffusers_snapshot(tmp_path):
 def test_official_layout_state_dict_round_trips(tmp_path):
     """A state dict in the official/pesser layout, made from our own UNet, loads back identically."""
     torch.manual_seed(0)
-    model = ddpm.UNet(ch=32, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
-                      in_channels=1, resolution=8)
+    model = tiny_unet()
     torch.save(model.state_dict(), tmp_path / "model.ckpt")
     with pytest.raises(ValueError, match="preset="):  # ch_mult (1, 2) is no released model: say how it samples
         evaluate.load_pretrained(tmp_path / "model.ckpt")
@@ -1461,8 +2646,7 @@ def test_bad_weights_give_clear_errors(tmp_path):
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
         evaluate.load_pretrained(tmp_path / "truncated.pt")
-    from safetensors.torch import save_file
-    save_file(state, tmp_path / "good.safetensors")
+    safetensors_torch.save_file(state, tmp_path / "good.safetensors")
     data = (tmp_path / "good.safetensors").read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
@@ -1506,7 +2690,6 @@ def test_a_diffusers_snapshot_that_computes_differently_is_refused(tmp_path):
 @pytest.mark.parametrize("variance_type", ["fixed_large", "fixed_small"])
 def test_p_sample_equals_diffusers_ddpm_scheduler_at_every_t(variance_type):
     """With the same model output and noise, p_sample gives DDPMScheduler.step's x_{t-1} and x0 at all 1000 t."""
-    import diffusers
     T = 1000
     g = torch.Generator().manual_seed(0)
     diffusion = ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule("linear", T),
@@ -1549,1153 +2732,7 @@ def test_p_sample_equals_diffusers_ddpm_scheduler_at_every_t(variance_type):
     assert scheduler._get_variance(0).item() == pytest.approx(diffusers_var0, rel=1e-6)
 
 
-def test_extract_gathers_every_buffer_by_name_exactly():
-    """_extract(name, t, x) is the float64 buffer `name` at t: exactly for float64 x, its float32 cast otherwise."""
-    # Regression guard: a cache that once served another array's values (x_0 -> mu~ -> x_0 came back off by ~1 at
-    # t=1). Every buffer, gathered at both ends and the middle, must be its own numpy values.
-    d = ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule("linear", 1000))
-    t = torch.tensor([0, 500, 999])
-    names = [k for k, v in vars(d).items() if isinstance(v, np.ndarray)]
-    assert {"betas", "alphas_cumprod", "posterior_mean_coef1", "fixedlarge_log_variance"} <= set(names)
-    for _ in range(2):  # the second pass reads the cached tensors
-        for name in names:
-            expected = getattr(d, name)[[0, 500, 999]]
-            got64 = d._extract(name, t, torch.zeros(3, 2, dtype=torch.float64)).flatten()
-            assert torch.equal(got64, torch.tensor(expected, dtype=torch.float64)), name
-            got32 = d._extract(name, t, torch.zeros(3, 2, 2)).flatten()
-            assert torch.equal(got32, torch.tensor(expected, dtype=torch.float32)), name
-
-
-# ---- training, data, checkpoints, CLI ----
-
-import dataclasses
-import io
-import os
-import pickle
-import signal
-import subprocess
-import sys
-import tarfile
-
-from hypothesis import given, settings, strategies as st
-
-DDPM_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddpm.py")
-TINY_FLAGS = ["--preset", "digits", "--model.in-channels", "3", "--model.ch", "32", "--model.ch-mult", "1,2",
-              "--model.num-res-blocks", "1", "--diffusion.num-timesteps", "10", "--diffusion.beta-schedule", "cosine",
-              "--batch-size", "8", "--warmup", "2", "--sample-every", "0", "--eval-bpd", "0"]
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: these tensors are tiny, and on a shared 2-core machine a second thread waiting at
-    OpenMP barriers makes each op 10-50x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def images(tmp_path, one_thread):
-    """A .npy of 24 random uint8 8x8 RGB images: a dataset that loads in microseconds (and one thread, above)."""
-    path = str(tmp_path / "images.npy")
-    np.save(path, np.random.default_rng(0).integers(0, 256, (24, 8, 8, 3), dtype=np.uint8))
-    return path
-
-
-def tiny_config(out, data, **train):
-    """The tiny model of TINY_FLAGS as a Config (dropout and flips on, so the RNG state matters)."""
-    config = ddpm.get_preset("digits")
-    config.model = ddpm.ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1,
-                                    in_channels=3, resolution=8)
-    config.diffusion = ddpm.DiffusionConfig(beta_schedule="cosine", num_timesteps=10)
-    defaults = dict(data=data, lr=1e-3, batch_size=8, warmup=2, randflip=True, steps=4, log_every=2, ckpt_every=2,
-                    sample_every=0, eval_bpd=0, out=str(out))
-    config.train = dataclasses.replace(config.train, **{**defaults, **train})
-    return config
-
-
-def states_equal(a, b):
-    """Exact equality of two nested checkpoint structures (tensors compared bitwise)."""
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(states_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(states_equal(x, y) for x, y in zip(a, b))
-    if torch.is_tensor(a):
-        return torch.equal(a, b)
-    return a == b
-
-
-def test_train_and_sample_cli_smoke(tmp_path, images, capsys):
-    """`train` writes config.json, metrics.jsonl, a grid and a weights_only checkpoint; `sample` the npz and PNGs."""
-    out = tmp_path / "run"
-    ddpm.main(["train", *TINY_FLAGS, "--data", images, "--out", str(out), "--steps", "2", "--log-every", "1",
-               "--sample-every", "2", "--ckpt-every", "2", "--eval-bpd", "3"])
-    log = capsys.readouterr().out
-    assert "parameters" in log and "step=2 loss=" in log and "loss_q3=" in log and "img/s=" in log
-    assert "bits/dim on 3" in log  # the NLL of the EMA after training (the array is its own test split)
-    assert sorted(os.listdir(out)) == ["ckpt-0000002.pt", "config.json", "metrics.jsonl", "samples-0000002.png"]
-    ckpt = torch.load(out / "ckpt-0000002.pt", weights_only=True)
-    assert ckpt["step"] == 2 and ckpt["config"]["model"]["ch"] == 32
-    assert {"model", "ema", "optimizer", "rng"} <= set(ckpt)
-    ddpm.main(["sample", "--checkpoint", str(out / "ckpt-0000002.pt"), "--n", "5", "--batch-size", "2"])
-    samples = np.load(out / "ckpt-0000002-samples" / "samples_5x8x8x3.npz")["arr_0"]
-    assert samples.shape == (5, 8, 8, 3) and samples.dtype == np.uint8
-    assert sorted(os.listdir(out / "ckpt-0000002-samples")) == ["samples.png", "samples_5x8x8x3.npz"]
-    ddpm.main(["sample", "--checkpoint", str(out / "ckpt-0000002.pt"), "--n", "2", "--progressive"])
-    from PIL import Image
-    # min(T, 20) = 10 columns and 2 rows of 8 px images with 1 px gaps, enlarged 4x
-    assert Image.open(out / "ckpt-0000002-samples" / "progressive.png").size == (10 * 36 - 4, 2 * 36 - 4)
-
-
-def test_sample_chunks_resume(tmp_path, images):
-    """An `evaluate.py sample` run that finds chunks from an interrupted run reuses them and gives the same npz as a
-    fresh run, and as `ddpm.py sample` with the same flags."""
-    config = tiny_config(tmp_path / "run", images, steps=1, ckpt_every=1)
-    ckpt = os.path.join(ddpm.train(config), "ckpt-0000001.pt")
-    args = ["sample", "--checkpoint", ckpt, "--n", "3", "--batch-size", "2", "--out"]
-    evaluate.main([*args, str(tmp_path / "fresh")])
-    model, diffusion, _ = ddpm.load_model(ckpt)
-    seed = int(np.random.SeedSequence([0, 0]).generate_state(1)[0])  # chunk 0 of --seed 0
-    chunk = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 2, seed))
-    os.makedirs(tmp_path / "resumed")
-    record = np.load(tmp_path / "fresh" / "samples_3x8x8x3.npz")["record"]  # the settings, as a chunk records them
-    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00000.npz", arr_0=chunk, record=record)
-    evaluate.main([*args, str(tmp_path / "resumed")])
-    ddpm.main([*args, str(tmp_path / "plain")])
-    fresh, resumed, plain = (np.load(tmp_path / d / "samples_3x8x8x3.npz")["arr_0"] for d in ("fresh", "resumed", "plain"))
-    assert np.array_equal(fresh, resumed) and np.array_equal(fresh, plain)
-    # the last chunk draws only the remainder; one left by a run with another --n is drawn again at its size
-    last = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 1, seed))
-    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00001.npz", arr_0=last, record=record)
-    evaluate.main([*args[:4], "4", *args[5:], str(tmp_path / "resumed")])
-    assert np.load(tmp_path / "resumed" / "samples_4x8x8x3.npz")["arr_0"].shape == (4, 8, 8, 3)
-
-
-def test_cli_rejects_unknown_flags_and_wrong_types(capsys):
-    """Unknown flags, abbreviations, wrong types and out-of-range values stop before any work."""
-    for argv in (["train", "--bogus", "1"], ["train", "--batch-size", "abc"], ["train", "--model.ch-mult", "1,x"],
-                 ["train", "--precision", "fp16"], ["train", "--step", "5"], ["train", "--preset", "nope"]):
-        with pytest.raises(SystemExit) as e:
-            ddpm.main(argv)
-        assert e.value.code == 2, argv
-    with pytest.raises(SystemExit, match="--batch-size must be at least 1"):
-        ddpm.main(["train", "--batch-size", "0"])
-
-
-def test_cli_flags_reach_every_config_field():
-    """Every field of every config section has a flag, and flags override the preset with the right types."""
-    parser = ddpm.argparse.ArgumentParser()
-    ddpm.add_config_flags(parser)
-    dests = {a.dest for a in parser._actions} - {"help"}
-    fields = {f"{s}.{f.name}" for s in ("model", "diffusion", "train")
-              for f in dataclasses.fields(type(getattr(ddpm.Config(), s)))}
-    assert dests == fields
-    args = parser.parse_args(["--lr", "3e-4", "--model.ch_mult", "1,2", "--no-randflip",
-                              "--diffusion.num-timesteps", "50"])
-    args.preset = "cifar10"
-    config = ddpm.config_from_args(args)
-    assert (config.train.lr, config.model.ch_mult, config.train.randflip, config.diffusion.num_timesteps) == \
-        (3e-4, (1, 2), False, 50)
-
-
-def test_resume_is_bit_for_bit(tmp_path, images, capsys):
-    """Training 3 steps, then resuming to 6 (past a truncated newer checkpoint) equals 6 uninterrupted steps exactly."""
-    whole = torch.load(os.path.join(ddpm.train(tiny_config(tmp_path / "a", images, steps=6, ckpt_every=3)),
-                                    "ckpt-0000006.pt"), weights_only=True)
-    ddpm.train(tiny_config(tmp_path / "b", images, steps=3, ckpt_every=3))
-    with open(tmp_path / "b" / "ckpt-0000005.pt", "wb") as f:  # a half-written file from a crash
-        f.write(open(tmp_path / "b" / "ckpt-0000003.pt", "rb").read()[:1000])
-    ddpm.train(tiny_config(tmp_path / "b", images, steps=6, ckpt_every=3), resume=True)
-    assert "skipping unreadable checkpoint" in capsys.readouterr().out
-    resumed = torch.load(tmp_path / "b" / "ckpt-0000006.pt", weights_only=True)
-    for key in ("model", "ema", "optimizer", "rng", "step"):
-        assert states_equal(whole[key], resumed[key]), key
-
-
-def test_resume_refuses_other_config_and_unasked_overwrite(tmp_path, images):
-    """Resuming with another config names the differing fields; training into a used run directory needs --resume."""
-    ddpm.train(tiny_config(tmp_path / "a", images, steps=1, ckpt_every=1))
-    with pytest.raises(ValueError, match=r"model\.dropout: 0\.1 -> 0\.0; train\.lr: 0\.001 -> 0\.002"):
-        config = tiny_config(tmp_path / "a", images, steps=2, lr=2e-3)
-        config.model.dropout = 0.0
-        ddpm.train(config, resume=True)
-    with pytest.raises(FileExistsError, match="--resume"):  # before the data is read: it does not exist
-        ddpm.train(tiny_config(tmp_path / "a", str(tmp_path / "missing.npy"), steps=2))
-
-
-@pytest.mark.parametrize("section, field, value, message", [
-    ("train", "log_every", 0, "--log-every must be at least 1"), ("train", "lr", -1.0, "--lr must be greater than 0"),
-    ("train", "ema_decay", 2.0, r"--ema-decay must be in \[0, 1\]"), ("train", "precision", "fp16", "unknown precision"),
-    ("model", "ch", 0, "--model.ch must be at least 1"), ("model", "resolution", 0, "--model.resolution must be"),
-    ("model", "ch_mult", (), "--model.ch-mult needs one positive"), ("model", "ch", 48, "multiple of 32"),
-    ("diffusion", "beta_schedule", "linear", "use num_timesteps >= 20"), ("diffusion", "loss_type", "kl2", "unknown loss_type")])
-def test_train_checks_its_config_before_any_work(tmp_path, section, field, value, message):
-    """train() called from Python checks the config as the command line does, before reading data or writing."""
-    config = tiny_config(tmp_path / "run", str(tmp_path / "missing.npy"))
-    setattr(getattr(config, section), field, value)  # the tiny config has T=10
-    with pytest.raises(ValueError, match=message):
-        ddpm.train(config)
-    assert not os.path.exists(tmp_path / "run")
-
-
-@pytest.mark.math
-def test_ema_and_warmup_follow_the_official_recipe(tmp_path, images):
-    """The EMA is a copy of the weights after the first update, then ema = d*ema + (1-d)*theta; under warmup the
-    k-th update (k from 0) has lr = lr * min(k / warmup, 1): 0 (the weights stay as initialised), then rising by
-    lr / warmup per step up to lr, then constant."""
-    run = ddpm.train(tiny_config(tmp_path / "a", images, steps=2, warmup=0, ckpt_every=1, keep_ckpts=2, ema_decay=0.9))
-    c1, c2 = (torch.load(os.path.join(run, f"ckpt-{s:07d}.pt"), weights_only=True) for s in (1, 2))
-    for k in c1["ema"]:  # decay 1e-10 leaves 1e-10 of the initial weights, far below float32 resolution here
-        assert_close(c1["ema"][k], c1["model"][k], rtol=1e-6, atol=1e-9)
-    for k in c2["ema"]:  # the same lerp up to float32 rounding
-        assert_close(c2["ema"][k], 0.9 * c1["ema"][k] + 0.1 * c2["model"][k], rtol=1e-5, atol=1e-7)
-    assert not states_equal(c1["model"], c2["model"])
-    assert [c["optimizer"]["param_groups"][0]["lr"] for c in (c1, c2)] == [1e-3] * 2  # no warmup: lr throughout
-    torch.manual_seed(0)
-    init = ddpm.create_model_and_diffusion(tiny_config(tmp_path, images))[0].state_dict()
-    run = ddpm.train(tiny_config(tmp_path / "b", images, steps=4, warmup=2, ckpt_every=1, keep_ckpts=4))
-    warm = [torch.load(os.path.join(run, f"ckpt-{s:07d}.pt"), weights_only=True) for s in range(1, 5)]
-    assert states_equal(warm[0]["model"], init) and not states_equal(warm[1]["model"], init)
-    lrs = [c["optimizer"]["param_groups"][0]["lr"] for c in warm]  # the lr of update k = 0..3
-    np.testing.assert_allclose(lrs, [0, 1e-3 / 2, 1e-3, 1e-3], rtol=1e-12, atol=0)
-
-
-def test_nan_guard_keeps_last_good_checkpoint(tmp_path, images):
-    """A diverging run stops with a clear error and writes no checkpoint after the last finite one."""
-    config = tiny_config(tmp_path / "a", images, steps=20, warmup=0, lr=1e30, log_every=1, ckpt_every=1, keep_ckpts=5)
-    with pytest.raises(FloatingPointError, match="non-finite.*last good checkpoint"):
-        ddpm.train(config)
-    steps = [int(os.path.basename(p)[5:-3]) for p in ddpm.list_checkpoints(str(tmp_path / "a"))]
-    assert steps and steps == list(range(1, len(steps) + 1)) and len(steps) < 20
-    last = torch.load(ddpm.list_checkpoints(str(tmp_path / "a"))[-1], weights_only=True)
-    assert all(torch.isfinite(v).all() for v in last["model"].values())
-
-
-def test_checkpoint_survives_kill_mid_save(tmp_path):
-    """A process killed (SIGKILL) in the middle of save_checkpoint leaves the previous file whole."""
-    path = str(tmp_path / "ckpt.pt")
-    script = f"""
-import os, signal, sys, torch
-sys.path.insert(0, {os.path.dirname(DDPM_PY)!r})
-import ddpm
-ddpm.save_checkpoint({path!r}, {{"step": 1, "w": torch.ones(1000)}})
-def dying_save(obj, f):
-    f.write(b"x" * 4096); f.flush(); os.kill(os.getpid(), signal.SIGKILL)
-torch.save = dying_save
-ddpm.save_checkpoint({path!r}, {{"step": 2, "w": torch.zeros(1000)}})
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
-    assert proc.returncode == -signal.SIGKILL
-    state = ddpm.load_checkpoint(path)
-    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(1000))
-    assert ddpm.list_checkpoints(str(tmp_path)) == []  # a leftover .tmp file is never taken for a checkpoint
-
-
-def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path, images):
-    """SIGTERM during training writes a checkpoint at the current step and exits with status 0."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, DDPM_PY, "train", *TINY_FLAGS, "--data", images, "--out", str(out),
-                             "--steps", "100000", "--log-every", "1", "--ckpt-every", "100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in proc.stdout:
-        if line.startswith("step="):
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest = proc.stdout.read()
-    assert proc.wait(timeout=60) == 0
-    assert "stopped by SIGTERM" in rest
-    (ckpt,) = ddpm.list_checkpoints(str(out))
-    assert 1 <= torch.load(ckpt, weights_only=True)["step"] < 100000
-
-
-def test_ddp_two_gloo_processes_equal_one_process(tmp_path, images):
-    """torchrun with 2 CPU processes (gloo) and the global batch split in two trains the same weights as one process
-    (dropout off: each rank has its own dropout stream, so only with dropout 0 are the two runs the same function)."""
-    flags = ["--data", images, "--steps", "3", "--log-every", "3", "--ckpt-every", "3", "--model.dropout", "0",
-             "--eval-bpd", "5"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           DDPM_PY, "train", *TINY_FLAGS, *flags, "--out", str(tmp_path / "ddp")],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2 rank(s)" in proc.stdout and "bits/dim on 5" in proc.stdout  # the NLL is split across the ranks
-    ddpm.main(["train", *TINY_FLAGS, *flags, "--out", str(tmp_path / "one")])
-    ddp, one = (torch.load(tmp_path / d / "ckpt-0000003.pt", weights_only=True) for d in ("ddp", "one"))
-    assert len(ddp["rng"]["torch"]) == 2
-    for key in ("model", "ema"):
-        for name in one[key]:  # the ranks sum gradients in another order; where a gradient nearly cancels
-            # (|g| ~ Adam's eps) Adam turns that float32 rounding into ~1% of an lr step: 3.7e-6 measured at lr 1e-3
-            torch.testing.assert_close(ddp[key][name], one[key][name], rtol=1e-4, atol=2e-5)
-
-
-@settings(max_examples=20, deadline=None)
-@given(st.integers(1, 50), st.integers(1, 20), st.integers(0, 30))
-def test_batch_indices_visit_every_example_once_per_epoch(n, batch_size, steps):
-    """The data order is a chain of permutations: each epoch's n consecutive positions hold every index once."""
-    order = np.concatenate([ddpm.batch_indices(s, batch_size, n, seed=3) for s in range(steps + n)])
-    for epoch in range(len(order) // n):
-        assert sorted(order[epoch * n:(epoch + 1) * n]) == list(range(n))
-
-
-# --- data sources and their errors
-
-
-def fake_cifar10(cache, monkeypatch, corrupt=False):
-    """A small archive in the official format (data_batch_1..5 and test_batch pickles), trusted by its md5."""
-    rng = np.random.default_rng(0)
-    batches = {**{f"data_batch_{i}": 3 for i in range(1, 6)}, "test_batch": 2}
-    data = {name: rng.integers(0, 256, (n, 3072), dtype=np.uint8) for name, n in batches.items()}
-    os.makedirs(cache, exist_ok=True)
-    path = os.path.join(cache, "cifar-10-python.tar.gz")
-    with tarfile.open(path, "w:gz") as tar:
-        for name, x in data.items():
-            blob = pickle.dumps({b"data": x, b"labels": [0] * len(x), b"batch_label": name.encode()})
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    monkeypatch.setenv("DDPM_CACHE", str(cache))
-    monkeypatch.setattr(ddpm, "CIFAR10_MD5", ddpm.file_digest(path, "md5"))
-    if corrupt:
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 2)
-    return data
-
-
-def test_cifar10_loads_official_format(tmp_path, monkeypatch):
-    """The train split is data_batch_1..5 in order, the test split test_batch, each row R..G..B turned into NHWC."""
-    data = fake_cifar10(tmp_path / "cache", monkeypatch)
-    train, test = ddpm.load_data("cifar10", "train"), ddpm.load_data("cifar10", "test", resolution=32, in_channels=3)
-    assert train.shape == (15, 32, 32, 3) and test.shape == (2, 32, 32, 3) and train.dtype == np.uint8
-    row = data["data_batch_2"][1]  # the official layout: 1024 red, then 1024 green, then 1024 blue, row-major
-    assert np.array_equal(train[4, 5, 7], [row[5 * 32 + 7], row[1024 + 5 * 32 + 7], row[2048 + 5 * 32 + 7]])
-    assert np.array_equal(test.reshape(2, -1, 3).transpose(0, 2, 1).reshape(2, -1), data["test_batch"])
-
-
-def test_cifar10_bad_md5_and_offline(tmp_path, monkeypatch):
-    """A truncated archive fails its md5 with advice; with no archive and no network the error says where to put it."""
-    fake_cifar10(tmp_path / "cache", monkeypatch, corrupt=True)
-    with pytest.raises(ValueError, match="wrong md5.*delete it"):
-        ddpm.load_data("cifar10")
-    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "empty"))
-
-    def offline(*args, **kwargs):
-        raise OSError("Network is unreachable")
-    monkeypatch.setattr("urllib.request.urlopen", offline)
-    with pytest.raises(ConnectionError, match="copy cifar-10-python.tar.gz"):
-        ddpm.load_data("cifar10")
-
-
-def test_digits_split_and_scaling():
-    """digits: 1,500 train and 297 held-out test images, 0..16 scaled to 0..255, as [N, 8, 8, 1]."""
-    pytest.importorskip("sklearn")
-    from sklearn.datasets import load_digits
-    train, test = ddpm.load_data("digits", "train", resolution=8, in_channels=1), ddpm.load_data("digits", "test")
-    assert train.shape == (1500, 8, 8, 1) and test.shape == (297, 8, 8, 1)
-    assert np.array_equal(np.concatenate([train, test])[..., 0], np.round(load_digits().images * 255 / 16))
-
-
-def test_folder_and_arrays(tmp_path):
-    """A folder of PNGs, a .npy and a .npz all load as the same uint8 NHWC array; --resize fits other sizes."""
-    from PIL import Image
-    x = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-    os.makedirs(tmp_path / "imgs" / "sub")
-    for i, image in enumerate(x):
-        Image.fromarray(image).save(tmp_path / "imgs" / ("sub" if i == 2 else "") / f"{i}.png")
-    np.save(tmp_path / "x.npy", x)
-    np.savez(tmp_path / "x.npz", arr_0=x)
-    for source in ("imgs", "x.npy", "x.npz"):
-        assert np.array_equal(ddpm.load_data(str(tmp_path / source), "test", resolution=8, in_channels=3), x), source
-    assert ddpm.load_data(str(tmp_path / "x.npy"), resolution=16, resize=True).shape == (3, 16, 16, 3)
-    os.makedirs(tmp_path / "gray")
-    Image.fromarray(x[0, :, :, 0]).save(tmp_path / "gray" / "0.png")
-    assert np.array_equal(ddpm.load_data(str(tmp_path / "gray")), x[:1, :, :, :1])  # all grayscale: C = 1
-    Image.fromarray(x[0, :, :, 0]).save(tmp_path / "imgs" / "gray.png")
-    assert ddpm.load_data(str(tmp_path / "imgs")).shape == (4, 8, 8, 3)  # mixed modes: all RGB
-
-
-def test_bad_inputs_get_one_clear_sentence(tmp_path, images):
-    """Missing path, mixed sizes, a non-image, a channel mismatch and too few images each raise a specific message."""
-    from PIL import Image
-    with pytest.raises(FileNotFoundError, match="no such file or folder"):
-        ddpm.load_data(str(tmp_path / "missing"))
-    os.makedirs(tmp_path / "mixed")
-    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
-    Image.new("RGB", (8, 6)).save(tmp_path / "mixed" / "b.png")
-    with pytest.raises(ValueError, match="mixed sizes.*--resize"):
-        ddpm.load_data(str(tmp_path / "mixed"))
-    (tmp_path / "mixed" / "notes.txt").write_text("not a picture")
-    with pytest.raises(ValueError, match="notes.txt is not an image"):
-        ddpm.load_data(str(tmp_path / "mixed"), resize=True, resolution=8)
-    with pytest.raises(ValueError, match="RGB images but the model takes grayscale.*--model.in-channels 3"):
-        ddpm.load_data(images, in_channels=1)
-    with pytest.raises(ValueError, match="8x8 images but the model is 32x32.*--resize"):
-        ddpm.load_data(images, resolution=32)
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        ddpm.train(tiny_config(tmp_path / "run", images, batch_size=32))
-    np.save(tmp_path / "floats.npy", np.zeros((4, 8, 8, 3), np.float32))
-    with pytest.raises(ValueError, match="must be uint8 images"):
-        ddpm.load_data(str(tmp_path / "floats.npy"))
-    with pytest.raises(SystemExit, match="^error: .*no such file or folder"):  # one sentence, no traceback
-        ddpm.main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
-
-
-def test_bf16_training_step_runs_on_cpu(tmp_path, images):
-    """--precision bf16 autocasts on CPU and still gives a finite loss near 1 at initialisation."""
-    out = ddpm.train(tiny_config(tmp_path / "a", images, steps=2, precision="bf16"))
-    loss = float(open(os.path.join(out, "metrics.jsonl")).readline().split('"loss": ')[1].split(",")[0])
-    assert 0.5 < loss < 1.5  # L_simple at init is E[eps^2] = 1 (output layer ~0); bf16 keeps ~3 digits
-
-
-# ---- evaluate.py ----
-# Fréchet distance and IS against closed forms, the Inception feature path with a TorchScript stand-in,
-# the resumable NLL against calc_bpd_loop, the CLI end to end on a tiny digits model, and bad input.
-import json
-import os
-import warnings
-
-import torch.nn as nn
-import torch.nn.functional as F
-
-try:
-    import evaluate
-except ModuleNotFoundError:  # ddpm.py and this file copied alone: the math check runs, these tests fail loudly
-    evaluate = None
-
-
-def _random_cov(rng, d, rank=None):
-    a = rng.standard_normal((d, rank or d))
-    return a @ a.T / (rank or d) + (0 if rank else 0.1 * np.eye(d))
-
-
-def test_frechet_identical_statistics_is_zero():
-    """Identical statistics are at Fréchet distance 0."""
-    rng = np.random.default_rng(0)
-    mu, sigma = rng.standard_normal(8), _random_cov(rng, 8)
-    # sqrtm(sigma^2) == sigma up to float64 round-off on a well-conditioned 8x8 matrix
-    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
-
-
-def test_frechet_mean_shift_is_squared_norm():
-    """Equal covariances and a pure mean shift give ||mu1 - mu2||^2."""
-    rng = np.random.default_rng(1)
-    mu1, mu2, sigma = rng.standard_normal(6), rng.standard_normal(6), _random_cov(rng, 6)
-    expected = float(((mu1 - mu2) ** 2).sum())
-    assert evaluate.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(expected, rel=1e-9, abs=1e-9)
-
-
-def test_frechet_diagonal_covariances_scalar_formula():
-    """Diagonal covariances give sum_i (mu1_i - mu2_i)^2 + (sqrt(s1_i) - sqrt(s2_i))^2."""
-    rng = np.random.default_rng(2)
-    mu1, mu2 = rng.standard_normal(5), rng.standard_normal(5)
-    s1, s2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
-    expected = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum())
-    got = evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
-    assert got == pytest.approx(expected, rel=1e-9)  # float64 throughout: round-off only
-
-
-def test_frechet_symmetric_and_matches_eigenvalue_route():
-    """d(a, b) = d(b, a), and Tr sqrt(S1 S2) equals the sum of the square roots of the eigenvalues of
-    sqrt(S1) S2 sqrt(S1), an independent way to compute the same trace."""
-    rng = np.random.default_rng(3)
-    mu1, mu2, s1, s2 = rng.standard_normal(7), rng.standard_normal(7), _random_cov(rng, 7), _random_cov(rng, 7)
-    ab, ba = evaluate.frechet_distance(mu1, s1, mu2, s2), evaluate.frechet_distance(mu2, s2, mu1, s1)
-    w, v = np.linalg.eigh(s1)
-    root1 = (v * np.sqrt(w)) @ v.T
-    tr = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0, None)).sum()
-    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr)
-    assert ab == pytest.approx(ba, rel=1e-9) and ab == pytest.approx(expected, rel=1e-8)  # two float64 routes
-
-
-def test_frechet_singular_covariances_stay_finite():
-    """Rank-deficient covariances (fewer samples than features, or zero) give a finite distance, and the
-    eps offset for an exactly singular product shifts it by no more than ~D * eps."""
-    rng = np.random.default_rng(4)
-    s1, s2 = _random_cov(rng, 16, rank=3), _random_cov(rng, 16, rank=3)
-    low = evaluate.frechet_distance(np.zeros(16), s1, np.ones(16), s2)
-    assert np.isfinite(low) and low > 0
-    with pytest.warns(UserWarning, match="singular"):
-        got = evaluate.frechet_distance(np.zeros(4), np.zeros((4, 4)), np.ones(4), np.zeros((4, 4)))
-    assert got == pytest.approx(4.0, abs=1e-4)  # ||mu||^2 = 4; the 1e-6 * I offset changes it by ~8e-6
-
-
-def test_frechet_rejects_mismatched_shapes():
-    """Statistics of different sizes raise instead of broadcasting."""
-    with pytest.raises(ValueError, match="shape"):
-        evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
-
-
-def test_feature_statistics_are_the_mean_and_np_cov():
-    """feature_statistics, summed in 10,000-row chunks, equals np.mean and the unbiased np.cov."""
-    features = np.random.default_rng(8).standard_normal((25_000, 3)).astype(np.float32) * [1, 2, 3] + 5
-    mu, sigma = evaluate.feature_statistics(features)
-    # both in float64 from the same float32 values; only summation order differs
-    np.testing.assert_allclose(mu, features.astype(np.float64).mean(0), rtol=1e-12)
-    np.testing.assert_allclose(sigma, np.cov(features.astype(np.float64), rowvar=False), rtol=1e-10)
-
-
-def test_inception_score_bounds():
-    """Identical predictions give IS 1; one-hot predictions spread uniformly over K classes give IS K."""
-    rng = np.random.default_rng(5)
-    p = rng.dirichlet(np.ones(7))
-    mean, std = evaluate.inception_score(np.tile(p, (50, 1)), num_splits=10)
-    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)  # KL(p || p) = 0 exactly
-    K = 5
-    onehot = np.eye(K)[np.arange(10 * 4 * K) % K]  # every split holds each class 4 times
-    mean, std = evaluate.inception_score(onehot, num_splits=10)
-    assert mean == pytest.approx(K, rel=1e-12) and std == pytest.approx(0.0, abs=1e-9)  # exp(log K)
-    with pytest.raises(ValueError, match="probability"):
-        evaluate.inception_score(rng.standard_normal((20, 3)))  # logits, not probabilities
-
-
-class _InceptionStandIn(nn.Module):
-    """A tiny network with the call signature of inception-2015-12-05.pt: uint8-range images [N, 3, H, W] of
-    any size, resized inside (to 16x16 here, 299x299 there), scaled as (x - 128) / 128; 2048-d (here 12-d)
-    features with return_features=True, else a softmax over the classes, without the output bias when asked."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Conv2d(3, 12, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
-        self.output = nn.Linear(12, 10)
-        nn.init.normal_(self.output.weight, std=3.0)  # predictions that vary between images
-        nn.init.normal_(self.output.bias, std=3.0)  # a large bias, so no_output_bias visibly matters
-
-    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
-                no_output_bias: bool = False) -> torch.Tensor:
-        batch_size, channels, height, width = img.shape
-        assert channels == 3
-        x = F.interpolate(img.to(torch.float32), size=(16, 16), mode="bilinear", align_corners=False)
-        features = self.layers((x - 128.0) / 128.0).reshape(batch_size, -1)
-        if return_features:
-            return features
-        if no_output_bias:
-            logits = F.linear(features, self.output.weight, None)
-        else:
-            logits = self.output(features)
-        return F.softmax(logits, 1)
-
-
-@pytest.fixture
-def inception_standin(tmp_path):
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.10+ deprecates TorchScript; the real file is one
-        net = torch.jit.script(_InceptionStandIn().eval())
-    path = str(tmp_path / "inception-standin.pt")
-    net.save(path)
-    return net, path
-
-
-def _run_cli(capsys, argv):
-    result = evaluate.main(argv)
-    return result, capsys.readouterr().out
-
-
-def test_inception_feature_path_end_to_end(tmp_path, capsys, inception_standin):
-    """fid-stats, fid and is through the CLI equal the statistics, distance and score computed from the
-    stand-in's outputs on the whole NCHW batch at once (layout, grayscale repeat, batching, no_output_bias)."""
-    net, path = inception_standin
-    rng = np.random.default_rng(6)
-    ref = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
-    samples = np.clip(ref.astype(int) + rng.integers(-60, 60, ref.shape), 0, 255).astype(np.uint8)
-    np.save(tmp_path / "ref.npy", ref)
-    np.savez(tmp_path / "samples.npz", arr_0=samples)  # the layout `ddpm.py sample` writes
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the stand-in's sha256 is not the real network's: expected warning
-        stats = str(tmp_path / "stats.npz")
-        _run_cli(capsys, ["fid-stats", "--data", str(tmp_path / "ref.npy"), "--out", stats, "--inception", path,
-                          "--batch-size", "7", "--device", "cpu", "--no-progress"])
-        fid, out = _run_cli(capsys, ["fid", str(tmp_path / "samples.npz"), "--ref", stats, "--inception", path,
-                                     "--batch-size", "16", "--device", "cpu", "--no-progress"])
-        fid_data, _ = _run_cli(capsys, ["fid", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npy"),
-                                        "--inception", path, "--device", "cpu", "--no-progress"])
-        (is_mean, is_std), is_out = _run_cli(capsys, ["is", str(tmp_path / "samples.npz"), "--inception", path,
-                                                      "--splits", "4", "--device", "cpu", "--no-progress"])
-        PIL = pytest.importorskip("PIL.Image")
-        os.makedirs(tmp_path / "pngs")
-        for i, image in enumerate(samples):
-            PIL.fromarray(image).save(tmp_path / "pngs" / f"{i:03d}.png")
-        is_pngs, _ = _run_cli(capsys, ["is", str(tmp_path / "pngs"), "--inception", path, "--splits", "4",
-                                       "--device", "cpu", "--no-progress"])
-    with torch.no_grad():
-        nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)
-        f_ref, f_smp = (net(nchw(a), return_features=True).double().numpy() for a in (ref, samples))
-        probs = net(nchw(samples), no_output_bias=True).double().numpy()
-        probs_bias = net(nchw(samples)).double().numpy()
-    mu, sigma, info = evaluate.load_fid_stats(stats)
-    # float32 network outputs accumulated in float64: batch-size-dependent round-off only
-    assert np.allclose(mu, f_ref.mean(0), atol=1e-6) and np.allclose(sigma, np.cov(f_ref, rowvar=False), atol=1e-6)
-    assert info["num_images"] == 40
-    mu_ref, sigma_ref = f_ref.mean(0), np.cov(f_ref, rowvar=False)
-    expected = evaluate.frechet_distance(*evaluate.feature_statistics(f_smp), mu_ref, sigma_ref)
-    assert fid == pytest.approx(expected, rel=1e-5) and fid_data == pytest.approx(expected, rel=1e-5) and fid > 0
-    assert (is_mean, is_std) == pytest.approx(evaluate.inception_score(probs, 4), rel=1e-5)
-    assert is_pngs == pytest.approx((is_mean, is_std), rel=1e-9)  # PNG is lossless: the same images, same order
-    got = evaluate.inception_outputs(net, samples, what="probs", batch_size=16, progress=False)
-    assert np.allclose(got, probs, atol=1e-6) and not np.allclose(got, probs_bias, atol=1e-2)  # bias left out
-    assert "40 samples" in out and "stats.npz (40 images of" in out and "40 samples" in is_out
-    # Grayscale images are repeated to 3 channels, as StyleGAN2-ADA does.
-    gray = ref[..., :1]
-    got = evaluate.inception_outputs(net, gray, batch_size=9, progress=False)
-    with torch.no_grad():
-        want = net(nchw(np.repeat(gray, 3, axis=-1)), return_features=True).double().numpy()
-    assert np.allclose(got, want, atol=1e-6)
-
-
-def test_inception_download_checks_sha256(tmp_path, monkeypatch, inception_standin):
-    """A download with the right sha256 is cached and loads; a wrong one is refused and nothing is kept;
-    a cached file that changed is refused; a missing --inception file raises."""
-    _, path = inception_standin
-    digest = ddpm.file_digest(path)
-    url = "file://" + os.path.abspath(path)
-    with pytest.raises(ValueError, match="sha256"):
-        evaluate.download_inception(url, str(tmp_path / "cache"), sha256="0" * 64)
-    assert not os.path.exists(tmp_path / "cache" / evaluate.INCEPTION_FILENAME)
-    cached = evaluate.download_inception(url, str(tmp_path / "cache"), sha256=digest)
-    assert ddpm.file_digest(cached) == digest
-    with pytest.raises(ValueError, match="sha256"):
-        evaluate.download_inception(url, str(tmp_path / "cache"))  # the cached stand-in is not the real network
-    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "offline"))  # offline and nothing cached: say where to put it
-    with pytest.raises(ConnectionError, match=f"--inception PATH, or copy it to {tmp_path / 'offline'}"):
-        evaluate.download_inception("file:///nonexistent/inception.pt")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        evaluate.load_inception(str(tmp_path / "missing.pt"))
-    with pytest.warns(UserWarning, match="not the standard"):
-        evaluate.load_inception(path)
-
-
-def test_inception_bad_input(tmp_path, inception_standin):
-    """Samples of the wrong dtype or shape and statistics files without mu/sigma raise a clear error."""
-    net, _ = inception_standin
-    with pytest.raises(ValueError, match="uint8"):
-        evaluate.inception_outputs(net, np.zeros((4, 8, 8, 3), np.float32), progress=False)
-    with pytest.raises(ValueError, match="uint8"):
-        evaluate.inception_outputs(net, np.zeros((4, 3, 8, 8), np.uint8), progress=False)  # NCHW, not NHWC
-    np.savez(tmp_path / "floats.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
-    with pytest.raises(ValueError, match="uint8"):
-        evaluate.load_images(str(tmp_path / "floats.npz"))
-    np.savez(tmp_path / "bad_stats.npz", m=np.zeros(3), s=np.eye(3))
-    with pytest.raises(ValueError, match="mu"):
-        evaluate.load_fid_stats(str(tmp_path / "bad_stats.npz"))
-    with pytest.raises(ValueError, match="mu"):
-        evaluate.is_stats_file(str(tmp_path / "bad_stats.npz"))
-    np.savez(tmp_path / "half_stats.npz", mu=np.zeros(3))
-    with pytest.raises(ValueError, match="mu"):
-        evaluate.is_stats_file(str(tmp_path / "half_stats.npz"))
-    with pytest.raises(FileNotFoundError):
-        evaluate.load_fid_stats(str(tmp_path / "nope.npz"))
-    # Through the CLI: one sentence, before any network is loaded (--inception names no file at all).
-    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
-    with pytest.raises(SystemExit, match="error: .*no 'mu'/'sigma'"):
-        evaluate.main(["fid", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "bad_stats.npz"),
-                       "--inception", str(tmp_path / "nope.pt")])
-
-
-def _tiny_model_checkpoint(path, T=25, seed=0):
-    """The digits preset at ch=32, one resblock per level and T=25 (the smallest linear schedule with every
-    beta < 1 is T > 20, since betas end at 0.02 * 1000 / T), with random weights: a checkpoint of `ddpm.py train`."""
-    config = ddpm.get_preset("digits")
-    config.model.ch, config.model.ch_mult, config.model.num_res_blocks = 32, (1, 2), 1
-    config.diffusion.num_timesteps = T
-    torch.manual_seed(seed)
-    model, diffusion = ddpm.create_model_and_diffusion(config)
-    # A larger output scale than the init's ~0, so the bound terms are not all equal.
-    torch.nn.init.normal_(model.conv_out.weight, std=0.05)
-    ddpm.save_checkpoint(path, {"config": config.to_dict(), "step": 0, "model": model.state_dict(),
-                                 "ema": model.state_dict()})
-    return ddpm.load_model(path)
-
-
-def test_nll_agrees_with_calc_bpd_loop(tmp_path):
-    """evaluate_nll equals calc_bpd_loop called directly with batch b's generator seeded seed + b, and its
-    rate + distortion + prior parts add up to the total bound for every example."""
-    model, diffusion, _ = _tiny_model_checkpoint(str(tmp_path / "ckpt.pt"))
-    x = ddpm.normalize_data(ddpm.load_data("digits", "test")[:5])
-    got = evaluate.evaluate_nll(model, diffusion, x, batch_size=3, seed=7, progress=False)
-    for b, sl in enumerate((slice(0, 3), slice(3, 5))):
-        want = diffusion.calc_bpd_loop(model, x[sl], generator=torch.Generator().manual_seed(7 + b))
-        for k in evaluate.NLL_KEYS:
-            assert np.array_equal(got[k][sl], want[k].numpy()), k  # the same computation, bit for bit
-    s = evaluate.nll_summary(got)
-    # float64 sums of float32 terms: round-off ~1e-6 relative
-    assert s["rate_bpd"][0] + s["distortion_bpd"][0] == pytest.approx(s["total_bpd"][0], rel=1e-5)
-    per_example = got["vb"][:, 1:].sum(1) + got["prior_bpd"] + got["vb"][:, 0]
-    assert np.allclose(per_example, got["total_bpd"], rtol=1e-5)
-    # The rate-distortion curve against a loop over paper times t = 1..T (independent of the cumsum).
-    T = diffusion.num_timesteps
-    rate, rmse = evaluate.rate_distortion(got["vb"], got["prior_bpd"], got["xstart_mse"])
-    for t in (1, 2, T // 2, T):
-        loop = np.mean([got["prior_bpd"][n] + sum(got["vb"][n, s] for s in range(t, T)) for n in range(5)])
-        assert rate[t - 1] == pytest.approx(loop, rel=1e-6)
-        assert rmse[t - 1] == pytest.approx(127.5 * np.sqrt(got["xstart_mse"][:, t - 1].mean()), rel=1e-6)
-    assert rate[0] == pytest.approx(s["rate_bpd"][0], rel=1e-6) and rmse[0] == pytest.approx(s["xstart_rmse"])
-    rows = evaluate.table4_rows(rate, rmse)
-    assert [r[0] for r in rows] == [25, 23, 20, 18, 15, 13, 10, 8, 5, 3] and rows[0][1] == 1 and rows[-1][1] == 23
-
-
-def test_nll_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    """An evaluation interrupted after one batch and rerun gives the same arrays as an uninterrupted one,
-    recomputing only the missing batches; a rerun with another batch size refuses to mix results."""
-    model, diffusion, _ = _tiny_model_checkpoint(str(tmp_path / "ckpt.pt"))
-    x = ddpm.normalize_data(ddpm.load_data("digits", "test")[:5])
-    full = evaluate.evaluate_nll(model, diffusion, x, batch_size=2, seed=3, out_dir=str(tmp_path / "a"), progress=False)
-
-    calls, real = [], diffusion.calc_bpd_loop
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2 and not resuming:
-            raise RuntimeError("simulated crash")  # a kill or Ctrl-C mid-evaluation
-        return real(*args, **kwargs)
-    resuming = False
-    monkeypatch.setattr(diffusion, "calc_bpd_loop", interrupted)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        evaluate.evaluate_nll(model, diffusion, x, batch_size=2, seed=3, out_dir=str(tmp_path / "b"), progress=False)
-    assert sorted(f for f in os.listdir(tmp_path / "b") if f.startswith("batch")) == ["batch-00000.npz"]
-    calls.clear()
-    resuming = True
-    resumed = evaluate.evaluate_nll(model, diffusion, x, batch_size=2, seed=3, out_dir=str(tmp_path / "b"),
-                                    progress=False)
-    assert len(calls) == 2  # batches 1 and 2 only; batch 0 came from disk
-    for k in evaluate.NLL_KEYS:
-        assert np.array_equal(full[k], resumed[k]), k
-    with pytest.raises(ValueError, match="batch_size"):
-        evaluate.evaluate_nll(model, diffusion, x, batch_size=3, seed=3, out_dir=str(tmp_path / "b"), progress=False)
-
-
-def test_train_eval_bpd_and_evaluate_nll_print_the_same_number(tmp_path, images, capsys):
-    """`train --eval-bpd 5` and `evaluate.py nll` on the checkpoint it writes, with the same --batch-size, --seed
-    and --max-examples, print the same bound: both run ddpm.dataset_bpd with batch b's noise seeded seed + b."""
-    run = ddpm.train(tiny_config(tmp_path / "run", images, steps=2, ckpt_every=2, eval_bpd=5, batch_size=4, seed=3))
-    trained = re.search(r"test NLL (\d+\.\d{4})", capsys.readouterr().out)[1]
-    _, printed = _run_cli(capsys, ["nll", "--checkpoint", os.path.join(run, "ckpt-0000002.pt"), "--data", images,
-                                   "--split", "test", "--max-examples", "5", "--batch-size", "4", "--seed", "3",
-                                   "--out", str(tmp_path / "eval"), "--device", "cpu", "--no-progress"])
-    evaluated = re.search(r"NLL \(the bound\)\s+(\d+\.\d{4})", printed)[1]
-    assert trained == evaluated and float(trained) > 0
-
-
-def test_nll_cli_end_to_end(tmp_path, capsys):
-    """`evaluate.py nll` on a digits checkpoint prints the bound, rate, distortion and Table 4 and writes the
-    per-example/per-t .npz, the CSV and the JSON summary, consistent with each other."""
-    _tiny_model_checkpoint(str(tmp_path / "ckpt.pt"))
-    out = str(tmp_path / "eval")
-    summary, printed = _run_cli(capsys, ["nll", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", "digits",
-                                         "--split", "test", "--max-examples", "4", "--batch-size", "3", "--out", out,
-                                         "--device", "cpu", "--no-progress"])
-    for word in ("NLL (the bound)", "prior L_T", "rate", "distortion L_0", "x0 RMSE", "Table 4"):
-        assert word in printed
-    with np.load(os.path.join(out, "nll-test.npz")) as f:
-        assert f["vb"].shape == (4, 25) and f["total_bpd"].shape == (4,)
-        assert summary["total_bpd"][0] == pytest.approx(f["total_bpd"].astype(np.float64).mean())
-    with open(os.path.join(out, "nll-test-table4.csv")) as f:
-        lines = f.read().splitlines()
-    assert lines[0].startswith("reverse_time") and len(lines) == 11 and lines[1].startswith("25,1,")
-    assert float(lines[1].split(",")[2]) == pytest.approx(summary["rate_bpd"][0], abs=1e-5)  # 5 decimals in the CSV
-    with open(os.path.join(out, "nll-test.json")) as f:
-        assert json.load(f)["num_examples"] == 4
-
-
-def test_figures_cli(tmp_path, capsys):
-    """`evaluate.py figures` writes Figures 6-8 as PNGs of the expected grid sizes, and the loss curve from
-    metrics.jsonl when matplotlib is installed."""
-    PIL = pytest.importorskip("PIL.Image")
-    _tiny_model_checkpoint(str(tmp_path / "ckpt.pt"))
-    with open(tmp_path / "metrics.jsonl", "w") as f:
-        for step in range(0, 50, 10):
-            f.write(json.dumps({"step": step, "loss": 1.0 / (step + 1), "lr": 1e-3}) + "\n")
-        f.write('{"step": 50, "lo')  # a half-written line of a running job is skipped
-    out = str(tmp_path / "fig")
-    paths, _ = _run_cli(capsys, ["figures", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "2", "--frames", "4",
-                                 "--samples-per-latent", "3", "--data", "digits", "--interp-t", "5", "--out", out,
-                                 "--device", "cpu"])
-    scale, tile = 4, 8 + 1  # 8x8 digits enlarged 4x by save_image_grid; 1-pixel gaps between the tiles
-    sizes = {os.path.basename(p): PIL.open(p).size for p in paths}
-    assert sizes["fig6-progressive.png"] == ((4 * tile - 1) * scale, (2 * tile - 1) * scale)
-    assert sizes["fig7-shared-latents.png"] == ((5 * tile - 1) * scale, (4 * tile - 1) * scale)  # x0, xt, 3 samples
-    assert sizes["fig8-interpolation.png"] == ((13 * tile - 1) * scale, (2 * tile - 1) * scale)  # x0, 11 lambdas, x0'
-    try:
-        import matplotlib  # noqa: F401
-        assert "loss.png" in sizes
-    except ImportError:
-        assert "loss.png" not in sizes
-    with pytest.raises(SystemExit, match="interp-t"):
-        evaluate.main(["figures", "--checkpoint", str(tmp_path / "ckpt.pt"), "--interp-t", "26", "--device", "cpu"])
-    (tmp_path / "empty.jsonl").write_text('{"step": 1}\n')  # refused before any sampling
-    with pytest.raises(SystemExit, match="no line with 'step' and 'loss'"):
-        evaluate.main(["figures", "--checkpoint", str(tmp_path / "ckpt.pt"),
-                       "--metrics", str(tmp_path / "empty.jsonl"), "--device", "cpu"])
-
-
-# ---- respacing, DDIM, fast paths ----
-
-
-def _tiny_unet(in_channels=3, dropout=0.0, seed=0):
-    """A 2-level U-Net at 8x8 with attention at 4x4: every code path of the CIFAR-10 network, ms per call."""
-    torch.manual_seed(seed)
-    return ddpm.UNet(ch=32, out_ch=in_channels, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                     dropout=dropout, in_channels=in_channels, resolution=8).eval()
-
-
-def test_respacing_all_steps_reproduces_original():
-    """Keeping every step gives the original diffusion: same buffers, samples, losses and bound."""
-    T = 8
-    base = ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule("cosine", T), model_var_type="fixedsmall")
-    spaced = ddpm.respace(base, str(T))
-    for name in ("betas", "alphas_cumprod", "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2"):
-        # betas are recomputed as 1 - abar_t / abar_{t-1}: float64 rounding only
-        np.testing.assert_allclose(getattr(spaced, name), getattr(base, name), rtol=1e-12, atol=1e-18)
-    model, x0 = _tiny_unet(), torch.rand(2, 3, 8, 8) * 2 - 1
-    runs = []
-    for d in (base, spaced):
-        g = torch.Generator().manual_seed(1)
-        sample = d.p_sample_loop(model, x0.shape, generator=g)
-        bpd = d.calc_bpd_loop(model, x0, generator=g)["total_bpd"]
-        loss = d.training_losses(model, x0, torch.tensor([0, T - 1]), noise=torch.ones_like(x0))["loss"]
-        runs.append((sample, bpd, loss))
-    for a, b in zip(*runs):
-        # float32 coefficients cast from float64 values that agree to 1e-12: identical up to an ulp
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-
-def _busy_unet(seed=0):
-    """The tiny U-Net with every weight at xavier scale 1 and small random biases, so that no layer is ~0
-    (at the official init conv_out is ~1e-10 and the output would compare equal in any precision)."""
-    model = _tiny_unet(seed=seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                torch.nn.init.xavier_uniform_(p)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.02)
-    return model
-
-
-def _rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def test_channels_last_keeps_weights_and_output():
-    """optimize_model (channels_last) keeps the state_dict key for key and the output to fp32 rounding."""
-    model, x, t = _busy_unet(), torch.randn(3, 3, 8, 8), torch.tensor([0, 5, 999])
-    keys, ref = list(model.state_dict()), model(x, t)
-    fast = ddpm.optimize_model(model, channels_last=True)
-    assert list(fast.state_dict()) == keys
-    # the same products summed in another order: fp32 rounding of O(1) activations
-    torch.testing.assert_close(fast(x, t), ref, rtol=1e-4, atol=1e-4)
-
-
-def test_bf16_agrees_with_fp32():
-    """Under autocast bf16 the U-Net output and the training loss agree with fp32 to bf16 precision."""
-    model = ddpm.optimize_model(_busy_unet())
-    d = ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule("linear", 100))
-    x0, t, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.tensor([0, 10, 50, 99]), torch.randn(4, 3, 8, 8)
-    ref_out, ref_loss = model(x0, t), d.training_losses(model, x0, t, noise=noise)["loss"]
-    with ddpm.autocast("cpu", "bf16"):
-        out, loss = model(x0, t), d.training_losses(model, x0, t, noise=noise)["loss"]
-    assert out.dtype == torch.bfloat16
-    # bf16 keeps 8 significant bits (0.4% per rounding); over ~20 layers that random-walks to ~2%
-    assert _rel_err(out, ref_out) < 5e-2
-    torch.testing.assert_close(loss, ref_loss, rtol=5e-2, atol=0)
-    with pytest.raises(ValueError):
-        ddpm.autocast("cpu", "fp16")
-
-
-def test_compiled_agrees_with_eager():
-    """The U-Net compiled (as optimize_model(compile=True) does) leaves the module's state_dict keys as they were,
-    and its output and gradients agree with eager."""
-    model, x, t = ddpm.optimize_model(_busy_unet()), torch.randn(2, 3, 8, 8), torch.tensor([3, 999])
-    ref = model(x, t)
-    ref.square().mean().backward()
-    ref_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    keys = list(model.state_dict())
-    # Inductor's C++ code generation takes minutes for even this model on 2 cores (measured 130 s forward +
-    # 100 s backward under load), so CI checks graph capture and AOTAutograd; bench.py --compile runs inductor.
-    compiled = torch.compile(model, backend="aot_eager")
-    assert list(model.state_dict()) == keys and compiled._orig_mod is model
-    out = compiled(x, t)
-    out.square().mean().backward()
-    # the same kernels run in the same order once captured: fp32 rounding at most
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    for p, g in zip(model.parameters(), ref_grads):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
-
-
-def test_bench_networks_match_and_run():
-    """bench.py builds diffusers' UNet2DModel with our parameter count and forward FLOPs, and a child runs."""
-    pytest.importorskip("diffusers")
-    import bench
-    config = bench.unet_config(small=True)
-    config.ch_mult, config.resolution = (1, 2), 8  # the tiny layout: attention at 4x4 on the way down and up
-    config.attn_resolutions = (4,)
-    counts = [sum(p.numel() for p in bench.build(impl, config)[0].parameters()) for impl in ("ours", "diffusers")]
-    assert counts[0] == counts[1]
-    flops = [bench.count_flops(impl, config)[0] for impl in ("ours", "diffusers")]
-    assert flops[0] == flops[1] > 0  # a misplaced attention block keeps the count but changes the FLOPs
-    steps, peak_memory, n_params = bench.make_runner({"device": "cpu", "impl": "ours", "precision": "bf16", "compile": False,
-                                                      "channels_last": True, "batch_size": 2, "small": True})
-    assert n_params == 2_245_763 and all(steps[row]() > 0 for row in ("train", "sample", "nll"))
-    assert peak_memory() > 0
-
-
-# --- bad input (issue 13) ---
-
-def _sample_cli(ckpt, out, *flags):
-    """`evaluate.py sample` of 3 images in chunks of 2 from `ckpt` into `out`; the npz it writes, loaded."""
-    evaluate.main(["sample", "--checkpoint", str(ckpt), "--n", "3", "--batch-size", "2", "--out", str(out), *flags])
-    return np.load(os.path.join(out, "samples_3x8x8x1.npz"))["arr_0"]  # the digits preset: 1 channel
-
-
-def test_sample_never_mixes_chunks_of_other_settings(tmp_path, one_thread, monkeypatch, capsys):
-    """A run interrupted after its first chunk, rerun with another --respacing, --ddim-eta or --seed... into the same
-    --out, is refused before any sampling and leaves the chunk; the original settings then finish it exactly."""
-    _tiny_model_checkpoint(tmp_path / "ckpt.pt")
-    fresh = _sample_cli(tmp_path / "ckpt.pt", tmp_path / "fresh")
-    calls, sample_images = [], ddpm.sample_images
-    def interrupted(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return sample_images(*a, **kw)
-    monkeypatch.setattr(ddpm, "sample_images", interrupted)
-    with pytest.raises(SystemExit) as e:  # Ctrl-C: one line that says what is kept and how to continue
-        _sample_cli(tmp_path / "ckpt.pt", tmp_path / "out")
-    assert e.value.code == 130
-    assert capsys.readouterr().err.splitlines()[-1] == \
-        f"interrupted: 1 of 2 chunks are kept in {tmp_path / 'out'}; rerun the same command to continue"
-    monkeypatch.setattr(ddpm, "sample_images", sample_images)
-    assert sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz"]
-    chunk = np.load(tmp_path / "out" / "chunk-seed0-batch2-00000.npz")["arr_0"]
-    for flags, setting in ((["--respacing", "10"], "--respacing"), (["--ddim-eta", "0"], "--ddim-eta")):
-        calls.clear()
-        monkeypatch.setattr(ddpm, "sample_images", interrupted)  # a refusal draws nothing
-        with pytest.raises(SystemExit, match=f"^error: .*chunk-seed0-batch2-00000.npz was sampled with other {setting} "
-                                             f".*use another --out"):
-            _sample_cli(tmp_path / "ckpt.pt", tmp_path / "out", *flags)
-        assert calls == [] and sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz"]
-        assert np.array_equal(np.load(tmp_path / "out" / "chunk-seed0-batch2-00000.npz")["arr_0"], chunk)
-    monkeypatch.setattr(ddpm, "sample_images", sample_images)
-    other = ddpm.load_checkpoint(tmp_path / "ckpt.pt")  # the same config with other weights, at the same path
-    other["ema"] = {k: v + 0.01 for k, v in other["ema"].items()}
-    ddpm.save_checkpoint(tmp_path / "other.pt", other)
-    with pytest.raises(SystemExit, match=r"was sampled with other weights .*ckpt.pt sha256 [0-9a-f]{12}, now .*other.pt"):
-        _sample_cli(tmp_path / "other.pt", tmp_path / "out")
-    assert np.array_equal(_sample_cli(tmp_path / "ckpt.pt", tmp_path / "out"), fresh)  # the chunk reused, the rest drawn
-    # the record is the weights' content, not their path: a copy at another path reuses the file
-    assert np.array_equal(np.load(tmp_path / "out" / "samples_3x8x8x1.npz")["arr_0"], fresh)
-
-
-def test_sample_refuses_a_stale_final_file(tmp_path, one_thread, capsys):
-    """A finished samples_*.npz from other weights or another --respacing is refused (and kept) rather than reported
-    as done; from the same weights (even at another path) and settings it is done."""
-    _tiny_model_checkpoint(tmp_path / "a.pt", seed=0)
-    _tiny_model_checkpoint(tmp_path / "b.pt", seed=1)
-    made = _sample_cli(tmp_path / "a.pt", tmp_path / "out")
-    stamp = os.stat(tmp_path / "out" / "samples_3x8x8x1.npz").st_mtime_ns
-    for ckpt, flags, setting in (("b.pt", [], "weights"), ("a.pt", ["--respacing", "10"], "--respacing"),
-                                 ("a.pt", ["--seed", "1"], "--seed"), ("a.pt", ["--batch-size", "3"], "--batch-size")):
-        with pytest.raises(SystemExit, match=f"^error: .*samples_3x8x8x1.npz was sampled with other {setting} "):
-            _sample_cli(tmp_path / ckpt, tmp_path / "out", *flags)  # a later --batch-size overrides the first
-    assert os.stat(tmp_path / "out" / "samples_3x8x8x1.npz").st_mtime_ns == stamp  # kept as it was
-    import shutil
-    shutil.copy(tmp_path / "a.pt", tmp_path / "copy.pt")
-    capsys.readouterr()
-    assert np.array_equal(_sample_cli(tmp_path / "copy.pt", tmp_path / "out"), made)
-    assert "already exists with these settings; nothing to do" in capsys.readouterr().out
-    np.savez(tmp_path / "out" / "samples_3x8x8x1.npz", arr_0=made)  # a file with no record: not taken as done
-    with pytest.raises(SystemExit, match="holds no record of the settings it was sampled with; delete it"):
-        _sample_cli(tmp_path / "a.pt", tmp_path / "out")
-
-
-def test_keep_ckpts_never_deletes_a_readable_checkpoint_for_an_unreadable_one(tmp_path, images, capsys):
-    """Good checkpoints at steps 1 and 2 and a truncated one at step 5: --resume continues from step 2, moves the
-    truncated file aside (not counted by --keep-ckpts 2), and keeps step 2 beside the new step 3."""
-    run = ddpm.train(tiny_config(tmp_path / "run", images, steps=2, ckpt_every=1, keep_ckpts=2))
-    with open(os.path.join(run, "ckpt-0000005.pt"), "wb") as f:
-        f.write(open(os.path.join(run, "ckpt-0000002.pt"), "rb").read()[:1000])
-    ddpm.train(tiny_config(tmp_path / "run", images, steps=3, ckpt_every=1, keep_ckpts=2), resume=True)
-    assert ddpm.list_checkpoints(run) == [os.path.join(run, f"ckpt-000000{s}.pt") for s in (2, 3)]
-    log = capsys.readouterr().out
-    assert "renamed it to ckpt-0000005.pt.unreadable" in log and "resuming from" in log
-    assert ddpm.load_checkpoint(os.path.join(run, "ckpt-0000002.pt"))["step"] == 2
-    assert ddpm.load_checkpoint(os.path.join(run, "ckpt-0000003.pt"))["step"] == 3
-    assert os.path.getsize(os.path.join(run, "ckpt-0000005.pt.unreadable")) == 1000  # kept, for a person to inspect
-
-
-import re
-import time
-
-
-def _one_line_error(capsys, main, argv, *patterns):
-    """main(argv) exits non-zero with one line 'error: ...' matching every pattern, and prints no traceback; the
-    line never advises weights_only=False or allow_pickle (both run a file's code)."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    message, err = str(e.value.code), capsys.readouterr().err
-    assert e.value.code not in (0, None) and message.startswith("error: ") and "\n" not in message, message
-    assert "Traceback" not in err and "weights_only" not in message and "allow_pickle" not in message, message
-    for pattern in patterns:
-        assert re.search(pattern, message), (pattern, message)
-    return message
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-    """Loading a model or data fails the test: what is checked with it must be checked before any work."""
-    def work(*args, **kwargs):
-        raise AssertionError("work started before the input was checked")
-    for module, name in ((ddpm, "load_model"), (evaluate, "load_for_sampling"), (ddpm, "load_data"),
-                         (evaluate, "load_images")):
-        monkeypatch.setattr(module, name, work)
-
-
-def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, no_work):
-    """--out in /proc or /sys, under a file, or naming a file where a folder is meant (and the reverse for
-    fid-stats) is refused in one sentence before a model or data is loaded (root ignores chmod, so no chmod case)."""
-    (tmp_path / "file").write_text("x")
-    os.makedirs(tmp_path / "folder")
-    sample = ["sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--out"]
-    for out, why in (("/proc/ddpm-out", r"cannot write --out /proc/ddpm-out \(/proc: "),
-                     ("/sys/ddpm-out", r"cannot write --out /sys/ddpm-out \(/sys: "),
-                     (str(tmp_path / "file" / "sub"), r"\(.*file: Not a directory\)"),
-                     (str(tmp_path / "file"), r"is a file, where a folder is meant")):
-        _one_line_error(capsys, ddpm.main, [*sample, out], why, "pass (an|another) --out")
-        _one_line_error(capsys, ddpm.main, ["train", "--data", "digits", "--out", out], why)
-    _one_line_error(capsys, evaluate.main, ["nll", "--checkpoint", "c.pt", "--out", str(tmp_path / "file")],
-                    "is a file, where a folder is meant; pass another --out")
-    _one_line_error(capsys, evaluate.main, ["fid-stats", "--out", str(tmp_path / "folder")],
-                    "is a folder, where a file is meant; pass another --out")
-    _one_line_error(capsys, evaluate.main, ["fid-stats", "--out", "/proc/stats.npz"], "cannot write --out")
-    assert sorted(os.listdir(tmp_path)) == ["file", "folder"]  # nothing made
-
-
-@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
-                                     RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")])
-def test_a_full_disk_while_a_checkpoint_is_written_names_the_good_one(tmp_path, images, capsys, monkeypatch, failure):
-    """A write that fails (ENOSPC, or torch's own RuntimeError for it) stops the run with one sentence that says
-    the disk is full and which checkpoint is still good; that checkpoint is whole and nothing half-written stays."""
-    save, calls = torch.save, []
-    def full_disk(obj, f):
-        calls.append(1)
-        if len(calls) == 2:
-            f.write(b"x" * 100)
-            raise failure
-        save(obj, f)
-    monkeypatch.setattr(torch, "save", full_disk)
-    out = tmp_path / "run"
-    _one_line_error(capsys, ddpm.main, ["train", *TINY_FLAGS, "--data", images, "--out", str(out), "--steps", "3",
-                                        "--ckpt-every", "1", "--log-every", "1"],
-                    f"could not write {out / 'ckpt-0000002.pt'}: the disk is full",
-                    f"{out / 'ckpt-0000001.pt'} is still good: free space, then rerun with --resume")
-    assert ddpm.list_checkpoints(str(out)) == [str(out / "ckpt-0000001.pt")]
-    assert ddpm.load_checkpoint(out / "ckpt-0000001.pt")["step"] == 1
-    assert not [p for p in os.listdir(out) if ".tmp" in p]
-
-
-def test_the_device_is_checked_at_start(capsys, no_work):
-    """--device foo, and a CUDA device this machine does not have, are refused before the model is loaded."""
-    for device in ("foo", "cuda:99") + (() if torch.cuda.is_available() else ("cuda",)):
-        message = _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", "c.pt", "--device", device],
-                                  f"--device '{device}' is not a device of this machine", "use cpu, or cuda")
-        assert ("no CUDA GPU" in message) == (device.startswith("cuda") and not torch.cuda.is_available())
-        _one_line_error(capsys, evaluate.main, ["nll", "--checkpoint", "c.pt", "--device", device], "use cpu")
-
-
-def test_a_file_that_is_not_a_ddpm_checkpoint_gets_one_line(tmp_path, capsys):
-    """Random bytes, a pickled object, a config.json, a folder, released weights given as --checkpoint and a training
-    checkpoint given as --weights each get one line naming the problem and the fix, never torch's weights_only advice."""
-    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
-    with open(tmp_path / "object.pt", "wb") as f:
-        pickle.dump({"model": ddpm.ModelConfig()}, f)  # an object: torch.load(weights_only=True) refuses it
-    (tmp_path / "config.json").write_text('{"model": {"ch": 32}}')
-    os.makedirs(tmp_path / "run")
-    _tiny_model_checkpoint(tmp_path / "ckpt.pt")
-    torch.save(ddpm.load_checkpoint(tmp_path / "ckpt.pt")["model"], tmp_path / "state_dict.pt")
-    for name in ("random.pt", "object.pt", "config.json"):
-        _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / name), "--out", str(tmp_path)],
-                        "is not a ddpm checkpoint or is damaged", "pass a ckpt-.*pt written by ddpm.py train")
-        _one_line_error(capsys, evaluate.main, ["sample", "--weights", str(tmp_path / name), "--out", str(tmp_path)],
-                        "not a .*weights file or it is damaged")
-    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path)],
-                    "is a folder, not a checkpoint file; pass one of its ckpt-\\*.pt files")
-    _one_line_error(capsys, evaluate.main, ["sample", "--weights", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path)],
-                    "is a checkpoint of ddpm.py train, not released weights; pass it with --checkpoint")
-    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "state_dict.pt"), "--out",
-                                        str(tmp_path)], "not a checkpoint written by ddpm.py train; pass released "
-                                                        "weights with --weights")
-    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path),
-                                        "--respacing", "ddim0"], "'ddim0' asks for 0 of 25 steps; use ddimN with "
-                                                                  "1 <= N <= 25, such as 'ddim25'")
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--lr", "0"], r"--lr must be greater than 0, got 0\.0$"),
-    (["--lr", "-1e-3"], r"--lr must be greater than 0, got -0\.001$"),  # a value, not a flag
-    (["--lr=-1e-3"], r"--lr must be greater than 0, got -0\.001$"),
-    (["--grad-clip", "0"], r"--grad-clip must be greater than 0, got 0\.0$"),
-    (["--model.attn-resolutions", "3"], r"--model.attn-resolutions 3 names a size that is no level of this U-Net; "
-                                        r"use some of 8,4, or '' for none$")])
-def test_values_that_would_train_nothing_or_silently_differ_are_refused(tmp_path, capsys, no_work, argv, message):
-    """--lr 0 or below (also written '--lr -1e-3'), --grad-clip 0, and an attention resolution that matches no level
-    of the U-Net are refused before the data is read."""
-    _one_line_error(capsys, ddpm.main, ["train", "--preset", "digits", "--out", str(tmp_path / "run"), *argv], message)
-    assert not os.path.exists(tmp_path / "run")
-
-
-def test_data_and_samples_files_that_cannot_serve_get_one_line(tmp_path, capsys):
-    """A text file named .npy, a samples file with 0 or 1 images for FID, fewer samples than IS splits, and RGB
-    data for a grayscale model in `evaluate.py nll` each get one line whose fix is a flag of that command."""
-    (tmp_path / "text.npy").write_text("not an array")
-    _one_line_error(capsys, ddpm.main, ["train", "--preset", "digits", "--data", str(tmp_path / "text.npy"),
-                                        "--out", str(tmp_path / "run")],
-                    "cannot read .*text.npy: it is not a numpy .npy/.npz file or it is damaged; save the images")
-    _one_line_error(capsys, evaluate.main, ["is", str(tmp_path / "text.npy")], "it is not a numpy .npy/.npz file")
-    for n in (0, 1):
-        np.savez(tmp_path / f"{n}.npz", arr_0=np.zeros((n, 8, 8, 3), np.uint8))
-        _one_line_error(capsys, evaluate.main, ["fid", str(tmp_path / f"{n}.npz"), "--ref", str(tmp_path / "1.npz")],
-                        f"{n}.npz holds {n} image\\(s\\), but FID \\(a covariance\\) needs at least 2; pass more")
-    np.savez(tmp_path / "20.npz", arr_0=np.zeros((20, 8, 8, 3), np.uint8))
-    _one_line_error(capsys, evaluate.main, ["is", str(tmp_path / "20.npz"), "--splits", "50"],
-                    "holds 20 image\\(s\\), but --splits 50 needs at least 50; lower --splits or pass more samples")
-    _tiny_model_checkpoint(tmp_path / "ckpt.pt")  # grayscale 8x8
-    message = _one_line_error(capsys, evaluate.main, ["nll", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data",
-                                                      str(tmp_path / "20.npz"), "--out", str(tmp_path / "eval")],
-                              "holds 8x8x3 images \\(H x W x C\\) but the model takes 8x8x1; pass --data images of "
-                              "that shape")
-    assert "--model" not in message and "--resize" not in message  # flags evaluate.py does not have
-
-
-def test_ctrl_c_during_sample_says_what_is_kept(tmp_path):
-    """A real SIGINT to `evaluate.py sample` after its first chunk: status 130, one line saying which chunks are kept
-    and that a rerun continues, and no traceback (test_sample_never_mixes_... shows the rerun continues exactly)."""
-    _tiny_model_checkpoint(tmp_path / "ckpt.pt")
-    # 1000 one-sample chunks take far longer than the signal needs to arrive, even on a loaded machine.
-    argv = [sys.executable, os.path.join(os.path.dirname(DDPM_PY), "evaluate.py"), "sample",
-            "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "1000", "--batch-size", "1", "--out", str(tmp_path / "out")]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    while proc.poll() is None and not os.path.exists(tmp_path / "out" / "chunk-seed0-batch1-00000.npz"):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    err = proc.stderr.read()
-    assert proc.wait(timeout=60) == 130, err
-    kept = sorted(os.listdir(tmp_path / "out"))
-    assert "Traceback" not in err and [line for line in err.splitlines() if "interrupted" in line] == \
-        [f"interrupted: {len(kept)} of 1000 chunks are kept in {tmp_path / 'out'}; rerun the same command to continue"]
-    assert 1 <= len(kept) < 1000 and all(k.startswith("chunk-seed0-batch1-") for k in kept)
-
-
-# --- digits evidence (issue 12) ---
-
-def _frechet_by_eigh(a, b):
-    """The Frechet distance between Gaussians fitted to feature sets a and b, a second way: the trace of
-    (S_a^1/2 S_b S_a^1/2)^1/2 from symmetric eigendecompositions (numpy), not scipy's sqrtm of S_a S_b."""
-    mu_a, mu_b, s_a, s_b = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(s_a)
-    root_a = (v * np.sqrt(w.clip(min=0))) @ v.T
-    inner = np.linalg.eigvalsh(root_a @ s_b @ root_a).clip(min=0)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.sqrt(inner).sum())
+# ---- 20. evaluate.py: the digits score (the pinned classifier, DigitsScore, PixelCategorical) ----
 
 
 @pytest.fixture(scope="module")
@@ -2706,33 +2743,9 @@ def digits_score():
 # The figures docs/evidence.md and the README print for the pinned classifier: its held-out accuracy (291 of 297)
 # and the scale at N = 256, seed 0, 100 resamples, as (digits-FD, its std, digits-IS, its std) to the printed 2 decimals.
 PINNED_ACCURACY = 291 / 297
+
+
 PINNED_SCALE = {"floor": ("17.93", "6.80", "9.56", "0.11"), "baseline": ("413.89", "13.98", "3.00", "0.12")}
-
-
-def test_digits_score_floor_baseline_and_identity(digits_score):
-    """digits-FD is 0 for the train split itself, equals the Frechet distance computed from eigendecompositions,
-    and puts real held-out digits (the floor) far below independent-pixel samples (the baseline), whose
-    digits-IS is lower; the pinned classifier's held-out accuracy, the floor and the baseline are the documented
-    figures to the printed precision."""
-    from sklearn.datasets import load_digits
-    train, test = ddpm.load_digits("train"), ddpm.load_digits("test")
-    labels = load_digits().target[len(train):]  # the held-out digits' classes, from scikit-learn itself
-    probs = evaluate.digits_classifier_outputs(digits_score.classifier, test)[1]
-    assert (probs.argmax(1) == labels).mean() == digits_score.accuracy == PINNED_ACCURACY
-    assert abs(digits_score(train)["fd"]) < 1e-6  # identical sets: sqrtm round-off only
-    scale = evaluate.digits_score_scale(digits_score, n=256, seed=0)
-    for name, printed in PINNED_SCALE.items():
-        s = scale[name]
-        assert tuple(f"{v:.2f}" for v in (s["fd"], s["fd_std"], s["is"], s["is_std"])) == printed, name
-    floor, baseline = scale["floor"], scale["baseline"]
-    features = lambda x: evaluate.digits_classifier_outputs(digits_score.classifier, x)[0]
-    # float64 statistics, two matrix-root routes: agreement to round-off of the 64x64 eigenproblems
-    assert floor["fd"] == pytest.approx(_frechet_by_eigh(features(test[:256]), features(train)), rel=1e-6)
-    assert floor["fd"] + 3 * floor["fd_std"] < (baseline["fd"] - 3 * baseline["fd_std"]) / 5  # a wide margin
-    assert floor["is"] - 3 * floor["is_std"] > baseline["is"] + 3 * baseline["is_std"]
-    probs = evaluate.digits_classifier_outputs(digits_score.classifier, test[:256])[1]
-    p_y = probs.mean(0)
-    assert floor["is"] == pytest.approx(np.exp(np.mean([(p * np.log(p / p_y)).sum() for p in probs])), rel=1e-9)
 
 
 def test_digits_classifier_is_the_pinned_file(tmp_path, monkeypatch, capsys):
@@ -2776,6 +2789,32 @@ def test_digits_classifier_rebuild_compares_and_never_replaces(tmp_path, monkeyp
     assert ddpm.file_digest(evaluate.DIGITS_CLASSIFIER_FILE) == pinned_digest
 
 
+def test_digits_score_floor_baseline_and_identity(digits_score):
+    """digits-FD is 0 for the train split itself, equals the Frechet distance computed from eigendecompositions,
+    and puts real held-out digits (the floor) far below independent-pixel samples (the baseline), whose
+    digits-IS is lower; the pinned classifier's held-out accuracy, the floor and the baseline are the documented
+    figures to the printed precision."""
+    train, test = ddpm.load_digits("train"), ddpm.load_digits("test")
+    labels = sklearn_datasets.load_digits().target[len(train):]  # the held-out digits' classes, from scikit-learn itself
+    probs = evaluate.digits_classifier_outputs(digits_score.classifier, test)[1]
+    assert (probs.argmax(1) == labels).mean() == digits_score.accuracy == PINNED_ACCURACY
+    assert abs(digits_score(train)["fd"]) < 1e-6  # identical sets: sqrtm round-off only
+    scale = evaluate.digits_score_scale(digits_score, n=256, seed=0)
+    for name, printed in PINNED_SCALE.items():
+        s = scale[name]
+        assert tuple(f"{v:.2f}" for v in (s["fd"], s["fd_std"], s["is"], s["is_std"])) == printed, name
+    floor, baseline = scale["floor"], scale["baseline"]
+    features = lambda x: evaluate.digits_classifier_outputs(digits_score.classifier, x)[0]
+    # float64 statistics, two matrix-root routes: agreement to round-off of the 64x64 eigenproblems
+    stats = lambda f: (f.mean(0), np.cov(f, rowvar=False))
+    assert floor["fd"] == pytest.approx(frechet_by_eigh(*stats(features(test[:256])), *stats(features(train))), rel=1e-6)
+    assert floor["fd"] + 3 * floor["fd_std"] < (baseline["fd"] - 3 * baseline["fd_std"]) / 5  # a wide margin
+    assert floor["is"] - 3 * floor["is_std"] > baseline["is"] + 3 * baseline["is_std"]
+    probs = evaluate.digits_classifier_outputs(digits_score.classifier, test[:256])[1]
+    p_y = probs.mean(0)
+    assert floor["is"] == pytest.approx(np.exp(np.mean([(p * np.log(p / p_y)).sum() for p in probs])), rel=1e-9)
+
+
 def test_pixel_categorical_against_counts():
     """The per-pixel categorical baseline's NLL equals add-one smoothed frequencies counted pixel by pixel in
     a loop, and its samples' frequencies at a pixel match its probabilities (Monte Carlo, 5 standard errors)."""
@@ -2794,6 +2833,9 @@ def test_pixel_categorical_against_counts():
         assert abs((samples[:, d] == level).mean() - p) <= 5 * math.sqrt(p * (1 - p) / 4000) + 1e-12
     refs = evaluate.digits_nll_references(test)
     assert refs["uniform_levels"] == pytest.approx(math.log2(17)) and refs["uniform_256"] == 8.0
+
+
+# ---- 21. The experiments: Table 2 and steps (and digits-score on their checkpoint) ----
 
 
 def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_score):
@@ -2832,3 +2874,36 @@ def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_
                   "uniform over 256 levels 8.00", "digits-FD", "floor: real held-out digits", "How to read"):
         assert words in printed
     assert list(report["nll"]) == pytest.approx(list(results["eps-Lsimple"]["nll"]["nll"]))  # same images and seed
+
+
+# ---- 22. bench.py: ours against diffusers' UNet2DModel ----
+
+
+def test_bench_networks_match_and_run():
+    """bench.py builds diffusers' UNet2DModel as the same function as ours (with our weights ported, the same output;
+    the same parameter count and forward FLOPs), times the calls it is given, reports ours/diffusers as their time
+    over ours, and a child's runner runs every row."""
+    config = bench.unet_config(small=True)
+    config.ch_mult, config.resolution = (1, 2), 8  # the tiny layout: attention at 4x4 on the way down and up
+    config.attn_resolutions = (4,)
+    counts = [sum(p.numel() for p in bench.build(impl, config)[0].parameters()) for impl in ("ours", "diffusers")]
+    assert counts[0] == counts[1]
+    flops = [bench.count_flops(impl, config)[0] for impl in ("ours", "diffusers")]
+    assert flops[0] == flops[1] > 0  # a misplaced attention block keeps the count but changes the FLOPs
+    # Another norm eps, embedding or attention-head setting keeps both counts but changes the function.
+    theirs = bench.build("diffusers", config)[0].eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():  # GroupNorm affines and biases off their init of 1 and 0
+            if p.dim() == 1:
+                p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.1)
+    ours = bench.build("ours", config)[0].eval()
+    ours.load_state_dict(evaluate.diffusers_to_official(theirs.state_dict()))
+    assert_same_function(ours, theirs)
+    calls = []
+    seconds = bench.timed(lambda: calls.append(time.sleep(0.01)), torch.device("cpu"), warmup=2, steps=3)
+    assert len(calls) == 5 and len(seconds) == 3 and all(0.01 <= s < 1 for s in seconds)  # warm-up calls untimed
+    assert bench.pair_ratio([1.0, 2.0, 1.0], [3.0, 3.0, 4.0]) == 3.0  # the median of 3, 1.5 and 4: ours 3x faster
+    steps, peak_memory, n_params = bench.make_runner({"device": "cpu", "impl": "ours", "precision": "bf16", "compile": False,
+                                                      "channels_last": True, "batch_size": 2, "small": True})
+    assert n_params == 2_245_763 and all(steps[row]() > 0 for row in ("train", "sample", "nll"))
+    assert peak_memory() > 0
