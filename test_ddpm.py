@@ -76,12 +76,8 @@ sklearn_datasets = DevRequirement("sklearn.datasets")
 # Sized for 2 CPU cores; every property is cheap per example. derandomize: the same examples on every run, so a
 # wrong formula fails every time and a passing run is reproducible (the examples still vary widely).
 CI = settings(max_examples=25, deadline=None, derandomize=True)
-
-
 LN2 = math.log(2.0)
-
-
-math_check = pytest.mark.math
+math_check = pytest.mark.math  # `pytest -m math`: every test of sections 3-8 carries it, and no other test
 
 
 @pytest.fixture(autouse=True, scope="session")
