@@ -61,7 +61,7 @@ DEMO_PROCS ?= 2
 demo: install       ## train the digits preset on 2 CPU cores, then test NLL and sample score (about 10 min)
 	rm -rf runs/demo
 	OMP_NUM_THREADS=1 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(DEMO_PROCS) \
-		ddpm.py train --preset digits --out runs/demo --eval-bpd 0 --sample-every 0
+		ddpm.py train --preset digits --out runs/demo --sample-every 0
 	$(PYTHON) evaluate.py digits-score --checkpoint runs/demo/ckpt-0001000.pt --device cpu
 
 table2: install     ## Table 2 on digits: 7 objectives trained, sampled and scored, 2 at a time (about 55 min)

@@ -19,7 +19,7 @@ of the same round; images/s are medians after warm-up steps. Rows:
              max_memory_allocated), MiB
     % peak   train and sample FLOP/s as a fraction of this machine's measured matmul/conv throughput
 
-"ours" runs the way ddpm.py trains (optimize_model: channels_last; autocast for bf16; ddpm.adam, fused
+"ours" runs the way ddpm.py trains (channels_last; autocast for bf16; ddpm.adam, fused
 where torch supports it; update_ema); "diffusers" runs as a diffusers user does (the model as built, the same
 autocast, torch.optim.Adam with its defaults, diffusers' EMAModel). Both use ddpm.py's
 GaussianDiffusion for the diffusion math, so only the network and its training step differ.
@@ -170,7 +170,9 @@ def make_runner(spec):
     n_params = sum(p.numel() for p in model.parameters())
     model.to(device)
     if impl == "ours":
-        forward = ddpm.optimize_model(model, channels_last=spec["channels_last"], compile=spec["compile"])
+        if spec["channels_last"]:
+            model.to(memory_format=torch.channels_last)
+        forward = torch.compile(model) if spec["compile"] else model
         opt = ddpm.adam(model.parameters(), lr=2e-4)
         ema = [p.detach().clone() for p in model.parameters()]
         ema_step = lambda: ddpm.update_ema(ema, model.parameters(), 0.9999)

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import pickle
-import random
 import re
 import signal
 import sys
@@ -44,31 +43,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def progress_bar(iterable, total=None, desc="", enable=True):
-    """`iterable` with a progress bar: tqdm when installed (redrawn once a minute in a log file, so a week-long run
-    does not write gigabytes), else a plain line on stderr every 10% with the time spent and an estimate of the rest."""
-    if not enable:
-        return iterable
-    total = len(iterable) if total is None else total
-    try:
-        from tqdm.auto import tqdm
-        interval = 0.1 if sys.stderr.isatty() else 60
-        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=interval)
-    except ImportError:
-        return _plain_progress(iterable, total, desc)
-
-
-def _plain_progress(iterable, total, desc):
-    start = time.time()
-    for i, item in enumerate(iterable):
-        if i % max(1, total // 10) == 0:
-            spent = time.time() - start
-            rest = f", about {spent * (total - i) / i:.0f} s left" if i else ""
-            print(f"{desc} {i}/{total}, {spent:.0f} s{rest}", file=sys.stderr, flush=True)
-        yield item
-
-
 # ---- 1. Beta schedules (official `get_beta_schedule`, plus improved-diffusion's cosine) ----------------------------
 
 BETA_SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
@@ -77,19 +51,22 @@ BETA_SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cos
 def get_beta_schedule(name, num_timesteps):
     """The variances beta_1..beta_T of q(x_t | x_{t-1}) as a float64 numpy array of shape [T].
 
-    'linear' runs 1e-4 -> 0.02 for T=1000 (the paper); for other T both ends are scaled by
-    1000/T as improved-diffusion does, so that the total noise stays comparable.
+    'linear' runs 1e-4 -> 0.02 at T=1000 (the paper); at other T both ends are scaled by 1000/T, as
+    improved-diffusion's get_named_beta_schedule does, so that the total noise stays comparable.
+    'quad', 'const', 'warmup10' and 'warmup50' keep the official fixed ends 1e-4 and 0.02 at any T, as the
+    official get_beta_schedule does (only improved-diffusion's 'linear' is rescaled). 'jsd' is 1/T .. 1 and
+    'cosine' is improved-diffusion's, both defined for any T.
     """
     T = num_timesteps
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"num_timesteps must be a positive int, got {T!r}")
-    scale = 1000 / T
-    beta_start, beta_end = 1e-4 * scale, 0.02 * scale
-    if name in ("linear", "quad", "warmup10", "warmup50", "const") and beta_end > 1:
-        raise ValueError(f"the {name!r} schedule scaled by 1000/T ends at beta = {beta_end:g} > 1 for T={T}; "
-                         f"use num_timesteps >= 20 or the 'cosine' schedule")
+    beta_start, beta_end = 1e-4, 0.02
     if name == "linear":
-        betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
+        scale = 1000 / T
+        if beta_end * scale > 1:
+            raise ValueError(f"the 'linear' schedule scaled by 1000/T ends at beta = {beta_end * scale:g} > 1 for "
+                             f"T={T}; use num_timesteps >= 20 or the 'cosine' schedule")
+        betas = np.linspace(beta_start * scale, beta_end * scale, T, dtype=np.float64)
     elif name == "quad":
         betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float64) ** 2
     elif name == "const":
@@ -148,6 +125,14 @@ def mean_flat(x):
 
 
 # ---- 3. The diffusion: q, the posterior, p and the bound, the losses, sampling (Sections 2-3, Algorithms 1-2) -----
+
+def _model_device(model):
+    """The device of a module's first parameter, or the CPU for a plain callable."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
 
 MODEL_MEAN_TYPES = ("eps", "xstart", "xprev")
 MODEL_VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
@@ -335,7 +320,7 @@ class GaussianDiffusion:
         return mean_flat(normal_kl(qt_mean, qt_log_variance, 0.0 * qt_mean, 0.0 * qt_mean)) / math.log(2.0)
 
     @torch.inference_mode()
-    def calc_bpd_loop(self, model, x_start, clip_denoised=True, progress=False, generator=None):
+    def calc_bpd_loop(self, model, x_start, clip_denoised=True, generator=None):
         """The whole bound, L_T + sum_t L_{t-1}, in bits/dim for each image: an upper bound on the NLL.
 
         Returns {'total_bpd' [N], 'prior_bpd' [N], 'vb' [N, T] (index 0 is the decoder L_0),
@@ -343,7 +328,7 @@ class GaussianDiffusion:
         """
         N, T = x_start.shape[0], self.num_timesteps
         vb, xstart_mse, mse = (torch.zeros(N, T, device=x_start.device, dtype=x_start.dtype) for _ in range(3))
-        for i in progress_bar(range(T - 1, -1, -1), T, "bpd", progress):
+        for i in range(T - 1, -1, -1):
             t = torch.full((N,), i, dtype=torch.long, device=x_start.device)
             noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
             x_t = self.q_sample(x_start, t, noise=noise)
@@ -410,8 +395,8 @@ class GaussianDiffusion:
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     @torch.inference_mode()
-    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, progress=False, generator=None,
-                                  device=None, step=None, t_start=None, shared_noise=False):
+    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, generator=None, device=None,
+                                  step=None, t_start=None, shared_noise=False):
         """The sampling loop: from x_T ~ N(0, I) (or `noise`, x_t at index t_start) down to index 0, calling
         step(model, x, t, noise=z, clip_denoised=...) (p_sample, Algorithm 2, unless given, e.g. a DDIM step) and
         yielding each step's dict with 't' added. z ~ N(0, I) comes from `generator`; shared_noise draws one
@@ -420,7 +405,7 @@ class GaussianDiffusion:
         device = device if device is not None else _model_device(model)
         img = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
         t_start = self.num_timesteps - 1 if t_start is None else t_start
-        for i in progress_bar(range(t_start, -1, -1), t_start + 1, "sampling", progress):
+        for i in range(t_start, -1, -1):
             t = torch.full((len(img),), i, dtype=torch.long, device=img.device)
             z_shape = (1, *img.shape[1:]) if shared_noise else img.shape
             z = torch.randn(z_shape, generator=generator, device=img.device, dtype=img.dtype).expand_as(img)
@@ -527,14 +512,6 @@ def respace(diffusion, section_counts):
     return SpacedDiffusion(space_timesteps(diffusion.num_timesteps, section_counts), betas=diffusion.betas,
                            model_mean_type=diffusion.model_mean_type, model_var_type=diffusion.model_var_type,
                            loss_type=diffusion.loss_type)
-
-
-def _model_device(model):
-    """The device of a module's first parameter, or the CPU for a plain callable."""
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
 
 
 # ---- 5. The U-Net (official models/unet.py; names follow its variable layout, so weights load key for key) ---------
@@ -722,47 +699,9 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-# ---- 6. Running the U-Net fast: these change how it runs, never what it computes or its weights' names -------------
+# ---- 6. Configuration: one dataclass per concern, and the paper's recipes as presets -------------------------------
 
-PRECISIONS = ("fp32", "bf16")
-
-
-def update_ema(ema_params, params, decay):
-    """ema <- decay ema + (1 - decay) param for every pair, in place: TF's ExponentialMovingAverage (decay 0.9999
-    in the paper), as one multi-tensor lerp over all tensors (torch.optim.swa_utils' EMA), not a kernel per tensor."""
-    torch.optim.swa_utils.get_ema_multi_avg_fn(decay)(list(ema_params), list(params), None)
-
-
-def adam(params, lr):
-    """The paper's Adam (beta1 0.9, beta2 0.999, eps 1e-8), fused into one kernel over all tensors where this torch
-    supports it on the parameters' device (CUDA; CPU from torch 2.4), else torch's default multi-tensor Adam."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
-    except RuntimeError:  # "fused=True requires ... supported devices": an older torch on the CPU
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
-
-
-def autocast(device, precision="fp32"):
-    """The context to run the U-Net in: 'fp32' (the default, the paper's numbers) changes nothing;
-    'bf16' runs convolutions and matmuls in bfloat16 with fp32 accumulation (torch.autocast), 2-3x faster
-    on CPUs with AVX512-BF16/AMX and on GPUs; the diffusion's own math stays fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def optimize_model(model, channels_last=True, compile=False):
-    """The model moved in place to channels_last (NHWC) memory, which oneDNN and cuDNN convolve without reordering;
-    with compile=True, a torch.compile wrapper of it to call instead (fused GroupNorm, swish and adds; the first
-    call takes minutes). Save the model's own state_dict, which keeps the official names: the wrapper's adds
-    '_orig_mod.'."""
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if compile else model
-
-
-# ---- 7. Configuration: one dataclass per concern, and the paper's recipes as presets -------------------------------
+PRECISIONS = ("fp32", "bf16")  # how the U-Net runs in training (autocast); fp32 is the paper's
 
 @dataclass
 class ModelConfig:
@@ -803,7 +742,6 @@ class TrainConfig:
     sample_every: int = 10_000               # steps per EMA sample grid (samples-{step}.png); 0 = never
     ckpt_every: int = 5000                   # steps per checkpoint; also one at the end and on SIGINT/SIGTERM
     keep_ckpts: int = 2                      # keep the newest K checkpoints (the official keep_checkpoint_max=2)
-    eval_bpd: int = 0                        # after training, the test-set NLL of the EMA on this many images; 0 = skip
     precision: str = "fp32"                  # fp32 | bf16: bf16 autocasts the forward; weights, Adam and EMA stay fp32
     compile: bool = False                    # torch.compile the training forward
     out: str = ""                            # the run directory; "" means runs/<preset>
@@ -818,31 +756,34 @@ class Config:
     preset: str = "cifar10"
 
     def check(self):
-        """Raise a ValueError that names the first bad value and its flag, before any data is read or file written."""
-        lows = {"train": {"batch_size": 1, "log_every": 1, "ckpt_every": 1, "keep_ckpts": 1, "steps": 0, "warmup": 0,
-                          "sample_every": 0, "eval_bpd": 0, "lr": 0, "grad_clip": 0, "ema_decay": 0},
-                "model": {"ch": 1, "num_res_blocks": 1, "in_channels": 1, "resolution": 1, "dropout": 0},
-                "diffusion": {"num_timesteps": 1}}
-        highs = {("train", "ema_decay"): 1, ("model", "dropout"): 0.999}
-        positive = {"lr", "grad_clip"}  # 0 would leave the weights as initialised
-        for section, fields in lows.items():
-            for name, low in fields.items():
-                value, high = getattr(getattr(self, section), name), highs.get((section, name), math.inf)
-                if not (low < value if name in positive else low <= value) or value > high:
-                    flag = "--" + ("" if section == "train" else section + ".") + name.replace("_", "-")
-                    bound = (f"in [{low}, {high}]" if high < math.inf else
-                             f"{'greater than' if name in positive else 'at least'} {low}")
-                    raise ValueError(f"{flag} must be {bound}, got {value}")
-        m = self.model
+        """Raise a ValueError that names the first bad value by its flag, before any data is read or file written."""
+        t, m, d = self.train, self.model, self.diffusion
+        for flag, value in (("--batch-size", t.batch_size), ("--log-every", t.log_every),
+                            ("--ckpt-every", t.ckpt_every), ("--keep-ckpts", t.keep_ckpts), ("--model.ch", m.ch),
+                            ("--model.num-res-blocks", m.num_res_blocks), ("--model.in-channels", m.in_channels),
+                            ("--model.resolution", m.resolution), ("--diffusion.num-timesteps", d.num_timesteps)):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
+        for flag, value in (("--steps", t.steps), ("--warmup", t.warmup), ("--sample-every", t.sample_every)):
+            if value < 0:  # 0 means: until stopped, no warmup, no grids
+                raise ValueError(f"{flag} must be at least 0, got {value}")
+        if not t.lr > 0:  # 0 would leave the weights as initialised (and NaN fails here too)
+            raise ValueError(f"--lr must be greater than 0, got {t.lr}")
+        if not t.grad_clip > 0:
+            raise ValueError(f"--grad-clip must be greater than 0, got {t.grad_clip}")
+        if not 0 <= t.ema_decay <= 1:
+            raise ValueError(f"--ema-decay must be in [0, 1], got {t.ema_decay}")
+        if not 0 <= m.dropout <= 0.999:
+            raise ValueError(f"--model.dropout must be in [0, 0.999], got {m.dropout}")
+        if t.precision not in PRECISIONS:
+            raise ValueError(f"--precision: unknown precision {t.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if not m.ch_mult or min(m.ch_mult) < 1:
             raise ValueError(f"--model.ch-mult needs one positive multiplier per level, got {m.ch_mult}")
         levels = [m.resolution >> level for level in range(len(m.ch_mult))]
         if set(m.attn_resolutions) - set(levels):
             raise ValueError(f"--model.attn-resolutions {','.join(map(str, m.attn_resolutions))} names a size that is "
                              f"no level of this U-Net; use some of {','.join(map(str, levels))}, or '' for none")
-        autocast("cpu", self.train.precision)  # an unknown precision raises here
-        UNet.check_shape(self.model.ch, self.model.ch_mult, self.model.resolution)
-        d = self.diffusion
+        UNet.check_shape(m.ch, m.ch_mult, m.resolution)
         GaussianDiffusion.check_types(d.model_mean_type, d.model_var_type, d.loss_type)
         get_beta_schedule(d.beta_schedule, d.num_timesteps)  # an unknown schedule or a beta > 1 raises here
 
@@ -862,7 +803,7 @@ class Config:
         kwargs = {"preset": d["preset"]} if "preset" in d else {}
         for name, section in sections.items():
             fields = {g.name: g for g in dataclasses.fields(section)}
-            values = d.get(name, {})
+            values = {k: v for k, v in d.get(name, {}).items() if k != "eval_bpd"}  # retired; older files hold it
             if set(values) - set(fields):
                 raise ValueError(f"unknown {name} config field(s) {sorted(set(values) - set(fields))}; "
                                  f"valid: {sorted(fields)}")
@@ -895,8 +836,7 @@ PRESETS = {
                              model=ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                                                dropout=0.1, in_channels=1, resolution=8),
                              train=TrainConfig(data="digits", lr=2e-3, batch_size=128, warmup=100, ema_decay=0.995,
-                                               randflip=False, steps=1000, sample_every=1000, ckpt_every=500,
-                                               eval_bpd=100)),
+                                               randflip=False, steps=1000, sample_every=1000, ckpt_every=500)),
 }
 
 
@@ -922,7 +862,40 @@ def create_model_and_diffusion(config):
     return model, diffusion
 
 
-# ---- 8. Checkpoints: plain tensors and Python values, written atomically -------------------------------------------
+# ---- 7. Checkpoints and progress: plain tensors and Python values, written atomically; a bar for long loops -------
+
+def progress_bar(iterable, total=None, desc="", enable=True):
+    """`iterable` with a progress bar: tqdm when installed (redrawn once a minute in a log file, so a week-long run
+    does not write gigabytes), else a plain line on stderr every 10% with the time spent and an estimate of the rest."""
+    if not enable:
+        return iterable
+    total = len(iterable) if total is None else total
+    try:
+        from tqdm.auto import tqdm
+        interval = 0.1 if sys.stderr.isatty() else 60
+        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=interval)
+    except ImportError:
+        return _plain_progress(iterable, total, desc)
+
+
+def _plain_progress(iterable, total, desc):
+    start = time.time()
+    for i, item in enumerate(iterable):
+        if i % max(1, total // 10) == 0:
+            spent = time.time() - start
+            rest = f", about {spent * (total - i) / i:.0f} s left" if i else ""
+            print(f"{desc} {i}/{total}, {spent:.0f} s{rest}", file=sys.stderr, flush=True)
+        yield item
+
+
+def _log(line):
+    """Print a line without breaking a tqdm bar."""
+    try:
+        from tqdm.auto import tqdm
+        tqdm.write(line)
+    except ImportError:
+        print(line, flush=True)
+
 
 def atomic_write(path, write):
     """Call write(f) on a temporary file, fsync, then rename it over `path`: a crash or Ctrl-C mid-write
@@ -996,10 +969,10 @@ def load_model(path, device="cpu", use_ema=True):
     config = Config.from_dict(ckpt["config"])
     model, diffusion = create_model_and_diffusion(config)
     model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
-    return optimize_model(model.to(device)).eval(), diffusion, config
+    return model.to(device, memory_format=torch.channels_last).eval(), diffusion, config
 
 
-# ---- 9. Data: uint8 NHWC arrays in memory, scaled to [-1, 1] per batch as the official tpu_utils does --------------
+# ---- 8. Data: uint8 NHWC arrays in memory, scaled to [-1, 1] per batch as the official tpu_utils does --------------
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -1026,23 +999,18 @@ def download(url, path, algorithm, digest, fix):
     call, so a corrupt or substituted file is refused before it is used. `fix` says what to do without network."""
     if not os.path.exists(path):
         import urllib.request
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.part{os.getpid()}"
         print(f"downloading {url} to {path}", file=sys.stderr)
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    f.write(block)
-            if file_digest(tmp, algorithm) != digest:
-                raise ValueError(f"the file downloaded from {url} has the wrong {algorithm} (expected {digest}); the "
-                                 f"download is corrupt or the address serves another file, so nothing was kept: run "
-                                 f"again, or {fix}")
-            os.replace(tmp, path)
+            with urllib.request.urlopen(url, timeout=60) as response:
+                data = response.read()
         except OSError as e:  # urllib's URLError is an OSError
             raise ConnectionError(f"cannot download {url} ({e}); {fix}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        if hashlib.new(algorithm, data).hexdigest() != digest:
+            raise ValueError(f"the file downloaded from {url} has the wrong {algorithm} (expected {digest}); the "
+                             f"download is corrupt or the address serves another file, so nothing was kept: run "
+                             f"again, or {fix}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, lambda f: f.write(data))
     if file_digest(path, algorithm) != digest:
         raise ValueError(f"{path} has the wrong {algorithm} (corrupt, truncated or another file); delete it to "
                          f"download it again, or {fix}")
@@ -1183,11 +1151,103 @@ def unnormalize_data(x):
     return ((x.detach().float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-# ---- 10. Training (Algorithm 1): Adam with warmup, global-norm clipping, EMA, crash-safe checkpoints, DDP ----------
+# ---- 9. Sampling a model: Algorithm 2 or DDIM in batches, PNG grids and .npz files --------------------------------
+
+def save_image_grid(images, path, nrow=8):
+    """Write uint8 images [N, H, W, C] as one PNG, nrow per row, 1-pixel gray gaps between them; images
+    under 32 px are enlarged (nearest) so 8x8 digits can be seen."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("writing PNG grids needs Pillow: pip install pillow") from None
+    (n, H, W, C), nrow = images.shape, min(nrow, len(images))
+    rows, scale = -(-n // nrow), max(1, 32 // H)
+    grid = np.full((rows * (H + 1) - 1, nrow * (W + 1) - 1, C), 128, np.uint8)
+    for i, image in enumerate(images):
+        r, c = i // nrow * (H + 1), i % nrow * (W + 1)
+        grid[r:r + H, c:c + W] = image
+    Image.fromarray(grid[..., 0] if C == 1 else grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                                              Image.NEAREST).save(path)
+
+
+def sample_images(model, diffusion, n, seed=0, progress=False, ddim_eta=None, frames=None, generator=None):
+    """n samples by Algorithm 2 (DDIM with ddim_eta) as float [n, C, H, W] in [-1, 1], the noise drawn from
+    `generator`, else from `seed` on the model's device. With `frames`, a collection of code indices, the x0
+    estimates at those indices instead, from T-1 down to 0, as [n, len(frames), C, H, W]: the paper's Figure 6."""
+    device = _model_device(model)
+    generator = generator or torch.Generator(device).manual_seed(seed)
+    step = None if ddim_eta is None else functools.partial(diffusion.ddim_sample, eta=ddim_eta)
+    shape = (n, model.in_channels, model.resolution, model.resolution)
+    outs = diffusion.p_sample_loop_progressive(model, shape, generator=generator, device=device, step=step)
+    outs = progress_bar(outs, diffusion.num_timesteps, "sampling", progress)
+    if frames is not None:
+        return torch.stack([out["pred_xstart"] for out in outs if out["t"] in frames], dim=1)
+    for out in outs:  # Algorithm 2 to its end: the sample is the last step's
+        pass
+    return out["sample"]
+
+
+def sample_batch(model, diffusion, seed, i, n, ddim_eta=None, progress=False):
+    """Batch i of a sample run: n samples as uint8 [n, H, W, C], drawn from a seed derived from (seed, i), so
+    a run gives the same images whichever of its batches are drawn again (evaluate.py's resumable sampler)."""
+    batch_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+    x = sample_images(model, diffusion, n, batch_seed, progress, ddim_eta)
+    if not torch.isfinite(x).all():  # uint8 would hide it: NaN becomes a black pixel
+        raise FloatingPointError(f"{int((~torch.isfinite(x)).sum())} non-finite pixels in a batch of {n} samples: "
+                                 f"the model diverged; sample an earlier checkpoint")
+    return unnormalize_data(x)
+
+
+def save_samples(out, images, record=None):
+    """Write uint8 images [N, H, W, C] as out/samples_{N}x{H}x{W}x{C}.npz (under 'arr_0', as the FID tools read
+    them; with `record`, a dict of the settings that made them, as JSON under 'record') and the first 64 as
+    out/samples.png; returns the .npz path."""
+    path = os.path.join(out, "samples_{}.npz".format("x".join(map(str, images.shape))))
+    arrays = {"arr_0": images} if record is None else {"arr_0": images, "record": np.array(json.dumps(record))}
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    save_image_grid(images[:64], os.path.join(out, "samples.png"))
+    print(f"wrote {path} (uint8 {images.shape}, key 'arr_0') and {os.path.join(out, 'samples.png')}")
+    return path
+
+
+def save_progressive(model, diffusion, n, seed, out, ddim_eta=None):
+    """Figure 6 as out/progressive.png: one row per sample, the x0 estimates at t = T and every T/20 steps."""
+    T = diffusion.num_timesteps
+    frames = sample_images(model, diffusion, n, seed, True, ddim_eta, frames={T - 1, *range(0, T, max(1, T // 20))})
+    path = os.path.join(out, "progressive.png")
+    save_image_grid(unnormalize_data(frames.flatten(0, 1)), path, frames.shape[1])
+    print(f"wrote {path}: {n} rows of x0 estimates, t = T .. 1")
+
+
+# ---- 10. Training (Algorithm 1): Adam with warmup, global-norm clipping, EMA, crash-safe checkpoints, DDP ---------
 
 # train fields a resumed run may change; any other difference from the checkpoint's config refuses to resume
-RESUMABLE_FIELDS = ("steps", "log_every", "sample_every", "ckpt_every", "keep_ckpts", "eval_bpd", "precision",
-                    "compile", "out")
+RESUMABLE_FIELDS = ("steps", "log_every", "sample_every", "ckpt_every", "keep_ckpts", "precision", "compile", "out")
+
+
+def update_ema(ema_params, params, decay):
+    """ema <- decay ema + (1 - decay) param for every pair, in place: TF's ExponentialMovingAverage (decay 0.9999
+    in the paper), as one multi-tensor lerp over all tensors (torch.optim.swa_utils' EMA), not a kernel per tensor."""
+    torch.optim.swa_utils.get_ema_multi_avg_fn(decay)(list(ema_params), list(params), None)
+
+
+def adam(params, lr):
+    """The paper's Adam (beta1 0.9, beta2 0.999, eps 1e-8), fused into one kernel over all tensors where this torch
+    supports it on the parameters' device (CUDA; CPU from torch 2.4), else torch's default multi-tensor Adam."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    except RuntimeError:  # "fused=True requires ... supported devices": an older torch on the CPU
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def autocast(device, precision="fp32"):
+    """The context to run the U-Net in: 'fp32' (the default, the paper's numbers) changes nothing;
+    'bf16' runs convolutions and matmuls in bfloat16 with fp32 accumulation (torch.autocast), 2-3x faster
+    on CPUs with AVX512-BF16/AMX and on GPUs; the diffusion's own math stays fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @functools.lru_cache(maxsize=4)
@@ -1218,38 +1278,24 @@ def config_diff(config, other):
 
 
 def _rng_state(generator, world):
-    """Every RNG the run draws from: torch CPU/CUDA (dropout; one per rank), numpy, python and the generator of
-    t, noise and flips. numpy's key becomes a tensor so the checkpoint stays weights_only-loadable."""
+    """Every RNG the run draws from: the generator of t, noise and flips, and torch's CPU and CUDA RNGs (dropout; one
+    per rank)."""
     local = [torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None]
     per_rank = [local]
     if world > 1:
         per_rank = [None] * world
         dist.all_gather_object(per_rank, local)
-    np_state = np.random.get_state()
-    return {"torch": [s[0] for s in per_rank], "cuda": [s[1] for s in per_rank], "generator": generator.get_state(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate()}
+    return {"torch": [s[0] for s in per_rank], "cuda": [s[1] for s in per_rank], "generator": generator.get_state()}
 
 
 def _set_rng_state(state, generator, rank, world):
-    generator.set_state(state["generator"])
-    np.random.set_state((state["numpy"][0], state["numpy"][1].numpy().astype(np.uint32), *state["numpy"][2:]))
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    generator.set_state(state["generator"])  # older checkpoints also hold numpy's and python's: nothing draws from them
     if len(state["torch"]) != world:  # another world size: dropout streams cannot be mapped, so reseed them
         print(f"note: resuming {len(state['torch'])} rank(s) as {world}; dropout is reseeded, not bit for bit")
         return
     torch.set_rng_state(state["torch"][rank])
     if state["cuda"][rank] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"][rank])
-
-
-def _log(line):
-    """Print a line without breaking a tqdm bar."""
-    try:
-        from tqdm.auto import tqdm
-        tqdm.write(line)
-    except ImportError:
-        print(line, flush=True)
 
 
 def setup_distributed():
@@ -1421,6 +1467,37 @@ def write_run_config(config, out, model, data, world, device):
           f"on {device.type}; {config.train.precision}; run directory {out}")
 
 
+def start_train_state(config, out, rank, world, device):
+    """(TrainState, diffusion): theta from train.seed (the same on every rank), its EMA and Adam, or all of them as
+    the newest checkpoint in `out` left them."""
+    tc = config.train
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank and in every run with this seed
+    model, diffusion = create_model_and_diffusion(config)
+    # channels_last (NHWC), which oneDNN and cuDNN convolve without reordering; before the EMA copies the model
+    model.to(device, memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    state = TrainState(model, ema, adam(model.parameters(), tc.lr), torch.Generator(device).manual_seed(tc.seed))
+    torch.manual_seed(tc.seed + 1 + rank)  # dropout: its own stream per rank
+    resume_train_state(state, config, out, rank, world)
+    return state, diffusion
+
+
+def draw_batch(data, step, generator, config, rank, world, device):
+    """This rank's (x_0, t, eps) of Algorithm 1 at `step`, each [B / ranks, ...] on `device`: x_0 ~ q(x_0) by
+    batch_indices (flipped at random with train.randflip), t ~ U{0..T-1}, eps ~ N(0, I). The draws are made for the
+    global batch B on every rank, which keeps its slice: so N ranks compute exactly what one process would."""
+    B, b, T = config.train.batch_size, config.train.batch_size // world, config.diffusion.num_timesteps
+    shard = slice(rank * b, (rank + 1) * b)
+    x = normalize_data(data[batch_indices(step, B, len(data), config.train.seed)[shard]]).to(device, non_blocking=True)
+    t = torch.randint(0, T, (B,), generator=generator, device=device)[shard]
+    noise = torch.randn((B, *x.shape[1:]), generator=generator, device=device)[shard]
+    flip = torch.rand(B, generator=generator, device=device)[shard] < 0.5  # drawn with or without flips: one stream
+    if config.train.randflip:
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    x, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x, noise))  # like the model's weights
+    return x, t, noise
+
+
 def train(config, resume=False):
     """Algorithm 1 with the official recipe: t ~ U{0..T-1}, L_simple (or config.diffusion.loss_type) averaged over
     the global batch, Adam(eps 1e-8) with lr_k = lr * min(k / warmup, 1) for the k-th update (k from 0), gradients
@@ -1435,22 +1512,16 @@ def train(config, resume=False):
     rank, world, device = setup_distributed()
     out = tc.out or os.path.join("runs", config.preset)
     data = load_training_data(config, out, resume, rank, world)
-    torch.manual_seed(tc.seed)  # the same initial weights on every rank and in every run with this seed
-    model, diffusion = create_model_and_diffusion(config)
-    optimize_model(model.to(device))  # channels_last, before the EMA copies the model
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    state = TrainState(model, ema, adam(model.parameters(), tc.lr), torch.Generator(device).manual_seed(tc.seed))
-    torch.manual_seed(tc.seed + 1 + rank)  # dropout: its own stream per rank
-    resume_train_state(state, config, out, rank, world)
+    state, diffusion = start_train_state(config, out, rank, world, device)
+    model = state.model  # what runs (wrapped for DDP and compiled); state.model is what is saved
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    model = optimize_model(model, channels_last=False, compile=tc.compile)  # what runs; state.model is what is saved
+    if tc.compile:  # fused GroupNorm, swish and adds; the first call takes minutes
+        model = torch.compile(model)
     if rank == 0:
         write_run_config(config, out, state.model, data, world, device)
-    B, b = tc.batch_size, tc.batch_size // world
-    shard = slice(rank * b, (rank + 1) * b)  # this rank's part of the global batch
-    start, stopping, metrics = state.step, False, Metrics(device, state.step)
+    start, metrics = state.step, Metrics(device, state.step)
     model.train()
     with StopOnSignal() as stop:
         steps = range(start, tc.steps) if tc.steps else itertools.count(start)  # steps 0: until stopped
@@ -1458,15 +1529,7 @@ def train(config, resume=False):
             lr = tc.lr * min(step / tc.warmup, 1.0) if tc.warmup else tc.lr  # k = step: the first update has lr 0
             for group in state.opt.param_groups:
                 group["lr"] = lr
-            # x_0 ~ q(x_0), t ~ Uniform, eps ~ N(0, I) and the flips are drawn for the global batch on every rank,
-            # which keeps its slice: so N ranks compute exactly what one process would with the same global batch.
-            x = normalize_data(data[batch_indices(step, B, len(data), tc.seed)[shard]]).to(device, non_blocking=True)
-            t = torch.randint(0, T, (B,), generator=state.generator, device=device)[shard]
-            noise = torch.randn((B, *x.shape[1:]), generator=state.generator, device=device)[shard]
-            flip = torch.rand(B, generator=state.generator, device=device)[shard] < 0.5
-            if tc.randflip:
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            x, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x, noise))  # like the model's
+            x, t, noise = draw_batch(data, step, state.generator, config, rank, world, device)
             with autocast(device, tc.precision):
                 losses = diffusion.training_losses(model, x, t, noise=noise)["loss"].float()  # [b]
             loss = losses.mean()
@@ -1474,57 +1537,39 @@ def train(config, resume=False):
             loss.backward()  # DDP averages the rank means: the global batch mean
             grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip)
             state.opt.step()
-            update_ema(ema.parameters(), state.model.parameters(), 1e-10 if step == 0 else tc.ema_decay)
+            update_ema(state.ema.parameters(), state.model.parameters(), 1e-10 if step == 0 else tc.ema_decay)
             metrics.add(loss, grad_norm, losses, t, T)
-            state.step = step = step + 1
-
-            stopping = stop.signal is not None and world == 1  # several ranks agree on a stop only at log steps
-            if step % tc.log_every == 0 or step == tc.steps:
-                metrics.check_finite(step, state.last_good)
-                stopping = metrics.log(step, lr, B, stop.signal is not None, rank, world, out)
-            t_pause = time.time()
-            if rank == 0 and tc.sample_every and step % tc.sample_every == 0:  # the same noise every time
-                save_image_grid(unnormalize_data(sample_images(ema, diffusion, 64, seed=tc.seed)),
-                                os.path.join(out, f"samples-{step:07d}.png"))
-            if step % tc.ckpt_every == 0 or step == tc.steps or stopping:
-                metrics.check_finite(step, state.last_good)
-                save_train_state(state, config, out, rank, world)
-            metrics.paused += time.time() - t_pause  # img/s counts training only
-            if stopping and rank == 0:
-                print(f"stopped by {stop.signal or 'a signal on another rank'} at step {step}; checkpoint "
-                      f"{state.last_good} written; continue with the same command plus --resume")
-            if stopping:
+            state.step = step + 1
+            if after_step(state, diffusion, metrics, config, out, lr, stop.signal, rank, world):
                 break
     if rank == 0:
         print(f"trained steps {start}..{state.step} in {(time.time() - t_start) / 60:.1f} min; run directory {out}")
-    if tc.eval_bpd and not stopping:
-        report_test_nll(ema, diffusion, config, out, state.step, rank, world)
     return out
 
 
-def report_test_nll(ema, diffusion, config, out, step, rank, world):
-    """`train --eval-bpd N`: dataset_bpd of the EMA on the first N test images in batches of the per-rank batch size
-    (train.batch_size / ranks), noise from train.seed, the batches split across the ranks; prints and logs the
-    mean. `evaluate.py nll` with that --batch-size, --seed and --max-examples prints the same number."""
-    tc, m = config.train, config.model
-    test = load_data(tc.data, "test", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
-    x_start, done = normalize_data(test[:tc.eval_bpd]), {}
-    batch_size = tc.batch_size // world
-    batches = range(rank, -(-len(x_start) // batch_size), world)
-    if len(batches):  # a rank may have none: 1 batch, 2 ranks
-        dataset_bpd(ema, diffusion, x_start, batch_size, tc.seed, batches=batches, done=done, progress=rank == 0)
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, done)
-        done = {b: arrays for part in parts for b, arrays in part.items()}
-    bpd = np.concatenate([done[b]["total_bpd"] for b in sorted(done)])
-    if rank == 0:
-        print(f"test NLL {bpd.mean():.4f} +- {bpd.std(ddof=1) / len(bpd) ** 0.5:.4f} bits/dim on {len(bpd)} "
-              f"{tc.data} test images (calc_bpd_loop, EMA weights, T={config.diffusion.num_timesteps}, batch "
-              f"{batch_size}, seed {tc.seed})")
-        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, "test_bpd": float(bpd.mean()), "test_images": len(bpd)}) + "\n")
+def after_step(state, diffusion, metrics, config, out, lr, signal_name, rank, world):
+    """What happens every k steps: a log line, an EMA sample grid, a checkpoint (also at the end and on a stop
+    request). Returns whether to stop: at once on one rank; with several, when they meet at a log step."""
+    tc, step = config.train, state.step
+    stopping = signal_name is not None and world == 1
+    if step % tc.log_every == 0 or step == tc.steps:
+        metrics.check_finite(step, state.last_good)
+        stopping = metrics.log(step, lr, tc.batch_size, signal_name is not None, rank, world, out)
+    t_pause = time.time()
+    if rank == 0 and tc.sample_every and step % tc.sample_every == 0:  # the same noise every time
+        save_image_grid(unnormalize_data(sample_images(state.ema, diffusion, 64, seed=tc.seed)),
+                        os.path.join(out, f"samples-{step:07d}.png"))
+    if step % tc.ckpt_every == 0 or step == tc.steps or stopping:
+        metrics.check_finite(step, state.last_good)
+        save_train_state(state, config, out, rank, world)
+    metrics.paused += time.time() - t_pause  # img/s counts training only
+    if stopping and rank == 0:
+        print(f"stopped by {signal_name or 'a signal on another rank'} at step {step}; checkpoint "
+              f"{state.last_good} written; continue with the same command plus --resume")
+    return stopping
 
+
+# ---- 11. The NLL over a data set: the bound in bits/dim, batch by batch, resumable --------------------------------
 
 NLL_KEYS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
 
@@ -1553,71 +1598,7 @@ def dataset_bpd(model, diffusion, x_start, batch_size=256, seed=0, clip_denoised
     return {k: np.concatenate([done[b][k] for b in batches]) for k in NLL_KEYS}
 
 
-# ---- 11. Sampling a checkpoint and the command line ---------------------------------------------------------------
-
-def save_image_grid(images, path, nrow=8):
-    """Write uint8 images [N, H, W, C] as one PNG, nrow per row, 1-pixel gray gaps between them; images
-    under 32 px are enlarged (nearest) so 8x8 digits can be seen."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise ImportError("writing PNG grids needs Pillow: pip install pillow") from None
-    (n, H, W, C), nrow = images.shape, min(nrow, len(images))
-    rows, scale = -(-n // nrow), max(1, 32 // H)
-    grid = np.full((rows * (H + 1) - 1, nrow * (W + 1) - 1, C), 128, np.uint8)
-    for i, image in enumerate(images):
-        r, c = i // nrow * (H + 1), i % nrow * (W + 1)
-        grid[r:r + H, c:c + W] = image
-    Image.fromarray(grid[..., 0] if C == 1 else grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                                              Image.NEAREST).save(path)
-
-
-def sample_images(model, diffusion, n, seed=0, progress=False, ddim_eta=None, frames=None, generator=None):
-    """n samples by Algorithm 2 (DDIM with ddim_eta) as float [n, C, H, W] in [-1, 1], the noise drawn from
-    `generator`, else from `seed` on the model's device. With `frames`, a collection of code indices, the x0
-    estimates at those indices instead, from T-1 down to 0, as [n, len(frames), C, H, W]: the paper's Figure 6."""
-    device = _model_device(model)
-    generator = generator or torch.Generator(device).manual_seed(seed)
-    step = None if ddim_eta is None else functools.partial(diffusion.ddim_sample, eta=ddim_eta)
-    shape = (n, model.in_channels, model.resolution, model.resolution)
-    if frames is None:
-        return diffusion.p_sample_loop(model, shape, progress=progress, generator=generator, device=device, step=step)
-    outs = diffusion.p_sample_loop_progressive(model, shape, progress=progress, generator=generator, device=device,
-                                               step=step)
-    return torch.stack([out["pred_xstart"] for out in outs if out["t"] in frames], dim=1)
-
-
-def sample_batch(model, diffusion, seed, i, n, ddim_eta=None, progress=False):
-    """Batch i of a sample run: n samples as uint8 [n, H, W, C], drawn from a seed derived from (seed, i), so
-    a run gives the same images whichever of its batches are drawn again (evaluate.py's resumable sampler)."""
-    batch_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-    x = sample_images(model, diffusion, n, batch_seed, progress, ddim_eta)
-    if not torch.isfinite(x).all():  # uint8 would hide it: NaN becomes a black pixel
-        raise FloatingPointError(f"{int((~torch.isfinite(x)).sum())} non-finite pixels in a batch of {n} samples: "
-                                 f"the model diverged; sample an earlier checkpoint")
-    return unnormalize_data(x)
-
-
-def save_samples(out, images, record=None):
-    """Write uint8 images [N, H, W, C] as out/samples_{N}x{H}x{W}x{C}.npz (under 'arr_0', as the FID tools read
-    them; with `record`, a dict of the settings that made them, as JSON under 'record') and the first 64 as
-    out/samples.png; returns the .npz path."""
-    path = os.path.join(out, "samples_{}.npz".format("x".join(map(str, images.shape))))
-    arrays = {"arr_0": images} if record is None else {"arr_0": images, "record": np.array(json.dumps(record))}
-    atomic_write(path, lambda f: np.savez(f, **arrays))
-    save_image_grid(images[:64], os.path.join(out, "samples.png"))
-    print(f"wrote {path} (uint8 {images.shape}, key 'arr_0') and {os.path.join(out, 'samples.png')}")
-    return path
-
-
-def save_progressive(model, diffusion, n, seed, out, ddim_eta=None):
-    """Figure 6 as out/progressive.png: one row per sample, the x0 estimates at t = T and every T/20 steps."""
-    T = diffusion.num_timesteps
-    frames = sample_images(model, diffusion, n, seed, True, ddim_eta, frames={T - 1, *range(0, T, max(1, T // 20))})
-    path = os.path.join(out, "progressive.png")
-    save_image_grid(unnormalize_data(frames.flatten(0, 1)), path, frames.shape[1])
-    print(f"wrote {path}: {n} rows of x0 estimates, t = T .. 1")
-
+# ---- 12. The command line: train and sample ------------------------------------------------------------------------
 
 def sample_command(checkpoint, n=64, batch_size=256, seed=0, out="", progressive=False, device="", respacing="",
                    ddim_eta=None):
@@ -1723,8 +1704,6 @@ def main(argv=None):
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1, ...; default: cuda if available")
     p.add_argument("--respacing", default="", help="fewer steps: '100', '50,25,10' or 'ddim50' (space_timesteps)")
     p.add_argument("--ddim-eta", type=float, default=None, help="sample with DDIM at this eta (0: deterministic)")
-    for q in (parser, *commands.choices.values()):  # read "--lr -1e-3" as a value, as Python 3.13's argparse does
-        q._negative_number_matcher = re.compile(r"^-\.?\d")
     args = parser.parse_args(argv)
     try:
         run_cli(lambda a: train(config_from_args(a), resume=a.resume) if a.command == "train" else

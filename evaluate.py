@@ -187,7 +187,7 @@ def load_pretrained(path, device="cpu", preset=None):
     except (KeyError, RuntimeError) as e:  # a key the architecture is read from, or torch's list of misfits
         raise ValueError(f"{path!r} does not fit the DDPM U-Net its shapes describe; it is damaged or another "
                          f"model: {type(e).__name__}: {e}") from None
-    return ddpm.optimize_model(model.to(device)).eval(), diffusion, config
+    return model.to(device, memory_format=torch.channels_last).eval(), diffusion, config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ class BatchFolder(dict):
 
 def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_denoised=True, out_dir=None,
                  run_info=None, progress=True):
-    """ddpm.dataset_bpd (the routine `train --eval-bpd` uses) over a whole data set, resumable.
+    """ddpm.dataset_bpd over a whole data set, resumable.
 
     x_start: float [N, C, H, W] in [-1, 1] (CPU; each batch moves to the model's device). Returns its numpy float32
     arrays {'total_bpd' [N], 'prior_bpd' [N], 'vb' [N, T], 'xstart_mse' [N, T], 'mse' [N, T]}; batch b draws its
@@ -1363,7 +1363,7 @@ def table2_config(row, settings, out):
     d.num_timesteps = settings["timesteps"]
     tc.steps, tc.seed, tc.out = settings["steps"], settings["seed"], out
     tc.ckpt_every, tc.keep_ckpts = max(1, settings["steps"] // 2), 2
-    tc.eval_bpd = tc.sample_every = 0  # the table measures both itself
+    tc.sample_every = 0  # the table measures the samples itself
     return config
 
 
