@@ -1659,15 +1659,16 @@ def test_sample_chunks_resume(tmp_path, images):
     seed = int(np.random.SeedSequence([0, 0]).generate_state(1)[0])  # chunk 0 of --seed 0
     chunk = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 2, seed))
     os.makedirs(tmp_path / "resumed")
-    record = np.load(tmp_path / "fresh" / "samples_3x8x8x3.npz")["record"]  # the settings, as a chunk records them
-    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00000.npz", arr_0=chunk, record=record)
+    import shutil  # the settings, as an interrupted run records them
+    shutil.copy(tmp_path / "fresh" / "settings.json", tmp_path / "resumed" / "settings.json")
+    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00000.npz", arr_0=chunk)
     evaluate.main([*args, str(tmp_path / "resumed")])
     ddpm.main([*args, str(tmp_path / "plain")])
     fresh, resumed, plain = (np.load(tmp_path / d / "samples_3x8x8x3.npz")["arr_0"] for d in ("fresh", "resumed", "plain"))
     assert np.array_equal(fresh, resumed) and np.array_equal(fresh, plain)
     # the last chunk draws only the remainder; one left by a run with another --n is drawn again at its size
     last = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 1, seed))
-    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00001.npz", arr_0=last, record=record)
+    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00001.npz", arr_0=last)
     evaluate.main([*args[:4], "4", *args[5:], str(tmp_path / "resumed")])
     assert np.load(tmp_path / "resumed" / "samples_4x8x8x3.npz")["arr_0"].shape == (4, 8, 8, 3)
 
@@ -1959,8 +1960,9 @@ import torch.nn.functional as F
 
 try:
     import evaluate
+    import experiments
 except ModuleNotFoundError:  # ddpm.py and this file copied alone: the math check runs, these tests fail loudly
-    evaluate = None
+    evaluate = experiments = None
 
 
 def _random_cov(rng, d, rank=None):
@@ -2086,8 +2088,8 @@ def inception_standin(tmp_path):
     return net, path
 
 
-def _run_cli(capsys, argv):
-    result = evaluate.main(argv)
+def _run_cli(capsys, argv, main=None):
+    result = (main or evaluate.main)(argv)
     return result, capsys.readouterr().out
 
 
@@ -2173,7 +2175,7 @@ def test_inception_bad_input(tmp_path, inception_standin):
         evaluate.inception_outputs(net, np.zeros((4, 3, 8, 8), np.uint8), progress=False)  # NCHW, not NHWC
     np.savez(tmp_path / "floats.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="uint8"):
-        evaluate.load_images(str(tmp_path / "floats.npz"))
+        ddpm.load_data(str(tmp_path / "floats.npz"))
     np.savez(tmp_path / "bad_stats.npz", m=np.zeros(3), s=np.eye(3))
     with pytest.raises(ValueError, match="mu"):
         evaluate.load_fid_stats(str(tmp_path / "bad_stats.npz"))
@@ -2259,7 +2261,7 @@ def test_nll_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert len(calls) == 2  # batches 1 and 2 only; batch 0 came from disk
     for k in evaluate.NLL_KEYS:
         assert np.array_equal(full[k], resumed[k]), k
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="holds batches made with other --batch-size .*use another --out"):
         evaluate.evaluate_nll(model, diffusion, x, batch_size=3, seed=3, out_dir=str(tmp_path / "b"), progress=False)
 
 
@@ -2465,21 +2467,21 @@ def test_sample_never_mixes_chunks_of_other_settings(tmp_path, one_thread, monke
     assert capsys.readouterr().err.splitlines()[-1] == \
         f"interrupted: 1 of 2 chunks are kept in {tmp_path / 'out'}; rerun the same command to continue"
     monkeypatch.setattr(ddpm, "sample_images", sample_images)
-    assert sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz", "settings.json"]
     chunk = np.load(tmp_path / "out" / "chunk-seed0-batch2-00000.npz")["arr_0"]
     for flags, setting in ((["--respacing", "10"], "--respacing"), (["--ddim-eta", "0"], "--ddim-eta")):
         calls.clear()
         monkeypatch.setattr(ddpm, "sample_images", interrupted)  # a refusal draws nothing
-        with pytest.raises(SystemExit, match=f"^error: .*chunk-seed0-batch2-00000.npz was sampled with other {setting} "
+        with pytest.raises(SystemExit, match=f"^error: .*out holds samples made with other {setting} "
                                              f".*use another --out"):
             _sample_cli(tmp_path / "ckpt.pt", tmp_path / "out", *flags)
-        assert calls == [] and sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz"]
+        assert calls == [] and sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz", "settings.json"]
         assert np.array_equal(np.load(tmp_path / "out" / "chunk-seed0-batch2-00000.npz")["arr_0"], chunk)
     monkeypatch.setattr(ddpm, "sample_images", sample_images)
     other = ddpm.load_checkpoint(tmp_path / "ckpt.pt")  # the same config with other weights, at the same path
     other["ema"] = {k: v + 0.01 for k, v in other["ema"].items()}
     ddpm.save_checkpoint(tmp_path / "other.pt", other)
-    with pytest.raises(SystemExit, match=r"was sampled with other weights .*ckpt.pt sha256 [0-9a-f]{12}, now .*other.pt"):
+    with pytest.raises(SystemExit, match=r"holds samples made with other weights .*ckpt.pt sha256 [0-9a-f]{12}, now .*other.pt"):
         _sample_cli(tmp_path / "other.pt", tmp_path / "out")
     assert np.array_equal(_sample_cli(tmp_path / "ckpt.pt", tmp_path / "out"), fresh)  # the chunk reused, the rest drawn
     # the record is the weights' content, not their path: a copy at another path reuses the file
@@ -2495,7 +2497,7 @@ def test_sample_refuses_a_stale_final_file(tmp_path, one_thread, capsys):
     stamp = os.stat(tmp_path / "out" / "samples_3x8x8x1.npz").st_mtime_ns
     for ckpt, flags, setting in (("b.pt", [], "weights"), ("a.pt", ["--respacing", "10"], "--respacing"),
                                  ("a.pt", ["--seed", "1"], "--seed"), ("a.pt", ["--batch-size", "3"], "--batch-size")):
-        with pytest.raises(SystemExit, match=f"^error: .*samples_3x8x8x1.npz was sampled with other {setting} "):
+        with pytest.raises(SystemExit, match=f"^error: .*out holds samples made with other {setting} "):
             _sample_cli(tmp_path / ckpt, tmp_path / "out", *flags)  # a later --batch-size overrides the first
     assert os.stat(tmp_path / "out" / "samples_3x8x8x1.npz").st_mtime_ns == stamp  # kept as it was
     import shutil
@@ -2503,8 +2505,10 @@ def test_sample_refuses_a_stale_final_file(tmp_path, one_thread, capsys):
     capsys.readouterr()
     assert np.array_equal(_sample_cli(tmp_path / "copy.pt", tmp_path / "out"), made)
     assert "already exists with these settings; nothing to do" in capsys.readouterr().out
-    np.savez(tmp_path / "out" / "samples_3x8x8x1.npz", arr_0=made)  # a file with no record: not taken as done
-    with pytest.raises(SystemExit, match="holds no record of the settings it was sampled with; delete it"):
+    os.remove(tmp_path / "out" / "settings.json")  # a file with no record (`ddpm.py sample`'s): not taken as done
+    np.savez(tmp_path / "out" / "samples_3x8x8x1.npz", arr_0=made)
+    with pytest.raises(SystemExit, match="samples_3x8x8x1.npz exists but .* holds no record of the settings it was "
+                                         "made with .*; delete it"):
         _sample_cli(tmp_path / "a.pt", tmp_path / "out")
 
 
@@ -2545,8 +2549,7 @@ def no_work(monkeypatch):
     """Loading a model or data fails the test: what is checked with it must be checked before any work."""
     def work(*args, **kwargs):
         raise AssertionError("work started before the input was checked")
-    for module, name in ((ddpm, "load_model"), (evaluate, "load_for_sampling"), (ddpm, "load_data"),
-                         (evaluate, "load_images")):
+    for module, name in ((ddpm, "load_model"), (evaluate, "load_for_sampling"), (ddpm, "load_data")):
         monkeypatch.setattr(module, name, work)
 
 
@@ -2680,10 +2683,10 @@ def test_ctrl_c_during_sample_says_what_is_kept(tmp_path):
     proc.send_signal(signal.SIGINT)
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 130, err
-    kept = sorted(os.listdir(tmp_path / "out"))
+    kept = [k for k in os.listdir(tmp_path / "out") if k.startswith("chunk-seed0-batch1-")]
     assert "Traceback" not in err and [line for line in err.splitlines() if "interrupted" in line] == \
         [f"interrupted: {len(kept)} of 1000 chunks are kept in {tmp_path / 'out'}; rerun the same command to continue"]
-    assert 1 <= len(kept) < 1000 and all(k.startswith("chunk-seed0-batch1-") for k in kept)
+    assert 1 <= len(kept) < 1000 and sorted(os.listdir(tmp_path / "out")) == sorted(kept + ["settings.json"])
 
 
 # --- digits evidence (issue 12) ---
@@ -2797,13 +2800,13 @@ def test_pixel_categorical_against_counts():
 
 
 def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_score):
-    """`evaluate.py table2` with a tiny budget trains, samples and scores all seven rows (a number or
+    """`experiments.py table2` with a tiny budget trains, samples and scores all seven rows (a number or
     'unstable' in every cell), a rerun reads the finished rows instead of training again and refuses other
-    settings; `evaluate.py steps` on one row's checkpoint prints both samplers at each count and the answer."""
+    settings; `experiments.py steps` on one row's checkpoint prints both samplers at each count and the answer."""
     out = str(tmp_path / "table2")
     argv = ["table2", "--steps", "2", "--timesteps", "25", "--n", "8", "--nll-images", "2", "--jobs", "1",
             "--bootstrap", "3", "--out", out]
-    results, printed = _run_cli(capsys, argv)
+    results, printed = _run_cli(capsys, argv, experiments.main)
     rows = [line for line in printed.splitlines() if line.startswith("| ") and "**" not in line]
     assert len(rows) == 1 + 7 + 2  # header, the paper's six rows and the hybrid, floor and baseline
     for line in rows[1:8]:
@@ -2813,19 +2816,19 @@ def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_
     assert os.path.isfile(os.path.join(out, "eps-Lsimple", "ckpt-0000001.pt"))  # the half-budget checkpoint
     calls, real_train = [], ddpm.train
     monkeypatch.setattr(ddpm, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
-    again, printed_again = _run_cli(capsys, argv)
+    again, printed_again = _run_cli(capsys, argv, experiments.main)
     table = lambda text: text.split("\nTable 2 on 8x8")[1].split("\ntime:")[0]
     assert calls == [] and table(printed_again) == table(printed)
-    with pytest.raises(SystemExit, match="error: .* holds rows made with"):
-        evaluate.main(argv[:2] + ["3"] + argv[3:])
+    with pytest.raises(SystemExit, match="error: .* holds rows made with other --steps .*use another --out"):
+        experiments.main(argv[:2] + ["3"] + argv[3:])
     ckpt = os.path.join(out, "eps-Lsimple", "ckpt-0000002.pt")
     steps, printed = _run_cli(capsys, ["steps", "--checkpoint", ckpt, "--counts", "25,5", "--n", "8", "--device",
-                                       "cpu", "--bootstrap", "3", "--out", str(tmp_path / "steps")])
+                                       "cpu", "--bootstrap", "3", "--out", str(tmp_path / "steps")], experiments.main)
     assert [(r["sampler"], r["evaluations"]) for r in steps] == [("ancestral", 25), ("ancestral", 5), ("ddim", 25),
                                                                   ("ddim", 5)]
     assert "Within the uncertainty of 25 ancestral steps" in printed
     with pytest.raises(SystemExit, match="error: --counts must be"):
-        evaluate.main(["steps", "--checkpoint", ckpt, "--counts", "50", "--device", "cpu"])
+        experiments.main(["steps", "--checkpoint", ckpt, "--counts", "50", "--device", "cpu"])
     report, printed = _run_cli(capsys, ["digits-score", "--checkpoint", ckpt, "--n", "8", "--nll-images", "2",
                                         "--device", "cpu", "--bootstrap", "3", "--out", str(tmp_path / "score")])
     for words in ("test NLL bound", "per-pixel categorical model", "uniform over the 17 grey levels 4.09",
