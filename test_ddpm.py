@@ -2265,6 +2265,54 @@ def test_nll_resume_equals_uninterrupted(tmp_path, monkeypatch):
         evaluate.evaluate_nll(model, diffusion, x, batch_size=3, seed=3, out_dir=str(tmp_path / "b"), progress=False)
 
 
+def test_resume_folder_refuses_other_settings_and_sets_aside_unreadable_pieces(tmp_path, capsys):
+    """A ResumeFolder reads back the pieces a run wrote; a rerun with other settings is refused in one sentence naming
+    the first differing setting's flag and the fix; a truncated or empty piece is renamed *.unreadable with one
+    printed line and reported missing (so it is made again), never raised; a piece in a folder that records no
+    settings is refused, not taken."""
+    settings, flags = {"seed": 0, "batch_size": 2}, {"seed": "--seed", "batch_size": "--batch-size"}
+    folder = evaluate.ResumeFolder(tmp_path / "out", settings, flags, "batches")
+    assert folder.load("a.npz") is None and not os.path.exists(tmp_path / "out")  # nothing written before a piece
+    done = folder.pieces({0: "a.npz", 1: "b.json"})
+    done[0], done[1] = {"x": np.arange(3)}, {"ok": True}
+    again = evaluate.ResumeFolder(tmp_path / "out", settings, flags, "batches")
+    read = again.pieces({0: "a.npz", 1: "b.json", 2: "c.npz"})
+    assert sorted(read) == [0, 1] and np.array_equal(read[0]["x"], np.arange(3)) and read[1] == {"ok": True}
+    for other, message in (({"seed": 1, "batch_size": 3}, r"other --seed \(0, now 1\)"),
+                           ({"seed": 0, "batch_size": 3}, r"other --batch-size \(2, now 3\)")):
+        with pytest.raises(ValueError, match=rf"out holds batches made with {message}; rerun with those settings to "
+                                             rf"continue, or use another --out$"):
+            evaluate.ResumeFolder(tmp_path / "out", other, flags, "batches")
+    data = (tmp_path / "out" / "a.npz").read_bytes()
+    (tmp_path / "out" / "a.npz").write_bytes(data[:len(data) // 2])  # a copy cut short: zipfile.BadZipFile
+    (tmp_path / "out" / "b.json").write_bytes(b"")                    # a full disk: an empty file
+    (tmp_path / "out" / "c.npz").write_bytes(b"")
+    capsys.readouterr()
+    assert again.pieces({0: "a.npz", 1: "b.json", 2: "c.npz"}) == {}
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(re.search(r"cannot be read .*; renamed it to \w\.\w+\.unreadable and making it "
+                                             r"again$", line) for line in lines), lines
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.npz.unreadable", "b.json.unreadable", "c.npz.unreadable",
+                                                    "settings.json"]
+    os.makedirs(tmp_path / "unrecorded")
+    np.savez(tmp_path / "unrecorded" / "a.npz", x=np.arange(3))
+    with pytest.raises(ValueError, match="a.npz exists but .*unrecorded holds no record of the settings it was made "
+                                         "with .*; delete it, or use another --out"):
+        evaluate.ResumeFolder(tmp_path / "unrecorded", settings).load("a.npz")
+
+
+def test_digits_samples_are_sample_batch_s_read_back_and_never_replaced(tmp_path, one_thread, monkeypatch):
+    """digits_samples gives ddpm.sample_batch's images (those of `ddpm.py sample --batch-size 128`), reads them back
+    on a rerun without sampling, and keeps them beside another model's samples in the same folder."""
+    (a, diffusion, _), (b, _, _) = (_tiny_model_checkpoint(tmp_path / f"{k}.pt", seed=k) for k in (0, 1))
+    made = evaluate.digits_samples(a, diffusion, 3, 5, str(tmp_path / "cache"))
+    assert np.array_equal(made, ddpm.sample_batch(a, diffusion, 5, 0, 3))
+    other = evaluate.digits_samples(b, diffusion, 3, 5, str(tmp_path / "cache"))
+    assert not np.array_equal(made, other) and len(os.listdir(tmp_path / "cache")) == 2
+    monkeypatch.setattr(ddpm, "sample_batch", lambda *a, **k: pytest.fail("sampled again"))
+    assert np.array_equal(evaluate.digits_samples(a, diffusion, 3, 5, str(tmp_path / "cache")), made)
+
+
 def test_train_eval_bpd_and_evaluate_nll_print_the_same_number(tmp_path, images, capsys):
     """`train --eval-bpd 5` and `evaluate.py nll` on the checkpoint it writes, with the same --batch-size, --seed
     and --max-examples, print the same bound: both run ddpm.dataset_bpd with batch b's noise seeded seed + b."""
