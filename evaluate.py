@@ -264,14 +264,12 @@ class ResumeFolder:
             except (OSError, ValueError) as e:
                 raise ValueError(f"{self.path('settings.json')} cannot be read ({e}), so what {self.folder} holds "
                                  f"is unknown; delete the folder or use another --out") from None
-            for key, value in self.settings.items():
-                if old.get(key) != value:
-                    show = lambda values, info: (f"{info.get(key, '?')} sha256 {values.get(key)[:12]}" if
-                                                 re.fullmatch(r"[0-9a-f]{64}", str(values.get(key))) else
-                                                 repr(values.get(key)))
-                    raise ValueError(f"{self.folder} holds {what} made with other {self.flags.get(key, key)} "
-                                     f"({show(old, old.get('info', {}))}, now {show(self.settings, self.info)}); "
-                                     f"rerun with those settings to continue, or use another --out")
+            differ = [key for key, value in self.settings.items() if old.get(key) != value]
+            if differ:
+                key = differ[0]
+                was, now = _shown(key, old, old.get("info", {})), _shown(key, self.settings, self.info)
+                raise ValueError(f"{self.folder} holds {what} made with other {self.flags.get(key, key)} ({was}, now "
+                                 f"{now}); rerun with those settings to continue, or use another --out")
 
     def path(self, name):
         return os.path.join(self.folder, name)
@@ -319,6 +317,12 @@ class ResumeFolder:
         """{key: piece} of the readable pieces among names ({key: name}); setting a key saves that piece first.
         The `done` dict of ddpm.dataset_bpd and of sample_in_chunks."""
         return _Pieces(self, names)
+
+
+def _shown(key, settings, info):
+    """A setting as a refusal shows it: a sha256 as what it is the digest of (`info[key]`, a path) and 12 digits."""
+    value = settings.get(key)
+    return f"{info.get(key, '?')} sha256 {value[:12]}" if re.fullmatch(r"[0-9a-f]{64}", str(value)) else repr(value)
 
 
 class _Pieces(dict):
@@ -1256,10 +1260,15 @@ def cmd_digits_score(args):
 
 # ---- 10. Command line ------------------------------------------------------------------------------------------------
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="evaluate.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
+def command_parser(prog, doc):
+    """(parser, its subcommands) for a script whose module docstring `doc` lists its commands."""
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    return parser, parser.add_subparsers(dest="command", required=True)
+
+
+def build_parser():
+    parser, sub = command_parser("evaluate.py", __doc__)
 
     p = sub.add_parser("sample", allow_abbrev=False,
                        help="samples for FID/IS (Table 1) in resumable chunks, or Figure 6")

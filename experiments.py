@@ -8,7 +8,6 @@ test NLL bound, each beside its reference points); docs/evidence.md has the tabl
 
 It imports ddpm.py and evaluate.py, and writes none of their helpers again.
 """
-import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -24,7 +23,7 @@ import torch
 
 import ddpm
 from evaluate import (DIGITS_SCORE_N, DigitsScore, ResumeFolder, add_bootstrap_arg, add_model_args, atomic_json,
-                      check_digits_model, cli, digits_images, digits_nll_references, digits_samples,
+                      check_digits_model, cli, command_parser, digits_images, digits_nll_references, digits_samples,
                       digits_score_scale, digits_test_nll, load_for_sampling, pm, print_digits_scale, pyplot,
                       save_figure)
 
@@ -265,7 +264,7 @@ def cmd_table2(args):
     pieces = ResumeFolder(args.out, settings, TABLE2_FLAGS, "rows")  # refuses other settings before any work
     pieces.record()
     start = time.time()
-    score = DigitsScore(args.seed, args.bootstrap)  # refuses a classifier file that is not the pinned one before any work
+    score = DigitsScore(args.seed, args.bootstrap)  # the pinned classifier, refused if changed, before any work
     scale = digits_score_scale(score, args.n, args.seed)
     refs = digits_nll_references(test[:args.nll_images])
     print(f"Table 2 on digits: {len(TABLE2_ROWS)} rows x (train, samples, nll), {args.jobs} at a time, in "
@@ -365,12 +364,10 @@ def plot_steps(rows, scale, path):
     return save_figure(plt, fig, path)
 
 
-# ---- 3. Command line ---------------------------------------------------------------------------------------------
+# ---- 3. Command line -------------------------------------------------------------------------------------------------
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="experiments.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = command_parser("experiments.py", __doc__)
 
     p = sub.add_parser("table2", allow_abbrev=False,
                        help="the paper's Table 2 (six objectives, plus improved DDPM's hybrid) trained on digits")
