@@ -94,7 +94,7 @@ def table2_task(key, task, settings, out, threads=None, log=False):
     result, also written to out/<key>/<task>.json, the cache a rerun reads instead of running the task again.
     A worker process passes log=True (its output goes to out/<key>/<task>.log) and its share of the CPU threads."""
     row, folder = next(r for r in TABLE2_ROWS if r.key == key), os.path.join(out, key)
-    pieces = ResumeFolder(out, settings, TABLE2_FLAGS, "rows")  # refuses other settings, as cmd_table2 did
+    pieces = ResumeFolder(out, settings, TABLE2_FLAGS, "rows")  # refuses other settings, as cmd_table2 does
     os.makedirs(folder, exist_ok=True)
     if log:
         _redirect_output(os.path.join(folder, f"{task}.log"))
