@@ -65,10 +65,10 @@ demo: install       ## train the digits preset on 2 CPU cores, then test NLL and
 	$(PYTHON) evaluate.py digits-score --checkpoint runs/demo/ckpt-0001000.pt --device cpu
 
 table2: install     ## Table 2 on digits: 7 objectives trained, sampled and scored, 2 at a time (about 55 min)
-	nice -n 10 $(PYTHON) evaluate.py table2 --out runs/table2
+	nice -n 10 $(PYTHON) experiments.py table2 --out runs/table2
 
 steps: install      ## digits-FD of the demo's checkpoint at 1000 ... 10 sampling steps, ancestral and DDIM
-	$(PYTHON) evaluate.py steps --checkpoint runs/demo/ckpt-0001000.pt --device cpu
+	$(PYTHON) experiments.py steps --checkpoint runs/demo/ckpt-0001000.pt --device cpu
 
 bench: install      ## ours vs diffusers on the CIFAR-10 network, CPU, batch 16, fp32 and bf16 (3-5 min on 2 cores)
 	$(PYTHON) bench.py

@@ -1,5 +1,6 @@
-"""The paper's Table 1 for any ddpm checkpoint: NLL in bits/dim (with rate, distortion and Table 4),
-FID and IS with the standard TF-compatible Inception, and the paper's figures.
+"""Evaluation of one ddpm checkpoint: the paper's Table 1 (NLL in bits/dim with rate, distortion and Table 4; FID
+and IS with the standard TF-compatible Inception), the paper's figures, and the digits score that measures a model
+of the digits preset offline. The experiments that train and compare many digits models are in experiments.py.
 
     python evaluate.py sample --checkpoint runs/cifar10/ckpt-0800000.pt --n 50000 --batch-size 1000   # resumable
     python evaluate.py nll --checkpoint runs/cifar10/ckpt-0800000.pt --data cifar10 --split test
@@ -7,14 +8,16 @@ FID and IS with the standard TF-compatible Inception, and the paper's figures.
     python evaluate.py fid samples.npz --ref runs/eval/fid_stats_cifar10_train.npz
     python evaluate.py is samples.npz
     python evaluate.py figures --checkpoint runs/cifar10/ckpt-0800000.pt
+    python evaluate.py digits-score --checkpoint runs/demo/ckpt-0001000.pt   # test NLL and digits-FD/IS
+    python evaluate.py digits-classifier      # retrain the digits score's pinned classifier and compare
 
 `--weights PATH` replaces `--checkpoint PATH` for the authors' released models (load_pretrained, below).
+Every output that a rerun continues (sample's chunks, nll's batches, the digits samples) goes through ResumeFolder.
 It imports ddpm.py, torch, numpy and scipy; matplotlib (plots) and Pillow (PNGs) only where used.
 
 Timestep convention, as in ddpm.py: code index t = 0..T-1 is the paper's t = 1..T.
 """
 import argparse
-import concurrent.futures
 import csv
 import dataclasses
 import functools
@@ -22,7 +25,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import multiprocessing
 import os
 import re
 import sys
@@ -59,9 +61,7 @@ def atomic_json(path, value):
     ddpm.atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. Released weights: the paper's checkpoints as ported by pesser/pytorch_diffusion and by diffusers
-# ------------------------------------------------------------------------------------------------
+# ---- 1. Released weights: the paper's checkpoints as ported by pesser/pytorch_diffusion and by diffusers -------------
 
 # diffusers UNet2DModel settings that change the function but not the keys, as (DDPM's value, diffusers' default
 # for a config.json that omits it); the rest (Fourier embedding, scale-shift norm, ...) changes keys or shapes.
@@ -190,9 +190,7 @@ def load_pretrained(path, device="cpu", preset=None):
     return model.to(device, memory_format=torch.channels_last).eval(), diffusion, config
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. Models: every command loads through one function
-# ------------------------------------------------------------------------------------------------
+# ---- 2. Models: every command loads through one function -------------------------------------------------------------
 
 def add_model_args(parser):
     group = parser.add_mutually_exclusive_group(required=True)
@@ -241,37 +239,135 @@ def weights_sha256(model):
     return h.hexdigest()
 
 
-# Everything that decides `sample`'s images, with the flag that sets it; recorded in every chunk and final file.
+# ---- 3. Resumable outputs: one folder, one fingerprint, whole pieces -------------------------------------------------
+
+class ResumeFolder:
+    """A folder in which one result is built piece by piece, so that a rerun continues where a run stopped.
+
+    settings: {name: value}, everything that decides the result (weights' sha256, seed, batch size, ...), in
+    JSON types. The first piece written records them in folder/settings.json (with `info`, which is shown but
+    never compared: paths, names); a later run with other settings is refused before any work, in one sentence
+    naming the first differing setting and `flags[name]`, the flag that sets it. A piece is a dict of numpy arrays
+    (name *.npz) or a JSON value (name *.json), written atomically (ddpm.atomic_write), so a killed run leaves whole
+    pieces; one that cannot be read (a disk that filled up, a copy cut short) is renamed *.unreadable and made
+    again, with one printed line. A piece in a folder without settings.json is refused, not taken or replaced.
+    """
+
+    def __init__(self, folder, settings, flags=None, what="results", info=None):
+        self.folder, self.what, self.flags, self.info = os.fspath(folder), what, flags or {}, info or {}
+        self.settings = json.loads(json.dumps(settings))  # as a rerun reads them back: tuples become lists
+        self.recorded = os.path.isfile(self.path("settings.json"))
+        if self.recorded:
+            try:
+                with open(self.path("settings.json")) as f:
+                    old = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{self.path('settings.json')} cannot be read ({e}), so what {self.folder} holds "
+                                 f"is unknown; delete the folder or use another --out") from None
+            differ = [key for key, value in self.settings.items() if old.get(key) != value]
+            if differ:
+                key = differ[0]
+                was, now = _shown(key, old, old.get("info", {})), _shown(key, self.settings, self.info)
+                raise ValueError(f"{self.folder} holds {what} made with other {self.flags.get(key, key)} ({was}, now "
+                                 f"{now}); rerun with those settings to continue, or use another --out")
+
+    def path(self, name):
+        return os.path.join(self.folder, name)
+
+    def record(self):
+        """Write settings.json, once: from then on the folder's pieces are known to be made with these settings."""
+        if not self.recorded:
+            os.makedirs(self.folder, exist_ok=True)
+            atomic_json(self.path("settings.json"), dict(self.settings, info=self.info))
+            self.recorded = True
+
+    def save(self, name, value):
+        """Write piece `name` (a dict of arrays for *.npz, else JSON) atomically; returns its path."""
+        self.record()
+        path = self.path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if name.endswith(".npz"):
+            atomic_savez(path, **value)
+        else:
+            atomic_json(path, value)
+        return path
+
+    def load(self, name):
+        """Piece `name` as saved ({key: array} for *.npz), or None when it is missing or unreadable (then renamed
+        *.unreadable, with a printed line, so it is made again)."""
+        path = self.path(name)
+        if not os.path.exists(path):
+            return None
+        if not self.recorded:
+            raise ValueError(f"{path} exists but {self.folder} holds no record of the settings it was made with "
+                             f"(no settings.json); delete it, or use another --out")
+        try:
+            if not name.endswith(".npz"):
+                with open(path) as f:
+                    return json.load(f)
+            with np.load(path) as f:
+                return {key: f[key] for key in f.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # truncated, empty, not a file
+            os.replace(path, path + ".unreadable")
+            print(f"{path} cannot be read ({type(e).__name__}: {str(e)[:80]}); renamed it to "
+                  f"{os.path.basename(path)}.unreadable and making it again", flush=True)
+            return None
+
+    def pieces(self, names):
+        """{key: piece} of the readable pieces among names ({key: name}); setting a key saves that piece first.
+        The `done` dict of ddpm.dataset_bpd and of sample_in_chunks."""
+        return _Pieces(self, names)
+
+
+def _shown(key, settings, info):
+    """A setting as a refusal shows it: a sha256 as what it is the digest of (`info[key]`, a path) and 12 digits."""
+    value = settings.get(key)
+    return f"{info.get(key, '?')} sha256 {value[:12]}" if re.fullmatch(r"[0-9a-f]{64}", str(value)) else repr(value)
+
+
+class _Pieces(dict):
+    def __init__(self, folder, names):
+        super().__init__((key, piece) for key, name in names.items() if (piece := folder.load(name)) is not None)
+        self.folder, self.names = folder, names
+
+    def __setitem__(self, key, value):
+        self.folder.save(self.names[key], value)
+        super().__setitem__(key, value)
+
+
+# ---- 4. Samples for FID and IS: ddpm.sample_batch's images in chunks that a rerun skips ------------------------------
+
+# Everything that decides `sample`'s images, with the flag that sets it; --n changes only the last chunk's size.
 # The device too: CPU and CUDA generators draw different noise from the same seed.
-SAMPLE_SETTINGS = {"weights_sha256": "weights (--checkpoint/--weights)", "diffusion": "diffusion config",
-                   "respacing": "--respacing", "ddim_eta": "--ddim-eta", "clip_denoised": "x0 clipping",
-                   "seed": "--seed", "batch_size": "--batch-size", "n": "--n", "device": "--device"}
+SAMPLE_FLAGS = {"weights_sha256": "weights (--checkpoint/--weights)", "diffusion": "diffusion config",
+                "respacing": "--respacing", "ddim_eta": "--ddim-eta", "clip_denoised": "x0 clipping",
+                "seed": "--seed", "batch_size": "--batch-size", "device": "--device"}
 
 
-def sample_record(model, config, source, respacing, ddim_eta, seed, batch_size, n):
-    """The settings of SAMPLE_SETTINGS for a `sample` run, plus the weights' path (informative only)."""
-    return {"weights_sha256": weights_sha256(model), "diffusion": dataclasses.asdict(config.diffusion),
-            "respacing": respacing, "ddim_eta": ddim_eta, "clip_denoised": True, "seed": seed,
-            "batch_size": batch_size, "n": n, "device": ddpm._model_device(model).type, "source": source}
-
-
-def check_samples_record(path, record, ignore=()):
-    """Raise, naming the first differing setting, unless the samples file `path` was made with `record`."""
-    with np.load(path) as f:
-        saved = json.loads(str(f["record"])) if "record" in f else None
-    if saved is None:
-        raise ValueError(f"{path} holds no record of the settings it was sampled with; delete it or use another --out")
-    show = lambda r, k: f"{r.get('source')} sha256 {str(r.get(k))[:12]}" if k == "weights_sha256" else repr(r.get(k))
-    for key, flag in SAMPLE_SETTINGS.items():
-        if key not in ignore and saved.get(key) != record[key]:
-            raise ValueError(f"{path} was sampled with other {flag} ({show(saved, key)}, now {show(record, key)}); "
-                             f"rerun with its settings, or use another --out (or delete the file)")
+def sample_in_chunks(model, diffusion, n, seed, batch_size, ddim_eta, folder, progress=True):
+    """n samples as uint8 [n, H, W, C]: chunk i is ddpm.sample_batch(seed, i) of batch_size images (the last
+    holds the remainder), the images of `ddpm.py sample` with the same flags. Each chunk is saved in `folder` (a
+    ResumeFolder) as it is drawn and read back by a rerun; one of another size (left by a run with another n) is
+    drawn again. Ctrl-C says how many chunks are kept. Returns (images, the chunks' file names)."""
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    names = {i: f"chunk-seed{seed}-batch{batch_size}-{i:05d}.npz" for i in range(len(sizes))}
+    done = folder.pieces(names)  # refuses pieces of unknown settings before any work
+    try:
+        for i, size in enumerate(ddpm.progress_bar(sizes, len(sizes), "chunks", progress and len(sizes) > 1)):
+            if i not in done or len(done[i]["arr_0"]) != size:
+                done[i] = {"arr_0": ddpm.sample_batch(model, diffusion, seed, i, size, ddim_eta,
+                                                      progress=progress and len(sizes) == 1)}
+    except KeyboardInterrupt:
+        kept = sum(os.path.exists(folder.path(name)) for name in names.values())
+        raise KeyboardInterrupt(f"{kept} of {len(sizes)} chunks are kept in {folder.folder}; rerun the same command "
+                                f"to continue") from None
+    return np.concatenate([done[i]["arr_0"] for i in range(len(sizes))]), list(names.values())
 
 
 def cmd_sample(args):
     """`evaluate.py sample`: --n samples (50,000 for Table 1) from a checkpoint or released weights, the same images
-    as `ddpm.py sample` with the same flags, drawn in chunks of --batch-size that a rerun skips, then written by
-    ddpm.save_samples with the record of their settings; or with --progressive, Figure 6 (ddpm.save_progressive)."""
+    as `ddpm.py sample` with the same flags, drawn by sample_in_chunks, then written by ddpm.save_samples with the
+    record of their settings; or with --progressive, Figure 6 (ddpm.save_progressive)."""
     source = os.path.abspath(args.checkpoint or args.weights)
     out = args.out or (os.path.splitext(args.checkpoint)[0] + "-samples" if args.checkpoint
                        else os.path.join("samples", os.path.basename(os.path.normpath(args.weights))))
@@ -281,61 +377,32 @@ def cmd_sample(args):
     os.makedirs(out, exist_ok=True)
     if args.progressive:
         return ddpm.save_progressive(model, diffusion, args.n, args.seed, out, args.ddim_eta)
+    settings = {"weights_sha256": weights_sha256(model), "diffusion": dataclasses.asdict(config.diffusion),
+                "respacing": args.respacing, "ddim_eta": args.ddim_eta, "clip_denoised": True, "seed": args.seed,
+                "batch_size": args.batch_size, "device": ddpm._model_device(model).type}
+    folder = ResumeFolder(out, settings, SAMPLE_FLAGS, "samples", info={"weights_sha256": source})
     H, C = config.model.resolution, config.model.in_channels
-    final = os.path.join(out, f"samples_{args.n}x{H}x{H}x{C}.npz")
-    record = sample_record(model, config, source, args.respacing, args.ddim_eta, args.seed, args.batch_size, args.n)
-    if os.path.exists(final):
-        check_samples_record(final, record)
-        print(f"{final} already exists with these settings; nothing to do")
-        return final
-    chunks = [os.path.join(out, f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz")
-              for i in range(-(-args.n // args.batch_size))]
-    for path in filter(os.path.exists, chunks):  # left by an earlier run: refuse other settings before any work
-        check_samples_record(path, record, ignore=("n",))  # --n changes only the last chunk's size, checked below
-    try:
-        for i, path in enumerate(ddpm.progress_bar(chunks, len(chunks), "chunks", len(chunks) > 1)):
-            size = min(args.batch_size, args.n - i * args.batch_size)  # the last chunk holds the remainder
-            if os.path.exists(path) and len(np.load(path)["arr_0"]) == size:  # else a run with another --n: redraw
-                continue
-            x = ddpm.sample_batch(model, diffusion, args.seed, i, size, args.ddim_eta, progress=len(chunks) == 1)
-            atomic_savez(path, arr_0=x, record=np.array(json.dumps(record)))  # a killed run leaves whole chunks
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{sum(map(os.path.exists, chunks))} of {len(chunks)} chunks are kept in {out}; "
-                                f"rerun the same command to continue") from None
-    path = ddpm.save_samples(out, np.concatenate([np.load(p)["arr_0"] for p in chunks]), record)
+    final = f"samples_{args.n}x{H}x{H}x{C}.npz"
+    if folder.load(final) is not None:
+        print(f"{folder.path(final)} already exists with these settings; nothing to do")
+        return folder.path(final)
+    images, chunks = sample_in_chunks(model, diffusion, args.n, args.seed, args.batch_size, args.ddim_eta, folder)
+    path = ddpm.save_samples(out, images, dict(settings, n=args.n, source=source))
     for chunk in chunks:
-        os.remove(chunk)
+        os.remove(folder.path(chunk))
     return path
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. NLL: the bound in bits/dim, its rate and distortion (Section 4.3) and the paper's Table 4
-# ------------------------------------------------------------------------------------------------
+# ---- 5. NLL: the bound in bits/dim, its rate and distortion (Section 4.3) and the paper's Table 4 --------------------
 
 NLL_KEYS = ddpm.NLL_KEYS
 
 
-class BatchFolder(dict):
-    """Finished batches b -> arrays of ddpm.dataset_bpd, each written atomically to out_dir/batch-{b:05d}.npz as it
-    is set and read back by a rerun (an unreadable file, e.g. from a disk that filled up, is computed again)."""
-
-    def __init__(self, out_dir, num_batches):
-        super().__init__()
-        self.out_dir = out_dir
-        for b in range(num_batches):
-            if os.path.exists(self.path(b)):
-                try:
-                    with np.load(self.path(b)) as f:
-                        super().__setitem__(b, {k: f[k] for k in NLL_KEYS})
-                except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-                    print(f"recomputing {self.path(b)}: unreadable ({e})", file=sys.stderr)
-
-    def path(self, b):
-        return os.path.join(self.out_dir, f"batch-{b:05d}.npz")
-
-    def __setitem__(self, b, arrays):
-        atomic_savez(self.path(b), **arrays)
-        super().__setitem__(b, arrays)
+# What decides evaluate_nll's numbers, with the flag of `evaluate.py nll` that sets it. The device type too: CPU
+# and CUDA generators draw different noise from the same seed.
+NLL_FLAGS = {"num_examples": "--max-examples", "batch_size": "--batch-size", "seed": "--seed",
+             "num_timesteps": "--respacing", "device": "--device", "clip_denoised": "x0 clipping",
+             "weights_sha256": "weights (--checkpoint/--weights)", "data_sha256": "--data/--split"}
 
 
 def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_denoised=True, out_dir=None,
@@ -344,10 +411,11 @@ def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_deno
 
     x_start: float [N, C, H, W] in [-1, 1] (CPU; each batch moves to the model's device). Returns its numpy float32
     arrays {'total_bpd' [N], 'prior_bpd' [N], 'vb' [N, T], 'xstart_mse' [N, T], 'mse' [N, T]}; batch b draws its
-    noise with seed + b. With `out_dir`, each finished batch is written atomically to out_dir/batch-00000.npz and
-    a rerun loads it instead of recomputing it: an interrupted evaluation continues where it stopped and gives the
-    same numbers. out_dir/manifest.json records what the batches were computed from, and a rerun with another
-    model, data, batch size, seed or device type refuses to mix them.
+    noise with seed + b. With `out_dir`, a ResumeFolder: each finished batch is written atomically to
+    out_dir/batch-00000.npz and a rerun loads it instead of recomputing it, so an interrupted evaluation continues
+    where it stopped and gives the same numbers; a rerun with another model, data, batch size, seed or device type
+    is refused (NLL_FLAGS). run_info: what the sha256 settings are of ({'weights_sha256': path, 'data_sha256':
+    name}), recorded and shown, never compared.
     """
     N, T = x_start.shape[0], diffusion.num_timesteps
     if N == 0:
@@ -356,26 +424,12 @@ def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_deno
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     done = None
     if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        # What the numbers depend on; run_info (paths, names) is recorded but not compared.
-        # The device type too: CPU and CUDA generators draw different noise from the same seed.
-        manifest = dict(num_examples=N, batch_size=batch_size, seed=seed, num_timesteps=T,
+        settings = dict(num_examples=N, batch_size=batch_size, seed=seed, num_timesteps=T,
                         device=ddpm._model_device(model).type, clip_denoised=clip_denoised,
-                        model_sha256=weights_sha256(model),
+                        weights_sha256=weights_sha256(model),
                         data_sha256=hashlib.sha256(x_start.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
-        manifest_path = os.path.join(out_dir, "manifest.json")
-        if os.path.exists(manifest_path):
-            with open(manifest_path) as f:
-                old = json.load(f)
-            differ = sorted(k for k in manifest if old.get(k) != manifest[k])
-            if differ:
-                raise ValueError(f"{out_dir} holds batches of another evaluation (differs in {', '.join(differ)}: "
-                                 f"{', '.join(f'{k}={old.get(k)!r}' for k in differ)}); rerun with those settings "
-                                 f"to resume it, or pass another --out")
-        else:
-            record = json.dumps(dict(manifest, info=run_info or {}), indent=1)
-            ddpm.atomic_write(manifest_path, lambda f: f.write(record.encode()))
-        done = BatchFolder(out_dir, math.ceil(N / batch_size))
+        folder = ResumeFolder(out_dir, settings, NLL_FLAGS, "batches", run_info)
+        done = folder.pieces({b: f"batch-{b:05d}.npz" for b in range(math.ceil(N / batch_size))})
     return ddpm.dataset_bpd(model, diffusion, x_start, batch_size, seed, clip_denoised, done=done, progress=progress)
 
 
@@ -424,7 +478,7 @@ def nll_summary(results):
             "num_examples": int(len(prior))}
 
 
-def _pyplot(what):
+def pyplot(what):
     """matplotlib.pyplot on the file-only Agg backend, or None after a hint that `what` needs matplotlib."""
     try:
         import matplotlib
@@ -436,7 +490,7 @@ def _pyplot(what):
     return plt
 
 
-def _save_figure(plt, fig, path):
+def save_figure(plt, fig, path):
     """Write fig as a PNG at 120 dpi, free it, and return True (what the plot functions report)."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -447,7 +501,7 @@ def _save_figure(plt, fig, path):
 def plot_rate_distortion(path, rate, rmse):
     """The paper's Figure 5 (distortion and rate against reverse time, and distortion against rate) as a PNG.
     Returns False, with a hint, when matplotlib is not installed."""
-    plt = _pyplot("rate-distortion plot")
+    plt = pyplot("rate-distortion plot")
     if plt is None:
         return False
     T = len(rate)
@@ -459,7 +513,7 @@ def plot_rate_distortion(path, rate, rmse):
     axes[1].set(xlabel="reverse process steps (T - t + 1)", ylabel="rate (bits/dim)")
     axes[2].plot(rate, rmse)
     axes[2].set(xlabel="rate (bits/dim)", ylabel="distortion (RMSE, 0..255)")
-    return _save_figure(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def cmd_nll(args):
@@ -476,7 +530,8 @@ def cmd_nll(args):
           f"T={T}, EMA weights, x0 clipped, batch {args.batch_size}, seed {args.seed}, {device})", flush=True)
     results = evaluate_nll(model, diffusion, x_start, batch_size=args.batch_size, seed=args.seed,
                            out_dir=os.path.join(out, f"nll-{args.split}-batches"),
-                           run_info={"model": args.checkpoint or args.weights, "data": args.data, "split": args.split},
+                           run_info={"weights_sha256": args.checkpoint or args.weights,
+                                     "data_sha256": f"{args.data} {args.split}"},
                            progress=not args.no_progress)
     summary = nll_summary(results)
     rate, rmse = rate_distortion(results["vb"], results["prior_bpd"], results["xstart_mse"])
@@ -509,9 +564,7 @@ def cmd_nll(args):
     return summary
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. The Inception network of StyleGAN2-ADA, clean-fid and EDM (a TorchScript port of TF's 2015 graph)
-# ------------------------------------------------------------------------------------------------
+# ---- 6. The Inception network of StyleGAN2-ADA, clean-fid and EDM (a TorchScript port of TF's 2015 graph) ------------
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -553,12 +606,6 @@ def load_inception(path=None, device="cpu"):
     return network, digest
 
 
-def load_images(source, split="train"):
-    """uint8 images [N, H, W, C], C = 1 or 3, from a .npz/.npy of samples (what `ddpm.py sample` writes),
-    a folder of PNGs, or a data set name; ddpm.load_data refuses other dtypes and shapes with one sentence."""
-    return ddpm.load_data(source, split)
-
-
 @torch.inference_mode()
 def inception_outputs(network, images, *, what="features", batch_size=200, device="cpu", progress=True):
     """Run the Inception network over uint8 images [N, H, W, C] (C = 1 is repeated to 3, as StyleGAN2-ADA
@@ -580,9 +627,7 @@ def inception_outputs(network, images, *, what="features", batch_size=200, devic
     return np.concatenate(outputs)
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. FID and IS
-# ------------------------------------------------------------------------------------------------
+# ---- 7. FID and IS ---------------------------------------------------------------------------------------------------
 
 def feature_statistics(features):
     """(mu [D], sigma [D, D]) in float64 of features [N, D], with the unbiased covariance (np.cov's), as
@@ -695,7 +740,7 @@ def warn_protocol(n, what):
 
 
 def cmd_fid_stats(args):
-    images = load_images(args.data, args.split)
+    images = ddpm.load_data(args.data, args.split)
     if args.max_examples is not None:
         images = images[:args.max_examples]
     check_count(images, 2, args.data, "the statistics (a covariance)")
@@ -713,13 +758,13 @@ def cmd_fid_stats(args):
 
 def cmd_fid(args):
     # Read and check every input before the long Inception passes.
-    samples = check_count(load_images(args.samples), 2, args.samples, "FID (a covariance)")
+    samples = check_count(ddpm.load_data(args.samples), 2, args.samples, "FID (a covariance)")
     if is_stats_file(args.ref):
         mu_ref, sigma_ref, info = load_fid_stats(args.ref)
         ref, ref_desc = None, args.ref + (f" ({info['num_images']:,} images of {info.get('source', '?')})"
                                           if "num_images" in info else "")
     else:
-        ref, info = check_count(load_images(args.ref, args.ref_split), 2, args.ref, "FID (a covariance)"), {}
+        ref, info = check_count(ddpm.load_data(args.ref, args.ref_split), 2, args.ref, "FID (a covariance)"), {}
         ref_desc = f"{args.ref} {args.ref_split} ({len(ref):,} images)"
         if ref.shape[1:3] != samples.shape[1:3]:
             print(f"WARNING: samples are {samples.shape[1]}x{samples.shape[2]} but the reference is "
@@ -741,7 +786,7 @@ def cmd_fid(args):
 
 
 def cmd_is(args):
-    samples = check_count(load_images(args.samples), args.splits, args.samples, f"--splits {args.splits}",
+    samples = check_count(ddpm.load_data(args.samples), args.splits, args.samples, f"--splits {args.splits}",
                           "lower --splits or pass more samples")
     network, _ = load_inception(args.inception, args.device)
     probs = inception_outputs(network, samples, what="probs", batch_size=args.batch_size, device=args.device,
@@ -754,9 +799,7 @@ def cmd_is(args):
     return mean, std
 
 
-# ------------------------------------------------------------------------------------------------
-# 5. The paper's figures: progressive generation (Fig. 6), shared latents (Fig. 7), interpolation (Fig. 8)
-# ------------------------------------------------------------------------------------------------
+# ---- 8. The paper's figures: progressive generation (Fig. 6), shared latents (Fig. 7), interpolation (Fig. 8) --------
 
 def sample_from(model, diffusion, x_t, t, generator=None, shared_noise=False):
     """A draw from p(x_0 | x_t): Algorithm 2 from x_t at code index t down to 0. x_t: [N, C, H, W].
@@ -821,7 +864,7 @@ def read_metrics(path):
 def plot_loss_curve(rows, out_path):
     """The training loss against the step from read_metrics' rows; every other numeric 'loss*' key (the
     per-quarter-of-t losses) is drawn too. Returns False, with a hint, without matplotlib."""
-    plt = _pyplot("loss curve")
+    plt = pyplot("loss curve")
     if plt is None:
         return False
     keys = ["loss"] + sorted({k for r in rows for k in r if k.startswith("loss") and k != "loss"
@@ -832,7 +875,7 @@ def plot_loss_curve(rows, out_path):
         ax.plot(*zip(*pts), label=k, linewidth=1.5 if k == "loss" else 0.8)
     ax.set(xlabel="step", ylabel="training loss", yscale="log")
     ax.legend(fontsize=7)
-    return _save_figure(plt, fig, out_path)
+    return save_figure(plt, fig, out_path)
 
 
 def cmd_figures(args):
@@ -885,14 +928,347 @@ def cmd_figures(args):
     return [os.path.join(out, w) for w in written]
 
 
-# ------------------------------------------------------------------------------------------------
-# 6. Command line
-# ------------------------------------------------------------------------------------------------
+# ---- 9. The digits score: an 8x8 digits model's test NLL and digits-FD/IS, each beside its reference points -------
+# digits-FD is not FID. It is the same Frechet distance (frechet_distance above), taken in the 64-d feature space
+# of a small classifier trained on the digits train split instead of Inception's, between N samples and the 1,500
+# train images (the paper measures FID against the training set). Its values mean nothing outside this project:
+# every score is printed beside its floor (real held-out digits) and a bad baseline (independent pixels).
+
+DIGITS_SCORE_N = 256            # images per score in every table; the floor is 256 of the 297 held-out digits
+DIGITS_SAMPLE_BATCH = 128      # samples drawn at once: at 8x8 on a CPU, 256 at once took 11-14 % longer than 2 x 128
+DIGITS_BOOTSTRAP = 100          # resamples of the N images behind each +- (the bootstrap standard deviation)
+DIGITS_CLASSIFIER_EPOCHS = 20
+# The scoring network is a fixed file, as FID's Inception is: training it again on another CPU gives other weights
+# (oneDNN and BLAS pick other kernels and 20 epochs amplify the last bits), so every score reads this file, refused
+# unless its bytes have this sha256. `evaluate.py digits-classifier` retrains a copy elsewhere and compares.
+DIGITS_CLASSIFIER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits-classifier.pt")
+DIGITS_CLASSIFIER_SHA256 = "2111cc26fe51a2c817e69b2781a04bdc3fc2fa2b7c1e0126e7eb8216dfca5137"
+
+
+@functools.lru_cache(maxsize=2)
+def digits_images(split):
+    """ddpm.load_digits(split), read-only and read once per process (scikit-learn parses a CSV on every call)."""
+    images = ddpm.load_digits(split)
+    images.setflags(write=False)
+    return images
+
+
+@functools.lru_cache(maxsize=2)
+def digits_labels(split):
+    """The classes 0..9 of ddpm.load_digits(split)'s images, in the same order: int64 numpy [N], read-only. The split
+    is ddpm.load_digits': the first ddpm.DIGITS_NUM_TRAIN images train, the rest are held out."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("the digits score needs scikit-learn: pip install scikit-learn") from None
+    y = load_digits().target.astype(np.int64)[slice(ddpm.DIGITS_NUM_TRAIN) if split == "train" else
+                                              slice(ddpm.DIGITS_NUM_TRAIN, None)]
+    y.setflags(write=False)
+    return y
+
+
+class DigitsClassifier(nn.Module):
+    """A small CNN for digits [N, 1, 8, 8] in [-1, 1]: two conv-BN-ReLU blocks at 8x8, max-pool, one at 4x4,
+    max-pool, then a linear layer to 64 features, the score's feature space (taken before the ReLU, so no
+    feature is constant), and ReLU -> dropout -> 10 logits."""
+
+    def __init__(self, width=32, num_features=64):
+        super().__init__()
+        block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.conv = nn.Sequential(*block(1, width), *block(width, width), nn.MaxPool2d(2),
+                                  *block(width, 2 * width), nn.MaxPool2d(2))           # [N, 2 width, 2, 2]
+        self.fc = nn.Linear(8 * width, num_features)
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Linear(num_features, 10))
+
+    def features(self, x):
+        return self.fc(self.conv(x).flatten(1))                                         # [N, num_features]
+
+    def forward(self, x):
+        return self.head(self.features(x))                                              # logits [N, 10]
+
+
+def _augment_digits(x, generator):
+    """A random small affine distortion of each digit [N, 1, 8, 8] in [-1, 1] (rotation up to 15 degrees, scale
+    0.9..1.1, shift up to one pixel), the background -1 filling in: how the held-out writers differ."""
+    u = lambda *shape: torch.rand(*shape, generator=generator) * 2 - 1                 # U(-1, 1)
+    angle, scale, shift = u(len(x)) * math.pi / 12, 1 + 0.1 * u(len(x)), 0.25 * u(len(x), 2)  # 0.25: 1 of 8 px
+    cos, sin = scale * torch.cos(angle), scale * torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, align_corners=False) - 1  # grid_sample pads with 0, i.e. -1 after the shift
+
+
+def train_digits_classifier(seed=0, epochs=DIGITS_CLASSIFIER_EPOCHS, batch_size=50, lr=2e-3):
+    """DigitsClassifier trained on the digits train split with Adam (cosine lr, weight decay 1e-4) and
+    _augment_digits, in eval mode. One CPU thread and RNGs of its own: the weights are a function of the seed."""
+    x, y = ddpm.normalize_data(digits_images("train")), torch.tensor(digits_labels("train"))
+    generator, threads = torch.Generator().manual_seed(seed), torch.get_num_threads()
+    total = epochs * math.ceil(len(x) / batch_size)
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():  # the initial weights and dropout, without touching the caller's RNG
+            torch.manual_seed(seed)
+            model = DigitsClassifier().train()
+            opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+            for step in range(total):
+                if step % math.ceil(len(x) / batch_size) == 0:
+                    order = torch.randperm(len(x), generator=generator)
+                idx = order[step % math.ceil(len(x) / batch_size) * batch_size:][:batch_size]
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                loss = F.cross_entropy(model(_augment_digits(x[idx], generator)), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+_DIGITS_CLASSIFIERS = {}  # path -> (classifier, held-out accuracy): read once per process
+
+
+def digits_accuracy(classifier):
+    """The classifier's accuracy on the 297 held-out digits."""
+    probs = digits_classifier_outputs(classifier, digits_images("test"))[1]
+    return float((probs.argmax(1) == digits_labels("test")).mean())
+
+
+def load_digits_classifier(path=None):
+    """(DigitsClassifier in eval mode, its held-out accuracy) from the pinned file (DIGITS_CLASSIFIER_FILE), read
+    once per process and refused unless its sha256 is DIGITS_CLASSIFIER_SHA256. Prints the accuracy."""
+    path = path or DIGITS_CLASSIFIER_FILE
+    if path in _DIGITS_CLASSIFIERS:
+        return _DIGITS_CLASSIFIERS[path]
+    restore = (f"restore the pinned file with `git checkout -- {os.path.basename(path)}` in the ddpm repository "
+               f"(evaluate.py digits-classifier retrains a copy elsewhere, never over it)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the digits classifier {path} is missing; {restore}")
+    digest = ddpm.file_digest(path)
+    if digest != DIGITS_CLASSIFIER_SHA256:
+        raise ValueError(f"the digits classifier {path} is not the pinned file (sha256 {digest[:12]}, pinned "
+                         f"{DIGITS_CLASSIFIER_SHA256[:12]}), so its scores would not be comparable; {restore}")
+    model = DigitsClassifier()
+    model.load_state_dict(ddpm.load_checkpoint(path))
+    model.eval()
+    accuracy = digits_accuracy(model)
+    print(f"digits classifier ({os.path.basename(path)}, sha256 {digest[:12]}): test accuracy {100 * accuracy:.1f} % "
+          f"on the {len(digits_images('test'))} held-out digits", flush=True)
+    _DIGITS_CLASSIFIERS[path] = model, accuracy
+    return model, accuracy
+
+
+def cmd_digits_classifier(args):
+    """`evaluate.py digits-classifier`: train the scoring network again from the digits train split with the pinned
+    file's recipe (train_digits_classifier, seed 0), write it to --out, never over the pinned file, and say
+    whether it reproduces the pinned file bit for bit on this machine."""
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and os.path.exists(DIGITS_CLASSIFIER_FILE) and os.path.samefile(out, DIGITS_CLASSIFIER_FILE):
+        raise ValueError(f"--out {args.out} is the pinned classifier, which scores must keep reading; pass another "
+                         f"--out (to adopt a new file, copy it there and pin its sha256 in evaluate.py)")
+    start = time.time()
+    model = train_digits_classifier(seed=0)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    ddpm.save_checkpoint(out, model.state_dict())
+    digest = ddpm.file_digest(out)
+    print(f"trained in {time.time() - start:.0f} s: test accuracy {100 * digits_accuracy(model):.1f} % on the "
+          f"{len(digits_images('test'))} held-out digits; wrote {args.out} (sha256 {digest[:12]})")
+    if digest == DIGITS_CLASSIFIER_SHA256:
+        print(f"it reproduces the pinned {os.path.basename(DIGITS_CLASSIFIER_FILE)} bit for bit on this machine")
+        return True
+    pinned = load_digits_classifier()[0].state_dict()
+    largest = max(float((v - pinned[k]).abs().max()) for k, v in model.state_dict().items() if v.is_floating_point())
+    print(f"it differs from the pinned {os.path.basename(DIGITS_CLASSIFIER_FILE)} (largest weight difference "
+          f"{largest:.3g}): this CPU's kernels round differently; scores keep reading the pinned file")
+    return False
+
+
+@torch.inference_mode()
+def digits_classifier_outputs(classifier, images, batch_size=1000):
+    """(features float64 [N, 64], class probabilities float64 [N, 10]) of uint8 digits [N, 8, 8, 1]."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.shape[1:] != (8, 8, 1):
+        raise ValueError(f"the digits score takes uint8 images [N, 8, 8, 1], got {images.dtype} {images.shape}; "
+                         f"it measures models of the digits preset only")
+    features = torch.cat([classifier.features(ddpm.normalize_data(images[s:s + batch_size]))
+                          for s in range(0, len(images), batch_size)])
+    return features.double().numpy(), classifier.head(features).softmax(1).double().numpy()
+
+
+class DigitsScore:
+    """digits-FD and digits-IS of uint8 digits [N, 8, 8, 1], each with a bootstrap uncertainty.
+
+    digits-FD = frechet_distance between the Gaussians fitted to the images' classifier features and to the
+    1,500 train images' features: 0 for the train split itself, lower is better, and biased upward for small N
+    (so every table uses one N). digits-IS = the Inception Score formula (inception_score, one split) on the
+    classifier's 10 classes: 1 to 10, higher is better. The +- is the standard deviation over num_bootstrap
+    resamples, with replacement, of the N images.
+    """
+
+    def __init__(self, seed=0, num_bootstrap=DIGITS_BOOTSTRAP):
+        self.classifier, self.accuracy = load_digits_classifier()
+        train_features = digits_classifier_outputs(self.classifier, digits_images("train"))[0]
+        self.reference = feature_statistics(train_features)
+        self.seed, self.num_bootstrap = seed, num_bootstrap
+
+    def __call__(self, images):
+        """{'fd', 'fd_std', 'is', 'is_std', 'n'} of the images."""
+        features, probs = digits_classifier_outputs(self.classifier, images)
+        fd = lambda idx: frechet_distance(*feature_statistics(features[idx]), *self.reference)
+        inception = lambda idx: inception_score(probs[idx], num_splits=1)[0]
+        rng = np.random.default_rng(self.seed)
+        resamples = [rng.integers(0, len(images), len(images)) for _ in range(self.num_bootstrap)]
+        with warnings.catch_warnings(record=True) as caught:  # a few images: one warning, not one per resample
+            warnings.simplefilter("always")
+            everything = np.arange(len(images))
+            result = {"fd": fd(everything), "is": inception(everything), "n": len(images)}
+            fds, iss = [fd(idx) for idx in resamples], [inception(idx) for idx in resamples]
+        for message in sorted({str(w.message) for w in caught}):
+            warnings.warn(message)
+        std = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+        return dict(result, fd_std=std(fds), is_std=std(iss))
+
+
+class PixelCategorical:
+    """The bad baseline: an independent categorical distribution per pixel over the grey levels of the train
+    images (uint8 [N, H, W, C]), fitted with add-one smoothing. A proper distribution over images, so its NLL in
+    bits/dim is comparable with a diffusion model's bound."""
+
+    def __init__(self, train):
+        self.levels, self.shape = np.unique(train), train.shape[1:]
+        index = np.searchsorted(self.levels, train.reshape(len(train), -1))                  # [N, D]
+        counts = np.stack([(index == k).sum(axis=0) for k in range(len(self.levels))], 1)     # [D, K]
+        self.probs = (counts + 1) / (len(train) + len(self.levels))                           # [D, K]
+
+    def nll_bpd(self, images):
+        """-log2 p(image) / D for each uint8 image: float64 [N] bits/dim."""
+        flat = np.asarray(images).reshape(len(images), -1)
+        index = np.searchsorted(self.levels, flat).clip(max=len(self.levels) - 1)
+        if (self.levels[index] != flat).any():
+            raise ValueError("the images hold grey levels the train split never uses; the categorical model "
+                             "gives them probability 0")
+        return -np.log2(self.probs[np.arange(flat.shape[1]), index]).mean(axis=1)
+
+    def sample(self, n, seed=0):
+        """n independent draws, uint8 [n, H, W, C]."""
+        u = np.random.default_rng(seed).random((n, self.probs.shape[0], 1))
+        index = (u > self.probs.cumsum(axis=1)).sum(axis=2).clip(max=len(self.levels) - 1)  # inverse CDF
+        return self.levels[index].reshape(n, *self.shape).astype(np.uint8)
+
+
+def digits_nll_references(test_images):
+    """The reference points of a digits NLL in bits/dim, computed from the data: the per-pixel categorical
+    model's NLL of `test_images` (mean, standard error), uniform over the grey levels the train split uses
+    (log2 of their number) and uniform over 256 levels."""
+    categorical = PixelCategorical(digits_images("train"))
+    return {"categorical": mean_and_stderr(categorical.nll_bpd(test_images)), "num_levels": len(categorical.levels),
+            "uniform_levels": math.log2(len(categorical.levels)), "uniform_256": math.log2(256)}
+
+
+def digits_score_scale(score, n=DIGITS_SCORE_N, seed=0):
+    """The scale printed with every digits score, at the same n: 'floor' = the first n held-out real digits,
+    'baseline' = n samples of the per-pixel categorical model."""
+    test = digits_images("test")
+    if not 2 <= n <= len(test):
+        raise ValueError(f"--n {n} must be in [2, {len(test)}]: the floor is n of the {len(test)} held-out digits")
+    return {"floor": score(test[:n]), "baseline": score(PixelCategorical(digits_images("train")).sample(n, seed))}
+
+
+def pm(mean, std, digits=2):
+    """'mean ± std' to `digits` decimals."""
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def check_digits_model(config, source):
+    """Refuse, in one sentence, a model that is not 8x8 grayscale: the digits score measures digits models only."""
+    if (config.model.resolution, config.model.in_channels) != (8, 1):
+        raise ValueError(f"{source} is a {config.model.resolution}x{config.model.resolution} model with "
+                         f"{config.model.in_channels} channel(s); the digits score needs an 8x8 grayscale model "
+                         f"(ddpm.py train --preset digits)")
+
+
+def digits_samples(model, diffusion, n, seed, folder, sampler="ancestral"):
+    """n uint8 samples [n, 8, 8, 1] by sample_in_chunks (ddpm.sample_batch: Algorithm 2, or DDIM with eta = 0 for
+    sampler='ddim') in chunks of DIGITS_SAMPLE_BATCH, so they are the images of `ddpm.py sample --n n --batch-size
+    128 --seed seed`. Kept in a ResumeFolder under `folder` named by a hash of what decides them (the weights'
+    sha256, the kept timesteps, n, seed), so digits-score and steps share them, a rerun on the same model reads
+    them, and samples of other models or settings are never replaced.
+    Raises FloatingPointError for non-finite samples (a diverged learned variance)."""
+    T = diffusion.num_timesteps
+    kept = np.asarray(getattr(diffusion, "timestep_map", range(T)), dtype=np.int64)  # respaced: the original indices
+    settings = {"weights_sha256": weights_sha256(model), "sampler": sampler, "n": n, "seed": seed,
+                "timesteps_sha256": hashlib.sha256(kept.tobytes()).hexdigest(), "batch_size": DIGITS_SAMPLE_BATCH}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    resume = ResumeFolder(os.path.join(folder, f"{sampler}-{T}-n{n}-seed{seed}-{key}"), settings, what="samples")
+    eta = 0.0 if sampler == "ddim" else None
+    return sample_in_chunks(model, diffusion, n, seed, DIGITS_SAMPLE_BATCH, eta, resume, progress=False)[0]
+
+
+def digits_test_nll(model, diffusion, num_images, seed=0):
+    """The bound in bits/dim on the first num_images held-out digits (ddpm.dataset_bpd: calc_bpd_loop, x0
+    clipped) as (mean, standard error). Raises FloatingPointError when it is not finite."""
+    x_start = ddpm.normalize_data(digits_images("test")[:num_images])
+    bpd = ddpm.dataset_bpd(model, diffusion, x_start, seed=seed)["total_bpd"]
+    if not np.isfinite(bpd).all():
+        raise FloatingPointError(f"the bound is not finite for {int((~np.isfinite(bpd)).sum())} test images")
+    return mean_and_stderr(bpd)
+
+
+def print_digits_scale(scale):
+    for name, what in (("floor", "floor: real held-out digits"), ("baseline", "baseline: per-pixel categorical")):
+        s = scale[name]
+        print(f"    {what:<34} digits-FD {pm(s['fd'], s['fd_std']):>16}   digits-IS {pm(s['is'], s['is_std'])}")
+
+
+DIGITS_HOW_TO_READ = ("How to read: lower is better for bits/dim and digits-FD, higher for digits-IS (at most 10). "
+                      "digits-FD is a Frechet distance in a digits classifier's features, not FID: near the floor, "
+                      "samples are as close to the training digits as unseen real ones; near the baseline, they "
+                      "have no more structure than independent pixels. The NLL is an upper bound.")
+
+
+def cmd_digits_score(args):
+    score = DigitsScore(args.seed, args.bootstrap)  # the pinned classifier, refused if changed, before any work
+    device = torch.device(args.device)
+    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
+    source = args.checkpoint or args.weights
+    check_digits_model(config, source)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(source)), "digits-score")
+    os.makedirs(out, exist_ok=True)
+    d = config.diffusion
+    print(f"digits evidence for {source}: {d.model_mean_type} / {d.model_var_type} / {d.loss_type}, "
+          f"{diffusion.num_timesteps} sampling steps, EMA weights", flush=True)
+    start = time.time()
+    nll = digits_test_nll(model, diffusion, args.nll_images, args.seed)
+    refs = digits_nll_references(digits_images("test")[:args.nll_images])
+    print(f"  test NLL bound {pm(*nll)} bits/dim on the first {args.nll_images} held-out digits "
+          f"({time.time() - start:.0f} s)")
+    print(f"    per-pixel categorical model {pm(*refs['categorical'])}   (independent pixels, add-one smoothing)")
+    print(f"    uniform over the {refs['num_levels']} grey levels {refs['uniform_levels']:.2f}")
+    print(f"    uniform over 256 levels {refs['uniform_256']:.2f}")
+    start = time.time()
+    images = digits_samples(model, diffusion, args.n, args.seed, os.path.join(os.path.dirname(out), "digits-samples"))
+    ddpm.save_image_grid(images[:64], os.path.join(out, "samples.png"))
+    s, scale = score(images), digits_score_scale(score, args.n, args.seed)
+    print(f"  samples ({args.n}, {time.time() - start:.0f} s)        digits-FD {pm(s['fd'], s['fd_std']):>16}   "
+          f"digits-IS {pm(s['is'], s['is_std'])}   (± = bootstrap std; {os.path.join(out, 'samples.png')})")
+    print_digits_scale(scale)
+    print(DIGITS_HOW_TO_READ)
+    result = {"nll": nll, "nll_references": refs, "score": s, "scale": scale, "source": source}
+    atomic_json(os.path.join(out, "digits-score.json"), result)
+    return result
+
+
+# ---- 10. Command line ------------------------------------------------------------------------------------------------
+
+def command_parser(prog, doc):
+    """(parser, its subcommands) for a script whose module docstring `doc` lists its commands."""
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser, parser.add_subparsers(dest="command", required=True)
+
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="evaluate.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = command_parser("evaluate.py", __doc__)
 
     p = sub.add_parser("sample", allow_abbrev=False,
                        help="samples for FID/IS (Table 1) in resumable chunks, or Figure 6")
@@ -958,12 +1334,38 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: runs/eval/<checkpoint name>)")
     p.set_defaults(func=cmd_figures)
-    add_digits_evidence_commands(sub)  # section 7
+
+    p = sub.add_parser("digits-score", allow_abbrev=False,
+                       help="a digits model's test NLL and digits-FD/IS, each beside its reference points")
+    add_model_args(p)
+    p.add_argument("--n", type=int, default=DIGITS_SCORE_N, help="samples to score (default: %(default)s)")
+    p.add_argument("--nll-images", type=int, default=100, help="held-out digits for the NLL (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="samples, bound noise and bootstrap")
+    p.add_argument("--out", help="output folder (default: digits-score/ next to the checkpoint)")
+    add_bootstrap_arg(p)
+    p.set_defaults(func=cmd_digits_score)
+
+    p = sub.add_parser("digits-classifier", allow_abbrev=False,
+                       help="train the digits score's classifier again and compare it with the pinned file")
+    p.add_argument("--out", default=os.path.join("runs", "digits-classifier.pt"),
+                   help="where to write it; never the pinned file (default: %(default)s)")
+    p.set_defaults(func=cmd_digits_classifier)
     return parser
 
 
+def add_bootstrap_arg(parser):
+    parser.add_argument("--bootstrap", type=int, default=DIGITS_BOOTSTRAP,
+                        help="resamples behind each ± of a score (default: %(default)s)")
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    return cli(build_parser(), argv)
+
+
+def cli(parser, argv=None):
+    """Parse argv and run the command (evaluate.py's and experiments.py's): a count below 1, bad input, a full
+    disk or Ctrl-C ends in one line, never a traceback."""
+    args = parser.parse_args(argv)
     warnings.formatwarning = lambda message, *_args, **_kwargs: f"WARNING: {message}\n"  # one line, no source
     for name in ("batch_size", "max_examples", "n", "frames", "samples_per_latent", "splits"):
         value = getattr(args, name, None)
@@ -979,733 +1381,6 @@ def run(args):
     if getattr(args, "out", None):
         ddpm.check_out(args.out, folder=args.command not in ("fid-stats", "digits-classifier"))
     return args.func(args)
-
-
-# ------------------------------------------------------------------------------------------------
-# 7. The paper's findings on 8x8 digits, on a CPU: an offline sample-quality score (digits-FD), Table 2 in
-#    miniature, Table 1's NLL contrast and sample quality against the number of sampling steps
-# ------------------------------------------------------------------------------------------------
-# digits-FD is not FID. It is the same Frechet distance (frechet_distance above), taken in the 64-d feature space
-# of a small classifier trained on the digits train split instead of Inception's, between N samples and the 1,500
-# train images (the paper measures FID against the training set). Its values mean nothing outside this project:
-# every score is printed beside its floor (real held-out digits) and a bad baseline (independent pixels).
-
-DIGITS_SCORE_N = 256            # images per score in every table; the floor is 256 of the 297 held-out digits
-DIGITS_SAMPLE_BATCH = 128      # samples drawn at once: at 8x8 on a CPU, 256 at once took 11-14 % longer than 2 x 128
-DIGITS_BOOTSTRAP = 100          # resamples of the N images behind each +- (the bootstrap standard deviation)
-DIGITS_CLASSIFIER_EPOCHS = 20
-# The scoring network is a fixed file, as FID's Inception is: training it again on another CPU gives other weights
-# (oneDNN and BLAS pick other kernels and 20 epochs amplify the last bits), so every score reads this file, refused
-# unless its bytes have this sha256. `evaluate.py digits-classifier` retrains a copy elsewhere and compares.
-DIGITS_CLASSIFIER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits-classifier.pt")
-DIGITS_CLASSIFIER_SHA256 = "2111cc26fe51a2c817e69b2781a04bdc3fc2fa2b7c1e0126e7eb8216dfca5137"
-
-
-@functools.lru_cache(maxsize=2)
-def _digits(split):
-    """ddpm.load_digits(split), read-only and read once per process (scikit-learn parses a CSV on every call)."""
-    images = ddpm.load_digits(split)
-    images.setflags(write=False)
-    return images
-
-
-@functools.lru_cache(maxsize=2)
-def digits_labels(split):
-    """The classes 0..9 of ddpm.load_digits(split)'s images, in the same order: int64 numpy [N], read-only."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ImportError("the digits score needs scikit-learn: pip install scikit-learn") from None
-    y = load_digits().target.astype(np.int64)
-    y = y[:ddpm.DIGITS_NUM_TRAIN] if split == "train" else y[ddpm.DIGITS_NUM_TRAIN:]
-    y.setflags(write=False)
-    return y
-
-
-class DigitsClassifier(nn.Module):
-    """A small CNN for digits [N, 1, 8, 8] in [-1, 1]: two conv-BN-ReLU blocks at 8x8, max-pool, one at 4x4,
-    max-pool, then a linear layer to 64 features, the score's feature space (taken before the ReLU, so no
-    feature is constant), and ReLU -> dropout -> 10 logits."""
-
-    def __init__(self, width=32, num_features=64):
-        super().__init__()
-        block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
-        self.conv = nn.Sequential(*block(1, width), *block(width, width), nn.MaxPool2d(2),
-                                  *block(width, 2 * width), nn.MaxPool2d(2))           # [N, 2 width, 2, 2]
-        self.fc = nn.Linear(8 * width, num_features)
-        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Linear(num_features, 10))
-
-    def features(self, x):
-        return self.fc(self.conv(x).flatten(1))                                         # [N, num_features]
-
-    def forward(self, x):
-        return self.head(self.features(x))                                              # logits [N, 10]
-
-
-def _augment_digits(x, generator):
-    """A random small affine distortion of each digit [N, 1, 8, 8] in [-1, 1] (rotation up to 15 degrees, scale
-    0.9..1.1, shift up to one pixel), the background -1 filling in: how the held-out writers differ."""
-    u = lambda *shape: torch.rand(*shape, generator=generator) * 2 - 1                 # U(-1, 1)
-    angle, scale, shift = u(len(x)) * math.pi / 12, 1 + 0.1 * u(len(x)), 0.25 * u(len(x), 2)  # 0.25: 1 of 8 px
-    cos, sin = scale * torch.cos(angle), scale * torch.sin(angle)
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x + 1, grid, align_corners=False) - 1  # grid_sample pads with 0, i.e. -1 after the shift
-
-
-def train_digits_classifier(seed=0, epochs=DIGITS_CLASSIFIER_EPOCHS, batch_size=50, lr=2e-3):
-    """DigitsClassifier trained on the digits train split with Adam (cosine lr, weight decay 1e-4) and
-    _augment_digits, in eval mode. One CPU thread and RNGs of its own: the weights are a function of the seed."""
-    x, y = ddpm.normalize_data(_digits("train")), torch.tensor(digits_labels("train"))
-    generator, threads = torch.Generator().manual_seed(seed), torch.get_num_threads()
-    total = epochs * math.ceil(len(x) / batch_size)
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng():  # the initial weights and dropout, without touching the caller's RNG
-            torch.manual_seed(seed)
-            model = DigitsClassifier().train()
-            opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
-            for step in range(total):
-                if step % math.ceil(len(x) / batch_size) == 0:
-                    order = torch.randperm(len(x), generator=generator)
-                idx = order[step % math.ceil(len(x) / batch_size) * batch_size:][:batch_size]
-                for group in opt.param_groups:
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-                loss = F.cross_entropy(model(_augment_digits(x[idx], generator)), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
-
-
-_DIGITS_CLASSIFIERS = {}  # path -> (classifier, held-out accuracy): read once per process
-
-
-def digits_accuracy(classifier):
-    """The classifier's accuracy on the 297 held-out digits."""
-    probs = digits_classifier_outputs(classifier, _digits("test"))[1]
-    return float((probs.argmax(1) == digits_labels("test")).mean())
-
-
-def load_digits_classifier(path=None):
-    """(DigitsClassifier in eval mode, its held-out accuracy) from the pinned file (DIGITS_CLASSIFIER_FILE), read
-    once per process and refused unless its sha256 is DIGITS_CLASSIFIER_SHA256. Prints the accuracy."""
-    path = path or DIGITS_CLASSIFIER_FILE
-    if path in _DIGITS_CLASSIFIERS:
-        return _DIGITS_CLASSIFIERS[path]
-    restore = (f"restore the pinned file with `git checkout -- {os.path.basename(path)}` in the ddpm repository "
-               f"(evaluate.py digits-classifier retrains a copy elsewhere, never over it)")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"the digits classifier {path} is missing; {restore}")
-    digest = ddpm.file_digest(path)
-    if digest != DIGITS_CLASSIFIER_SHA256:
-        raise ValueError(f"the digits classifier {path} is not the pinned file (sha256 {digest[:12]}, pinned "
-                         f"{DIGITS_CLASSIFIER_SHA256[:12]}), so its scores would not be comparable; {restore}")
-    model = DigitsClassifier()
-    model.load_state_dict(ddpm.load_checkpoint(path))
-    model.eval()
-    accuracy = digits_accuracy(model)
-    print(f"digits classifier ({os.path.basename(path)}, sha256 {digest[:12]}): test accuracy {100 * accuracy:.1f} % "
-          f"on the {len(_digits('test'))} held-out digits", flush=True)
-    _DIGITS_CLASSIFIERS[path] = model, accuracy
-    return model, accuracy
-
-
-def cmd_digits_classifier(args):
-    """`evaluate.py digits-classifier`: train the scoring network again from the digits train split with the pinned
-    file's recipe (train_digits_classifier, seed 0), write it to --out, never over the pinned file, and say
-    whether it reproduces the pinned file bit for bit on this machine."""
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and os.path.exists(DIGITS_CLASSIFIER_FILE) and os.path.samefile(out, DIGITS_CLASSIFIER_FILE):
-        raise ValueError(f"--out {args.out} is the pinned classifier, which scores must keep reading; pass another "
-                         f"--out (to adopt a new file, copy it there and pin its sha256 in evaluate.py)")
-    start = time.time()
-    model = train_digits_classifier(seed=0)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    ddpm.save_checkpoint(out, model.state_dict())
-    digest = ddpm.file_digest(out)
-    print(f"trained in {time.time() - start:.0f} s: test accuracy {100 * digits_accuracy(model):.1f} % on the "
-          f"{len(_digits('test'))} held-out digits; wrote {args.out} (sha256 {digest[:12]})")
-    if digest == DIGITS_CLASSIFIER_SHA256:
-        print(f"it reproduces the pinned {os.path.basename(DIGITS_CLASSIFIER_FILE)} bit for bit on this machine")
-        return True
-    pinned = load_digits_classifier()[0].state_dict()
-    largest = max(float((v - pinned[k]).abs().max()) for k, v in model.state_dict().items() if v.is_floating_point())
-    print(f"it differs from the pinned {os.path.basename(DIGITS_CLASSIFIER_FILE)} (largest weight difference "
-          f"{largest:.3g}): this CPU's kernels round differently; scores keep reading the pinned file")
-    return False
-
-
-@torch.inference_mode()
-def digits_classifier_outputs(classifier, images, batch_size=1000):
-    """(features float64 [N, 64], class probabilities float64 [N, 10]) of uint8 digits [N, 8, 8, 1]."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.shape[1:] != (8, 8, 1):
-        raise ValueError(f"the digits score takes uint8 images [N, 8, 8, 1], got {images.dtype} {images.shape}; "
-                         f"it measures models of the digits preset only")
-    features = torch.cat([classifier.features(ddpm.normalize_data(images[s:s + batch_size]))
-                          for s in range(0, len(images), batch_size)])
-    return features.double().numpy(), classifier.head(features).softmax(1).double().numpy()
-
-
-class DigitsScore:
-    """digits-FD and digits-IS of uint8 digits [N, 8, 8, 1], each with a bootstrap uncertainty.
-
-    digits-FD = frechet_distance between the Gaussians fitted to the images' classifier features and to the
-    1,500 train images' features: 0 for the train split itself, lower is better, and biased upward for small N
-    (so every table uses one N). digits-IS = the Inception Score formula (inception_score, one split) on the
-    classifier's 10 classes: 1 to 10, higher is better. The +- is the standard deviation over num_bootstrap
-    resamples, with replacement, of the N images.
-    """
-
-    def __init__(self, seed=0, num_bootstrap=DIGITS_BOOTSTRAP):
-        self.classifier, self.accuracy = load_digits_classifier()
-        train_features = digits_classifier_outputs(self.classifier, _digits("train"))[0]
-        self.reference = feature_statistics(train_features)
-        self.seed, self.num_bootstrap = seed, num_bootstrap
-
-    def __call__(self, images):
-        """{'fd', 'fd_std', 'is', 'is_std', 'n'} of the images."""
-        features, probs = digits_classifier_outputs(self.classifier, images)
-        fd = lambda idx: frechet_distance(*feature_statistics(features[idx]), *self.reference)
-        inception = lambda idx: inception_score(probs[idx], num_splits=1)[0]
-        rng = np.random.default_rng(self.seed)
-        resamples = [rng.integers(0, len(images), len(images)) for _ in range(self.num_bootstrap)]
-        with warnings.catch_warnings(record=True) as caught:  # a few images: one warning, not one per resample
-            warnings.simplefilter("always")
-            everything = np.arange(len(images))
-            result = {"fd": fd(everything), "is": inception(everything), "n": len(images)}
-            fds, iss = [fd(idx) for idx in resamples], [inception(idx) for idx in resamples]
-        for message in sorted({str(w.message) for w in caught}):
-            warnings.warn(message)
-        std = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
-        return dict(result, fd_std=std(fds), is_std=std(iss))
-
-
-class PixelCategorical:
-    """The bad baseline: an independent categorical distribution per pixel over the grey levels of the train
-    images (uint8 [N, H, W, C]), fitted with add-one smoothing. A proper distribution over images, so its NLL in
-    bits/dim is comparable with a diffusion model's bound."""
-
-    def __init__(self, train):
-        self.levels, self.shape = np.unique(train), train.shape[1:]
-        index = np.searchsorted(self.levels, train.reshape(len(train), -1))                  # [N, D]
-        counts = np.stack([(index == k).sum(axis=0) for k in range(len(self.levels))], 1)     # [D, K]
-        self.probs = (counts + 1) / (len(train) + len(self.levels))                           # [D, K]
-
-    def nll_bpd(self, images):
-        """-log2 p(image) / D for each uint8 image: float64 [N] bits/dim."""
-        flat = np.asarray(images).reshape(len(images), -1)
-        index = np.searchsorted(self.levels, flat).clip(max=len(self.levels) - 1)
-        if (self.levels[index] != flat).any():
-            raise ValueError("the images hold grey levels the train split never uses; the categorical model "
-                             "gives them probability 0")
-        return -np.log2(self.probs[np.arange(flat.shape[1]), index]).mean(axis=1)
-
-    def sample(self, n, seed=0):
-        """n independent draws, uint8 [n, H, W, C]."""
-        u = np.random.default_rng(seed).random((n, self.probs.shape[0], 1))
-        index = (u > self.probs.cumsum(axis=1)).sum(axis=2).clip(max=len(self.levels) - 1)  # inverse CDF
-        return self.levels[index].reshape(n, *self.shape).astype(np.uint8)
-
-
-def digits_nll_references(test_images):
-    """The reference points of a digits NLL in bits/dim, computed from the data: the per-pixel categorical
-    model's NLL of `test_images` (mean, standard error), uniform over the grey levels the train split uses
-    (log2 of their number) and uniform over 256 levels."""
-    categorical = PixelCategorical(_digits("train"))
-    return {"categorical": mean_and_stderr(categorical.nll_bpd(test_images)), "num_levels": len(categorical.levels),
-            "uniform_levels": math.log2(len(categorical.levels)), "uniform_256": math.log2(256)}
-
-
-def digits_score_scale(score, n=DIGITS_SCORE_N, seed=0):
-    """The scale printed with every digits score, at the same n: 'floor' = the first n held-out real digits,
-    'baseline' = n samples of the per-pixel categorical model."""
-    test = _digits("test")
-    if not 2 <= n <= len(test):
-        raise ValueError(f"--n {n} must be in [2, {len(test)}]: the floor is n of the {len(test)} held-out digits")
-    return {"floor": score(test[:n]), "baseline": score(PixelCategorical(_digits("train")).sample(n, seed))}
-
-
-def _pm(mean, std, digits=2):
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def _check_digits_model(config, source):
-    if (config.model.resolution, config.model.in_channels) != (8, 1):
-        raise ValueError(f"{source} is a {config.model.resolution}x{config.model.resolution} model with "
-                         f"{config.model.in_channels} channel(s); the digits score needs an 8x8 grayscale model "
-                         f"(ddpm.py train --preset digits)")
-
-
-def digits_samples(model, diffusion, n, seed, folder, sampler="ancestral"):
-    """n uint8 samples [n, 8, 8, 1] by ddpm.sample_batch (Algorithm 2, or DDIM with eta = 0 for sampler='ddim') in
-    batches of DIGITS_SAMPLE_BATCH, so they are the images of `ddpm.py sample --n n --batch-size 128 --seed seed`;
-    cached in folder/<sampler>-<steps>-n<n>-seed<seed>.npz with the weights' fingerprint and the kept timesteps, so
-    digits-score and steps share them and a rerun on the same model reads them.
-    Raises FloatingPointError for non-finite samples (a diverged learned variance)."""
-    T = diffusion.num_timesteps
-    kept = np.asarray(getattr(diffusion, "timestep_map", range(T)), dtype=np.int64)  # respaced: the original indices
-    kept_sha = hashlib.sha256(kept.tobytes()).hexdigest()[:16]
-    key = (f"{weights_sha256(model)} {sampler} timesteps={kept_sha} n={n} seed={seed} batch={DIGITS_SAMPLE_BATCH} "
-           f"rule=sample_batch")
-    path = os.path.join(folder, f"{sampler}-{T}-n{n}-seed{seed}.npz")
-    if os.path.isfile(path):
-        with np.load(path) as f:
-            if "key" in f and str(f["key"]) == key:
-                return f["arr_0"]
-    eta = 0.0 if sampler == "ddim" else None
-    images = np.concatenate([ddpm.sample_batch(model, diffusion, seed, i, min(DIGITS_SAMPLE_BATCH, n - start), eta)
-                             for i, start in enumerate(range(0, n, DIGITS_SAMPLE_BATCH))])
-    os.makedirs(folder, exist_ok=True)
-    atomic_savez(path, arr_0=images, key=np.array(key))
-    return images
-
-
-def digits_test_nll(model, diffusion, num_images, seed=0):
-    """The bound in bits/dim on the first num_images held-out digits (ddpm.dataset_bpd: calc_bpd_loop, x0
-    clipped) as (mean, standard error). Raises FloatingPointError when it is not finite."""
-    x_start = ddpm.normalize_data(_digits("test")[:num_images])
-    bpd = ddpm.dataset_bpd(model, diffusion, x_start, seed=seed)["total_bpd"]
-    if not np.isfinite(bpd).all():
-        raise FloatingPointError(f"the bound is not finite for {int((~np.isfinite(bpd)).sum())} test images")
-    return mean_and_stderr(bpd)
-
-
-def print_digits_scale(scale):
-    for name, what in (("floor", "floor: real held-out digits"), ("baseline", "baseline: per-pixel categorical")):
-        s = scale[name]
-        print(f"    {what:<34} digits-FD {_pm(s['fd'], s['fd_std']):>16}   digits-IS {_pm(s['is'], s['is_std'])}")
-
-
-DIGITS_HOW_TO_READ = ("How to read: lower is better for bits/dim and digits-FD, higher for digits-IS (at most 10). "
-                      "digits-FD is a Frechet distance in a digits classifier's features, not FID: near the floor, "
-                      "samples are as close to the training digits as unseen real ones; near the baseline, they "
-                      "have no more structure than independent pixels. The NLL is an upper bound.")
-
-
-def cmd_digits_score(args):
-    score = DigitsScore(args.seed, args.bootstrap)  # the pinned classifier, refused if changed, before any work
-    device = torch.device(args.device)
-    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
-    source = args.checkpoint or args.weights
-    _check_digits_model(config, source)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(source)), "digits-score")
-    os.makedirs(out, exist_ok=True)
-    d = config.diffusion
-    print(f"digits evidence for {source}: {d.model_mean_type} / {d.model_var_type} / {d.loss_type}, "
-          f"{diffusion.num_timesteps} sampling steps, EMA weights", flush=True)
-    start = time.time()
-    nll = digits_test_nll(model, diffusion, args.nll_images, args.seed)
-    refs = digits_nll_references(_digits("test")[:args.nll_images])
-    print(f"  test NLL bound {_pm(*nll)} bits/dim on the first {args.nll_images} held-out digits "
-          f"({time.time() - start:.0f} s)")
-    print(f"    per-pixel categorical model {_pm(*refs['categorical'])}   (independent pixels, add-one smoothing)")
-    print(f"    uniform over the {refs['num_levels']} grey levels {refs['uniform_levels']:.2f}")
-    print(f"    uniform over 256 levels {refs['uniform_256']:.2f}")
-    start = time.time()
-    images = digits_samples(model, diffusion, args.n, args.seed, os.path.join(os.path.dirname(out), "digits-samples"))
-    ddpm.save_image_grid(images[:64], os.path.join(out, "samples.png"))
-    s, scale = score(images), digits_score_scale(score, args.n, args.seed)
-    print(f"  samples ({args.n}, {time.time() - start:.0f} s)        digits-FD {_pm(s['fd'], s['fd_std']):>16}   "
-          f"digits-IS {_pm(s['is'], s['is_std'])}   (± = bootstrap std; {os.path.join(out, 'samples.png')})")
-    print_digits_scale(scale)
-    print(DIGITS_HOW_TO_READ)
-    result = {"nll": nll, "nll_references": refs, "score": s, "scale": scale, "source": source}
-    atomic_json(os.path.join(out, "digits-score.json"), result)
-    return result
-
-
-# --- Table 2 in miniature --------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Table2Row:
-    key: str                 # the row's folder under --out
-    group: str               # the paper's parameterisation heading (no '|': the table is Markdown)
-    objective: str           # the paper's objective column
-    model_mean_type: str     # how ddpm.py expresses the row (DiffusionConfig)
-    model_var_type: str
-    loss_type: str
-    paper_is: str            # the paper's CIFAR-10 numbers (Table 2); "unstable" where the paper has a blank
-    paper_fid: str
-
-
-# Fixed isotropic Sigma is sigma^2 = beta ('fixedlarge'), the paper's CIFAR-10 choice; 'L' is loss_type 'kl', the
-# true bound term L_{t-1} for a uniformly drawn t (the decoder L_0 at t = 1); mu~ prediction is 'xprev'.
-TABLE2_ROWS = (
-    Table2Row("mu-L-learned", "μ̃ prediction", "L, learned diagonal Σ", "xprev", "learned", "kl",
-              "7.28±0.10", "23.69"),
-    Table2Row("mu-L-fixed", "μ̃ prediction", "L, fixed isotropic Σ", "xprev", "fixedlarge", "kl",
-              "8.06±0.09", "13.22"),
-    Table2Row("mu-mse", "μ̃ prediction", "‖μ̃ − μ̃θ‖²", "xprev", "fixedlarge", "mse",
-              "unstable", "unstable"),
-    Table2Row("eps-L-learned", "ε prediction", "L, learned diagonal Σ", "eps", "learned", "kl",
-              "unstable", "unstable"),
-    Table2Row("eps-L-fixed", "ε prediction", "L, fixed isotropic Σ", "eps", "fixedlarge", "kl",
-              "7.67±0.13", "13.51"),
-    Table2Row("eps-Lsimple", "ε prediction", "‖ε − εθ‖² (L_simple)", "eps", "fixedlarge", "mse",
-              "9.46±0.11", "3.17"),
-    Table2Row("eps-hybrid-range", "beyond the paper", "hybrid, learned range (improved DDPM)", "eps",
-              "learned_range", "hybrid", "-", "-"),
-)
-TABLE2_CONTRAST = ("eps-L-fixed", "eps-Lsimple")  # Table 1: the true bound L against L_simple, both fixed Sigma
-TABLE2_TASKS = ("train", "samples", "nll")
-
-
-def table2_config(row, settings, out):
-    """The digits preset with the row's parameterisation and objective, trained for settings['steps'] steps
-    with a checkpoint at half of them (Table 1's NLL contrast reads both)."""
-    config = ddpm.get_preset("digits")
-    d, tc = config.diffusion, config.train
-    d.model_mean_type, d.model_var_type, d.loss_type = row.model_mean_type, row.model_var_type, row.loss_type
-    d.num_timesteps = settings["timesteps"]
-    tc.steps, tc.seed, tc.out = settings["steps"], settings["seed"], out
-    tc.ckpt_every, tc.keep_ckpts = max(1, settings["steps"] // 2), 2
-    tc.sample_every = 0  # the table measures the samples itself
-    return config
-
-
-def _redirect_output(path):
-    """Send this process's stdout and stderr (file descriptors 1 and 2, so tqdm too) to the end of `path`."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with open(path, "a") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-
-
-def table2_task(key, task, settings, out, threads=None, log=False):
-    """One unit of table2's work on one row: 'train' it, score its 'samples', or its test 'nll'. Returns the
-    result, also written to out/<key>/<task>.json, the cache a rerun reads instead of running the task again.
-    A worker process passes log=True (its output goes to out/<key>/<task>.log) and its share of the CPU threads."""
-    row, folder = next(r for r in TABLE2_ROWS if r.key == key), os.path.join(out, key)
-    os.makedirs(folder, exist_ok=True)
-    if log:
-        _redirect_output(os.path.join(folder, f"{task}.log"))
-    if threads:
-        torch.set_num_threads(threads)
-    start, cpu = time.time(), time.process_time()
-    result = {"status": "ok"}
-    try:
-        ckpt = os.path.join(folder, f"ckpt-{settings['steps']:07d}.pt")
-        if task == "train":
-            ddpm.train(table2_config(row, settings, folder), resume=True)
-            if not os.path.isfile(ckpt):  # stopped by a signal: no json, so a rerun resumes the training
-                raise RuntimeError(f"training stopped before step {settings['steps']}; rerun to resume it")
-        else:
-            model, diffusion, _ = ddpm.load_model(ckpt)
-            if task == "samples":
-                images = digits_samples(model, diffusion, settings["n"], settings["seed"], folder)
-                atomic_savez(os.path.join(folder, "samples.npz"), arr_0=images)  # for the figure
-                result["score"] = DigitsScore(settings["seed"], settings["bootstrap"])(images)
-            else:
-                result["nll"] = digits_test_nll(model, diffusion, settings["nll_images"], settings["seed"])
-                half = os.path.join(folder, f"ckpt-{settings['steps'] // 2:07d}.pt")
-                if key in TABLE2_CONTRAST and os.path.isfile(half):
-                    result["nll_half"] = digits_test_nll(ddpm.load_model(half)[0], diffusion, settings["nll_images"],
-                                                         settings["seed"])
-    except FloatingPointError as e:  # the NaN guard of training, or non-finite samples or bound
-        result = {"status": "unstable", "note": str(e)}
-    result.update(wall_s=time.time() - start, cpu_s=time.process_time() - cpu)
-    atomic_json(os.path.join(folder, f"{task}.json"), result)
-    print(json.dumps(result), flush=True)
-    return result
-
-
-def _table2_todo(results, submitted):
-    """The (row, task) pairs that can start now: training first; samples and nll once a row trained stably."""
-    todo = []
-    for row in TABLE2_ROWS:
-        done = results[row.key]
-        if "train" not in done:
-            tasks = ["train"]
-        elif done["train"]["status"] == "ok":
-            tasks = [t for t in TABLE2_TASKS[1:] if t not in done]
-        else:  # unstable: nothing to sample or evaluate
-            tasks = []
-        todo += [(row.key, t) for t in tasks if (row.key, t) not in submitted]
-    return todo
-
-
-def run_table2_tasks(settings, out, jobs=2):
-    """Every row's tasks, `jobs` at a time in worker processes with cpu_count // jobs threads each (jobs=1: in
-    this process, with its threads). Finished tasks are read from their json; a task that crashes is reported
-    and left for a rerun, and the others go on. Returns {row key: {task: result}}."""
-    results = {row.key: {} for row in TABLE2_ROWS}
-    for row in TABLE2_ROWS:
-        for task in TABLE2_TASKS:
-            path = os.path.join(out, row.key, f"{task}.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    results[row.key][task] = json.load(f)
-    submitted, threads = set(), max(1, (os.cpu_count() or 1) // jobs)
-
-    def finish(key, task, result):
-        results[key][task] = result
-        note = f": {result['note']}" if result["status"] != "ok" else ""
-        print(f"  {time.strftime('%H:%M:%S')} {key} {task} {result['status']} in {result['wall_s'] / 60:.1f} min"
-              + note, flush=True)
-
-    if jobs == 1:
-        while todo := _table2_todo(results, submitted):
-            submitted.add(todo[0])
-            finish(*todo[0], table2_task(*todo[0], settings, out))
-        return results
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = {}
-        while True:
-            for key, task in _table2_todo(results, submitted):
-                submitted.add((key, task))
-                pending[pool.submit(table2_task, key, task, settings, out, threads, True)] = key, task
-            if not pending:
-                return results
-            finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in finished:
-                key, task = pending.pop(future)
-                try:
-                    finish(key, task, future.result())
-                except Exception as e:  # a bug or a killed worker: this task only; a rerun retries it
-                    print(f"  {key} {task} failed ({type(e).__name__}: {e}); see {out}/{key}/{task}.log", flush=True)
-
-
-def _table2_cells(result):
-    """(digits-FD, digits-IS, test NLL) cells of a row's results."""
-    if not result.get("train"):
-        return ("not run",) * 3
-    bad = [r for r in result.values() if r["status"] != "ok"]
-    if bad:
-        return ("unstable",) * 3
-    s, nll = result.get("samples", {}).get("score"), result.get("nll", {}).get("nll")
-    return (_pm(s["fd"], s["fd_std"], 1) if s else "not run", _pm(s["is"], s["is_std"]) if s else "not run",
-            _pm(*nll) if nll else "not run")
-
-
-def print_table2(results, scale, settings, refs):
-    """The paper's Table 2 as Markdown, our digits columns beside the paper's CIFAR-10 IS and FID."""
-    print(f"\nTable 2 on 8x8 digits: {settings['steps']} training steps per row (seed {settings['seed']}, T = "
-          f"{settings['timesteps']}); {settings['n']} samples of {settings['timesteps']} steps (Algorithm 2) per "
-          f"score; test NLL bound on the first {settings['nll_images']} held-out digits; ± = bootstrap std "
-          f"(scores) and standard error (NLL)\n")
-    print("| objective | paper IS | paper FID | digits-IS | digits-FD | test NLL (bits/dim) |")
-    print("|---|---|---|---|---|---|")
-    group = None
-    for row in TABLE2_ROWS:
-        if row.group != group:
-            group = row.group
-            print(f"| **{group}** | | | | | |")
-        fd, inception, nll = _table2_cells(results[row.key])
-        print(f"| {row.objective} | {row.paper_is} | {row.paper_fid} | {inception} | {fd} | {nll} |")
-    for name, what in (("floor", "real held-out digits (floor)"), ("baseline", "per-pixel categorical (baseline)")):
-        s = scale[name]
-        nll = (_pm(*refs["categorical"]) if name == "baseline" else "-")
-        print(f"| {what} | | | {_pm(s['is'], s['is_std'])} | {_pm(s['fd'], s['fd_std'], 1)} | {nll} |")
-    print(f"\nuniform over the {refs['num_levels']} grey levels: {refs['uniform_levels']:.2f} bits/dim; over 256: "
-          f"{refs['uniform_256']:.2f}. Row mapping (model_mean_type / model_var_type / loss_type): "
-          + "; ".join(f"{r.key} {r.model_mean_type}/{r.model_var_type}/{r.loss_type}" for r in TABLE2_ROWS))
-
-
-def print_table1_contrast(results, settings):
-    """Table 1's NLL contrast, the true bound L against L_simple (both eps, fixed Sigma), at half and all steps."""
-    print("\nTable 1's NLL contrast (the paper, CIFAR-10: L <= 3.70, L_simple <= 3.75 bits/dim):")
-    first_better = None
-    for label, field, step in (("half", "nll_half", settings["steps"] // 2), ("all", "nll", settings["steps"])):
-        values = [results[k].get("nll", {}).get(field) for k in TABLE2_CONTRAST]
-        if None in values:
-            print(f"  step {step}: not measured (a row is unstable or not run)")
-            continue
-        (l_mean, l_se), (s_mean, s_se) = values
-        diff, se = l_mean - s_mean, math.hypot(l_se, s_se)
-        better = "L better" if diff < -2 * se else "L_simple better" if diff > 2 * se else "no difference beyond 2 se"
-        print(f"  step {step}: L {_pm(l_mean, l_se)}, L_simple {_pm(s_mean, s_se)}, L - L_simple = "
-              f"{diff:+.2f} ± {se:.2f}: {better}")
-        if diff < -2 * se and first_better is None:
-            first_better = step
-    print("  L gives the better NLL: " + (f"yes, from step {first_better}" if first_better else
-                                           f"not within {settings['steps']} steps"))
-
-
-def plot_table2_samples(results, out, path, per_row=16):
-    """One strip of per_row samples per Table 2 row, labelled, as a PNG (rows without samples are left out)."""
-    plt = _pyplot("Table 2 sample figure")
-    keys = [r for r in TABLE2_ROWS if os.path.isfile(os.path.join(out, r.key, "samples.npz"))
-            and results[r.key].get("samples", {}).get("status") == "ok"]
-    if plt is None or not keys:
-        return False
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 0.62 * len(keys) + 0.2), squeeze=False)
-    for ax, row in zip(axes[:, 0], keys):
-        with np.load(os.path.join(out, row.key, "samples.npz")) as f:
-            tiles = np.pad(f["arr_0"][:per_row, :, :, 0], ((0, 0), (1, 1), (1, 1)), constant_values=255)
-        ax.imshow(np.concatenate(list(tiles), axis=1), cmap="gray", vmin=0, vmax=255)  # one row, white gaps
-        ax.set_title(f"{row.group}: {row.objective}", fontsize=7, loc="left", pad=2)
-        ax.axis("off")
-    return _save_figure(plt, fig, path)
-
-
-def cmd_table2(args):
-    settings = dict(steps=args.steps, n=args.n, nll_images=args.nll_images, timesteps=args.timesteps, seed=args.seed,
-                    bootstrap=args.bootstrap)
-    test = _digits("test")
-    if not 1 <= args.nll_images <= len(test):
-        raise ValueError(f"--nll-images must be in [1, {len(test)}], the held-out digits, got {args.nll_images}")
-    if args.steps < 2 or args.jobs < 1:
-        raise ValueError(f"--steps must be at least 2 and --jobs at least 1, got {args.steps} and {args.jobs}")
-    os.makedirs(args.out, exist_ok=True)
-    settings_path = os.path.join(args.out, "settings.json")
-    if os.path.isfile(settings_path):
-        with open(settings_path) as f:
-            old = json.load(f)
-        if old != settings:
-            raise ValueError(f"{args.out} holds rows made with {old}, not {settings}; rerun with those flags to "
-                             f"resume it, or pass another --out")
-    atomic_json(settings_path, settings)
-    start = time.time()
-    score = DigitsScore(args.seed, args.bootstrap)  # refuses a classifier file that is not the pinned one before any work
-    scale = digits_score_scale(score, args.n, args.seed)
-    refs = digits_nll_references(test[:args.nll_images])
-    print(f"Table 2 on digits: {len(TABLE2_ROWS)} rows x (train, samples, nll), {args.jobs} at a time, in "
-          f"{args.out}; logs in {args.out}/<row>/<task>.log", flush=True)
-    results = run_table2_tasks(settings, args.out, args.jobs)
-    print_table2(results, scale, settings, refs)
-    print_table1_contrast(results, settings)
-    figure = os.path.join(args.out, "table2-samples.png")
-    if plot_table2_samples(results, args.out, figure):
-        print(f"\nwrote {figure}")
-    spent = {t: sum(r[t]["wall_s"] for r in results.values() if t in r) for t in TABLE2_TASKS}
-    print(f"time: {(time.time() - start) / 60:.1f} min wall for this command; task wall times summed over rows "
-          f"(as recorded, including earlier runs): " + ", ".join(f"{t} {v / 60:.1f} min" for t, v in spent.items())
-          + f"; {args.jobs} tasks at a time")
-    atomic_json(os.path.join(args.out, "table2.json"),
-                {"settings": settings, "results": results, "scale": scale, "nll_references": refs})
-    return results
-
-
-# --- quality against the number of sampling steps --------------------------------------------------
-
-def cmd_steps(args):
-    if args.respacing:
-        raise ValueError("steps respaces the model itself; drop --respacing and list the step counts in --counts")
-    score = DigitsScore(args.seed, args.bootstrap)  # the pinned classifier, refused if changed, before any work
-    device = torch.device(args.device)
-    model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
-    source = args.checkpoint or args.weights
-    _check_digits_model(config, source)
-    T = diffusion.num_timesteps
-    counts = sorted({int(c) for c in args.counts.split(",") if c.strip()}, reverse=True) if \
-        re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", args.counts) else None
-    if not counts or counts[-1] < 1 or counts[0] > T:
-        raise ValueError(f"--counts must be comma-separated step counts in [1, {T}] (the model's T), "
-                         f"got {args.counts!r}")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(source)), "steps")
-    samples = os.path.join(os.path.dirname(os.path.abspath(out)), "digits-samples")  # shared with digits-score
-    os.makedirs(out, exist_ok=True)
-    score = DigitsScore(args.seed, args.bootstrap)
-    scale = digits_score_scale(score, args.n, args.seed)
-    print(f"digits-FD against network evaluations for {source} ({args.n} samples each, seed {args.seed})")
-    rows = []
-    for sampler in ("ancestral", "ddim"):
-        for count in counts:
-            spaced = ddpm.respace(diffusion, f"ddim{count}" if sampler == "ddim" else str(count))
-            start = time.time()
-            images = digits_samples(model, spaced, args.n, args.seed, samples, sampler)
-            rows.append(dict(sampler=sampler, evaluations=count, seconds=time.time() - start, **score(images)))
-            print(f"  {sampler:9s} {count:5d}  digits-FD {_pm(rows[-1]['fd'], rows[-1]['fd_std']):>16}  "
-                  f"digits-IS {_pm(rows[-1]['is'], rows[-1]['is_std'])}  ({rows[-1]['seconds']:.0f} s)", flush=True)
-    print_digits_scale(scale)
-    print_steps_table(rows, counts)
-    atomic_json(os.path.join(out, "steps.json"), {"rows": rows, "scale": scale, "source": source, "n": args.n})
-    if plot_steps(rows, scale, os.path.join(out, "steps.png")):
-        print(f"wrote {os.path.join(out, 'steps.png')} and steps.json")
-    return rows
-
-
-def fewest_steps_within(rows, sampler, reference):
-    """The fewest evaluations whose digits-FD is not worse than the reference's by more than two combined
-    bootstrap standard deviations, for one sampler; None if none is."""
-    ok = [r["evaluations"] for r in rows if r["sampler"] == sampler
-          and r["fd"] - reference["fd"] <= 2 * math.hypot(r["fd_std"], reference["fd_std"])]
-    return min(ok) if ok else None
-
-
-def print_steps_table(rows, counts):
-    """The steps table as Markdown and the answer: how few evaluations stay within the uncertainty of all T."""
-    cell = {(r["sampler"], r["evaluations"]): r for r in rows}
-    print("\n| network evaluations | ancestral (respaced) digits-FD | digits-IS | DDIM eta=0 digits-FD | digits-IS |")
-    print("|---|---|---|---|---|")
-    for count in counts:
-        a, d = cell["ancestral", count], cell["ddim", count]
-        print(f"| {count} | {_pm(a['fd'], a['fd_std'], 1)} | {_pm(a['is'], a['is_std'])} | "
-              f"{_pm(d['fd'], d['fd_std'], 1)} | {_pm(d['is'], d['is_std'])} |")
-    print()
-    for reference in ("ancestral", "ddim"):
-        ref = cell[reference, counts[0]]
-        answers = {s: fewest_steps_within(rows, s, ref) for s in ("ancestral", "ddim")}
-        print(f"Within the uncertainty of {counts[0]} {reference} steps (digits-FD {ref['fd']:.1f}, not worse by more "
-              f"than 2 combined bootstrap std): " + "; ".join(f"{s} from {a} evaluations" if a else
-                                                             f"{s}: none of the counts" for s, a in answers.items()))
-
-
-def plot_steps(rows, scale, path):
-    """digits-FD (± bootstrap std) against network evaluations for both samplers, with the floor and baseline."""
-    plt = _pyplot("steps plot")
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for sampler, label in (("ancestral", "ancestral, respaced"), ("ddim", "DDIM, eta = 0")):
-        pts = [r for r in rows if r["sampler"] == sampler]
-        ax.errorbar([r["evaluations"] for r in pts], [r["fd"] for r in pts], yerr=[r["fd_std"] for r in pts],
-                    marker="o", capsize=3, label=label)
-    for name, style in (("floor", ":"), ("baseline", "--")):
-        ax.axhline(scale[name]["fd"], color="gray", linestyle=style, label=f"{name} ({scale[name]['fd']:.1f})")
-    ax.set(xscale="log", yscale="log", xlabel="network evaluations per sample", ylabel="digits-FD (lower is better)")
-    ax.legend(fontsize=7)
-    return _save_figure(plt, fig, path)
-
-
-def add_digits_evidence_commands(sub):
-    """digits-score, table2 and steps: the subcommands of section 7."""
-    def bootstrap_arg(p):
-        p.add_argument("--bootstrap", type=int, default=DIGITS_BOOTSTRAP,
-                       help="resamples behind each ± of a score (default: %(default)s)")
-    p = sub.add_parser("digits-score", allow_abbrev=False,
-                       help="a digits model's test NLL and digits-FD/IS, each beside its reference points")
-    add_model_args(p)
-    p.add_argument("--n", type=int, default=DIGITS_SCORE_N, help="samples to score (default: %(default)s)")
-    p.add_argument("--nll-images", type=int, default=100, help="held-out digits for the NLL (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="samples, bound noise and bootstrap")
-    p.add_argument("--out", help="output folder (default: digits-score/ next to the checkpoint)")
-    bootstrap_arg(p)
-    p.set_defaults(func=cmd_digits_score)
-
-    p = sub.add_parser("digits-classifier", allow_abbrev=False,
-                       help="train the digits score's classifier again and compare it with the pinned file")
-    p.add_argument("--out", default=os.path.join("runs", "digits-classifier.pt"),
-                   help="where to write it; never the pinned file (default: %(default)s)")
-    p.set_defaults(func=cmd_digits_classifier)
-
-    p = sub.add_parser("table2", allow_abbrev=False,
-                       help="the paper's Table 2 (six objectives, plus improved DDPM's hybrid) trained on digits")
-    p.add_argument("--steps", type=int, default=ddpm.get_preset("digits").train.steps, help="training steps per row")
-    p.add_argument("--n", type=int, default=DIGITS_SCORE_N, help="samples per score (default: %(default)s)")
-    p.add_argument("--nll-images", type=int, default=100, help="held-out digits for the NLL (default: %(default)s)")
-    p.add_argument("--timesteps", type=int, default=ddpm.DiffusionConfig.num_timesteps,
-                   help="T of every row (default: the paper's %(default)s; smaller only for smoke tests)")
-    p.add_argument("--jobs", type=int, default=2, help="tasks at a time, one process each (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join("runs", "table2"), help="a rerun resumes there (default: %(default)s)")
-    bootstrap_arg(p)
-    p.set_defaults(func=cmd_table2)
-
-    p = sub.add_parser("steps", allow_abbrev=False,
-                       help="digits-FD against sampling steps: respaced ancestral sampling and DDIM (eta = 0)")
-    add_model_args(p)
-    p.add_argument("--counts", default="1000,250,100,50,25,10", help="network evaluations (default: %(default)s)")
-    p.add_argument("--n", type=int, default=DIGITS_SCORE_N, help="samples per score (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output folder (default: steps/ next to the checkpoint); a rerun reuses samples")
-    bootstrap_arg(p)
-    p.set_defaults(func=cmd_steps)
 
 
 if __name__ == "__main__":

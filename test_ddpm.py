@@ -62,8 +62,9 @@ class DevRequirement:
 
 try:
     import evaluate  # imported here, for the tests that monkeypatch it; it imports scipy
+    import experiments
 except ModuleNotFoundError:
-    evaluate = DevRequirement("evaluate")
+    evaluate, experiments = DevRequirement("evaluate"), DevRequirement("experiments")
 diffusers = DevRequirement("diffusers")
 Image = DevRequirement("PIL.Image")
 safetensors_torch = DevRequirement("safetensors.torch")
@@ -225,8 +226,8 @@ def _tiny_model_checkpoint(path, T=25, seed=0):
     return ddpm.load_model(path)
 
 
-def _run_cli(capsys, argv):
-    result = evaluate.main(argv)
+def _run_cli(capsys, argv, main=None):
+    result = (main or evaluate.main)(argv)
     return result, capsys.readouterr().out
 
 
@@ -248,8 +249,7 @@ def no_work(monkeypatch):
     """Loading a model or data fails the test: what is checked with it must be checked before any work."""
     def work(*args, **kwargs):
         raise AssertionError("work started before the input was checked")
-    for module, name in ((ddpm, "load_model"), (evaluate, "load_for_sampling"), (ddpm, "load_data"),
-                         (evaluate, "load_images")):
+    for module, name in ((ddpm, "load_model"), (evaluate, "load_for_sampling"), (ddpm, "load_data")):
         monkeypatch.setattr(module, name, work)
 
 
@@ -2112,15 +2112,15 @@ def test_sample_chunks_resume(tmp_path, images, tiny_run):
     seed = int(np.random.SeedSequence([0, 0]).generate_state(1)[0])  # chunk 0 of --seed 0
     chunk = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 2, seed))
     os.makedirs(tmp_path / "resumed")
-    record = np.load(tmp_path / "fresh" / "samples_3x8x8x3.npz")["record"]  # the settings, as a chunk records them
-    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00000.npz", arr_0=chunk, record=record)
+    shutil.copy(tmp_path / "fresh" / "settings.json", tmp_path / "resumed" / "settings.json")
+    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00000.npz", arr_0=chunk)
     evaluate.main([*args, str(tmp_path / "resumed")])
     ddpm.main([*args, str(tmp_path / "plain")])
     fresh, resumed, plain = (np.load(tmp_path / d / "samples_3x8x8x3.npz")["arr_0"] for d in ("fresh", "resumed", "plain"))
     assert np.array_equal(fresh, resumed) and np.array_equal(fresh, plain)
     # the last chunk draws only the remainder; one left by a run with another --n is drawn again at its size
     last = ddpm.unnormalize_data(ddpm.sample_images(model, diffusion, 1, seed))
-    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00001.npz", arr_0=last, record=record)
+    np.savez(tmp_path / "resumed" / "chunk-seed0-batch2-00001.npz", arr_0=last)
     evaluate.main([*args[:4], "4", *args[5:], str(tmp_path / "resumed")])
     assert np.load(tmp_path / "resumed" / "samples_4x8x8x3.npz")["arr_0"].shape == (4, 8, 8, 3)
 
@@ -2144,21 +2144,21 @@ def test_sample_never_mixes_chunks_of_other_settings(tmp_path, one_thread, monke
     assert last_line.startswith("interrupted: ") and f"1 of 2 chunks are kept in {tmp_path / 'out'}" in last_line
     assert "rerun the same command" in last_line
     monkeypatch.setattr(ddpm, "sample_images", sample_images)
-    assert sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz", "settings.json"]
     chunk = np.load(tmp_path / "out" / "chunk-seed0-batch2-00000.npz")["arr_0"]
     for flags, setting in ((["--respacing", "10"], "--respacing"), (["--ddim-eta", "0"], "--ddim-eta")):
         calls.clear()
         monkeypatch.setattr(ddpm, "sample_images", interrupted)  # a refusal draws nothing
-        with pytest.raises(SystemExit, match=f"^error: .*chunk-seed0-batch2-00000.npz was sampled with other {setting} "
+        with pytest.raises(SystemExit, match=f"^error: .*out holds samples made with other {setting} "
                                              f".*use another --out"):
             _sample_cli(tmp_path / "ckpt.pt", tmp_path / "out", *flags)
-        assert calls == [] and sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz"]
+        assert calls == [] and sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz", "settings.json"]
         assert np.array_equal(np.load(tmp_path / "out" / "chunk-seed0-batch2-00000.npz")["arr_0"], chunk)
     monkeypatch.setattr(ddpm, "sample_images", sample_images)
     other = ddpm.load_checkpoint(tmp_path / "ckpt.pt")  # the same config with other weights, at the same path
     other["ema"] = {k: v + 0.01 for k, v in other["ema"].items()}
     ddpm.save_checkpoint(tmp_path / "other.pt", other)
-    with pytest.raises(SystemExit, match=r"was sampled with other weights .*ckpt.pt sha256 [0-9a-f]{12}, now .*other.pt"):
+    with pytest.raises(SystemExit, match=r"holds samples made with other weights .*ckpt.pt sha256 [0-9a-f]{12}, now .*other.pt"):
         _sample_cli(tmp_path / "other.pt", tmp_path / "out")
     assert np.array_equal(_sample_cli(tmp_path / "ckpt.pt", tmp_path / "out"), fresh)  # the chunk reused, the rest drawn
     # the record is the weights' content, not their path: a copy at another path reuses the file
@@ -2174,15 +2174,17 @@ def test_sample_refuses_a_stale_final_file(tmp_path, one_thread, capsys):
     stamp = os.stat(tmp_path / "out" / "samples_3x8x8x1.npz").st_mtime_ns
     for ckpt, flags, setting in (("b.pt", [], "weights"), ("a.pt", ["--respacing", "10"], "--respacing"),
                                  ("a.pt", ["--seed", "1"], "--seed"), ("a.pt", ["--batch-size", "3"], "--batch-size")):
-        with pytest.raises(SystemExit, match=f"^error: .*samples_3x8x8x1.npz was sampled with other {setting} "):
+        with pytest.raises(SystemExit, match=f"^error: .*out holds samples made with other {setting} "):
             _sample_cli(tmp_path / ckpt, tmp_path / "out", *flags)  # a later --batch-size overrides the first
     assert os.stat(tmp_path / "out" / "samples_3x8x8x1.npz").st_mtime_ns == stamp  # kept as it was
     shutil.copy(tmp_path / "a.pt", tmp_path / "copy.pt")
     capsys.readouterr()
     assert np.array_equal(_sample_cli(tmp_path / "copy.pt", tmp_path / "out"), made)
     assert "already exists with these settings; nothing to do" in capsys.readouterr().out
-    np.savez(tmp_path / "out" / "samples_3x8x8x1.npz", arr_0=made)  # a file with no record: not taken as done
-    with pytest.raises(SystemExit, match="holds no record of the settings.*delete it"):
+    os.remove(tmp_path / "out" / "settings.json")  # a file with no record (`ddpm.py sample`'s): not taken as done
+    np.savez(tmp_path / "out" / "samples_3x8x8x1.npz", arr_0=made)
+    with pytest.raises(SystemExit, match="samples_3x8x8x1.npz exists but .* holds no record of the settings it was "
+                                         "made with .*; delete it"):
         _sample_cli(tmp_path / "a.pt", tmp_path / "out")
 
 
@@ -2203,11 +2205,12 @@ def test_ctrl_c_during_sample_says_what_is_kept(tmp_path, capsys, monkeypatch):
                        "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert e.value.code == 130, err
-    kept = sorted(os.listdir(tmp_path / "out"))
+    kept = sorted(k for k in os.listdir(tmp_path / "out") if k.startswith("chunk-seed0-batch1-"))
     (line,) = [line for line in err.splitlines() if "interrupted" in line]
     assert "Traceback" not in err and line.startswith("interrupted: ")
     assert f"{len(kept)} of 1000 chunks are kept in {tmp_path / 'out'}" in line and "rerun the same command" in line
     assert kept == ["chunk-seed0-batch1-00000.npz"]  # the first chunk, whole; the signal came before the second
+    assert sorted(os.listdir(tmp_path / "out")) == kept + ["settings.json"]
 
 
 # ---- 16. evaluate.py nll: the bound, rate and distortion, Table 4, resume ----
@@ -2266,8 +2269,56 @@ def test_nll_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert len(calls) == 2  # batches 1 and 2 only; batch 0 came from disk
     for k in evaluate.NLL_KEYS:
         assert np.array_equal(full[k], resumed[k]), k
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="holds batches made with other --batch-size .*use another --out"):
         evaluate.evaluate_nll(model, diffusion, x, batch_size=3, seed=3, out_dir=str(tmp_path / "b"), progress=False)
+
+
+def test_resume_folder_refuses_other_settings_and_sets_aside_unreadable_pieces(tmp_path, capsys):
+    """A ResumeFolder reads back the pieces a run wrote; a rerun with other settings is refused in one sentence naming
+    the first differing setting's flag and the fix; a truncated or empty piece is renamed *.unreadable with one
+    printed line and reported missing (so it is made again), never raised; a piece in a folder that records no
+    settings is refused, not taken."""
+    settings, flags = {"seed": 0, "batch_size": 2}, {"seed": "--seed", "batch_size": "--batch-size"}
+    folder = evaluate.ResumeFolder(tmp_path / "out", settings, flags, "batches")
+    assert folder.load("a.npz") is None and not os.path.exists(tmp_path / "out")  # nothing written before a piece
+    done = folder.pieces({0: "a.npz", 1: "b.json"})
+    done[0], done[1] = {"x": np.arange(3)}, {"ok": True}
+    again = evaluate.ResumeFolder(tmp_path / "out", settings, flags, "batches")
+    read = again.pieces({0: "a.npz", 1: "b.json", 2: "c.npz"})
+    assert sorted(read) == [0, 1] and np.array_equal(read[0]["x"], np.arange(3)) and read[1] == {"ok": True}
+    for other, message in (({"seed": 1, "batch_size": 3}, r"other --seed \(0, now 1\)"),
+                           ({"seed": 0, "batch_size": 3}, r"other --batch-size \(2, now 3\)")):
+        with pytest.raises(ValueError, match=rf"out holds batches made with {message}; rerun with those settings to "
+                                             rf"continue, or use another --out$"):
+            evaluate.ResumeFolder(tmp_path / "out", other, flags, "batches")
+    data = (tmp_path / "out" / "a.npz").read_bytes()
+    (tmp_path / "out" / "a.npz").write_bytes(data[:len(data) // 2])  # a copy cut short: zipfile.BadZipFile
+    (tmp_path / "out" / "b.json").write_bytes(b"")                    # a full disk: an empty file
+    (tmp_path / "out" / "c.npz").write_bytes(b"")
+    capsys.readouterr()
+    assert again.pieces({0: "a.npz", 1: "b.json", 2: "c.npz"}) == {}
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(re.search(r"cannot be read .*; renamed it to \w\.\w+\.unreadable and making it "
+                                             r"again$", line) for line in lines), lines
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.npz.unreadable", "b.json.unreadable", "c.npz.unreadable",
+                                                    "settings.json"]
+    os.makedirs(tmp_path / "unrecorded")
+    np.savez(tmp_path / "unrecorded" / "a.npz", x=np.arange(3))
+    with pytest.raises(ValueError, match="a.npz exists but .*unrecorded holds no record of the settings it was made "
+                                         "with .*; delete it, or use another --out"):
+        evaluate.ResumeFolder(tmp_path / "unrecorded", settings).load("a.npz")
+
+
+def test_digits_samples_are_sample_batch_s_read_back_and_never_replaced(tmp_path, one_thread, monkeypatch):
+    """digits_samples gives ddpm.sample_batch's images (those of `ddpm.py sample --batch-size 128`), reads them back
+    on a rerun without sampling, and keeps them beside another model's samples in the same folder."""
+    (a, diffusion, _), (b, _, _) = (_tiny_model_checkpoint(tmp_path / f"{k}.pt", seed=k) for k in (0, 1))
+    made = evaluate.digits_samples(a, diffusion, 3, 5, str(tmp_path / "cache"))
+    assert np.array_equal(made, ddpm.sample_batch(a, diffusion, 5, 0, 3))
+    other = evaluate.digits_samples(b, diffusion, 3, 5, str(tmp_path / "cache"))
+    assert not np.array_equal(made, other) and len(os.listdir(tmp_path / "cache")) == 2
+    monkeypatch.setattr(ddpm, "sample_batch", lambda *a, **k: pytest.fail("sampled again"))
+    assert np.array_equal(evaluate.digits_samples(a, diffusion, 3, 5, str(tmp_path / "cache")), made)
 
 
 def test_nll_cli_end_to_end(tmp_path, capsys):
@@ -2504,7 +2555,7 @@ def test_inception_bad_input(tmp_path, inception_standin):
         evaluate.inception_outputs(net, np.zeros((4, 3, 8, 8), np.uint8), progress=False)  # NCHW, not NHWC
     np.savez(tmp_path / "floats.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="uint8"):
-        evaluate.load_images(str(tmp_path / "floats.npz"))
+        ddpm.load_data(str(tmp_path / "floats.npz"))
     np.savez(tmp_path / "bad_stats.npz", m=np.zeros(3), s=np.eye(3))
     with pytest.raises(ValueError, match="mu"):
         evaluate.load_fid_stats(str(tmp_path / "bad_stats.npz"))
@@ -2877,13 +2928,13 @@ def test_pixel_categorical_against_counts():
 
 
 def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_score):
-    """`evaluate.py table2` with a tiny budget trains, samples and scores all seven rows (a number or
+    """`experiments.py table2` with a tiny budget trains, samples and scores all seven rows (a number or
     'unstable' in every cell), a rerun reads the finished rows instead of training again and refuses other
-    settings; `evaluate.py steps` on one row's checkpoint prints both samplers at each count and the answer."""
+    settings; `experiments.py steps` on one row's checkpoint prints both samplers at each count and the answer."""
     out = str(tmp_path / "table2")
     argv = ["table2", "--steps", "2", "--timesteps", "25", "--n", "8", "--nll-images", "2", "--jobs", "1",
             "--bootstrap", "3", "--out", out]
-    results, printed = _run_cli(capsys, argv)
+    results, printed = _run_cli(capsys, argv, experiments.main)
     rows = [line for line in printed.splitlines() if line.startswith("| ") and "**" not in line]
     assert len(rows) == 1 + 7 + 2  # header, the paper's six rows and the hybrid, floor and baseline
     for line in rows[1:8]:
@@ -2893,19 +2944,19 @@ def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_
     assert os.path.isfile(os.path.join(out, "eps-Lsimple", "ckpt-0000001.pt"))  # the half-budget checkpoint
     calls, real_train = [], ddpm.train
     monkeypatch.setattr(ddpm, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
-    again, printed_again = _run_cli(capsys, argv)
+    again, printed_again = _run_cli(capsys, argv, experiments.main)
     table = lambda text: text.split("\nTable 2 on 8x8")[1].split("\ntime:")[0]
     assert calls == [] and table(printed_again) == table(printed)
-    with pytest.raises(SystemExit, match="error: .* holds rows made with"):
-        evaluate.main(argv[:2] + ["3"] + argv[3:])
+    with pytest.raises(SystemExit, match="error: .* holds rows made with other --steps .*use another --out"):
+        experiments.main(argv[:2] + ["3"] + argv[3:])
     ckpt = os.path.join(out, "eps-Lsimple", "ckpt-0000002.pt")
     steps, printed = _run_cli(capsys, ["steps", "--checkpoint", ckpt, "--counts", "25,5", "--n", "8", "--device",
-                                       "cpu", "--bootstrap", "3", "--out", str(tmp_path / "steps")])
+                                       "cpu", "--bootstrap", "3", "--out", str(tmp_path / "steps")], experiments.main)
     assert [(r["sampler"], r["evaluations"]) for r in steps] == [("ancestral", 25), ("ancestral", 5), ("ddim", 25),
                                                                   ("ddim", 5)]
     assert "Within the uncertainty of 25 ancestral steps" in printed
     with pytest.raises(SystemExit, match="error: --counts must be"):
-        evaluate.main(["steps", "--checkpoint", ckpt, "--counts", "50", "--device", "cpu"])
+        experiments.main(["steps", "--checkpoint", ckpt, "--counts", "50", "--device", "cpu"])
     report, printed = _run_cli(capsys, ["digits-score", "--checkpoint", ckpt, "--n", "8", "--nll-images", "2",
                                         "--device", "cpu", "--bootstrap", "3", "--out", str(tmp_path / "score")])
     for words in ("test NLL bound", "per-pixel categorical model", "uniform over the 17 grey levels 4.09",
