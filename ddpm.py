@@ -1187,11 +1187,15 @@ def sample_images(model, diffusion, n, seed=0, progress=False, ddim_eta=None, fr
     return out["sample"]
 
 
+def batch_seed(seed, i):
+    """The seeding rule of every command that samples: batch i of a run with --seed draws its noise from this seed,
+    so a run gives the same images whichever of its batches are drawn again, in whatever order."""
+    return int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+
+
 def sample_batch(model, diffusion, seed, i, n, ddim_eta=None, progress=False):
-    """Batch i of a sample run: n samples as uint8 [n, H, W, C], drawn from a seed derived from (seed, i), so
-    a run gives the same images whichever of its batches are drawn again (evaluate.py's resumable sampler)."""
-    batch_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-    x = sample_images(model, diffusion, n, batch_seed, progress, ddim_eta)
+    """Batch i of a sample run: n samples as uint8 [n, H, W, C], from batch_seed(seed, i)."""
+    x = sample_images(model, diffusion, n, batch_seed(seed, i), progress, ddim_eta)
     if not torch.isfinite(x).all():  # uint8 would hide it: NaN becomes a black pixel
         raise FloatingPointError(f"{int((~torch.isfinite(x)).sum())} non-finite pixels in a batch of {n} samples: "
                                  f"the model diverged; sample an earlier checkpoint")
@@ -1210,13 +1214,41 @@ def save_samples(out, images, record=None):
     return path
 
 
-def save_progressive(model, diffusion, n, seed, out, ddim_eta=None):
-    """Figure 6 as out/progressive.png: one row per sample, the x0 estimates at t = T and every T/20 steps."""
-    T = diffusion.num_timesteps
-    frames = sample_images(model, diffusion, n, seed, True, ddim_eta, frames={T - 1, *range(0, T, max(1, T // 20))})
+def sample_batches(model, diffusion, n, batch_size, seed=0, ddim_eta=None, done=None):
+    """n samples as uint8 [n, H, W, C]: batch i is sample_batch(seed, i) of batch_size images (the last holds the
+    remainder). `done`: a dict of finished batches i -> uint8 arrays that is read and filled; one of another size
+    (left by a run with another n) is drawn again. evaluate.py passes one backed by files to resume."""
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    done = {} if done is None else done
+    for i, size in enumerate(progress_bar(sizes, len(sizes), "batches", len(sizes) > 1)):
+        if i not in done or len(done[i]) != size:
+            done[i] = sample_batch(model, diffusion, seed, i, size, ddim_eta, progress=len(sizes) == 1)
+    return np.concatenate([done[i] for i in range(len(sizes))])
+
+
+def progressive_frames(T, num_frames):
+    """Figure 6's code indices: num_frames evenly spaced from T-1 (t = T, pure noise) down to 0 (the sample)."""
+    return sorted({int(round(i)) for i in np.linspace(T - 1, 0, num_frames)}, reverse=True)
+
+
+def save_progressive(model, diffusion, n, seed, out, ddim_eta=None, num_frames=21):
+    """Figure 6 as out/progressive.png: one row per sample of batch 0 (batch_seed(seed, 0), so the last column is
+    the first n images `sample` draws in batches of n or more), the x0 estimates at progressive_frames."""
+    frames = progressive_frames(diffusion.num_timesteps, num_frames)
+    x = sample_images(model, diffusion, n, batch_seed(seed, 0), True, ddim_eta, frames=frames)
     path = os.path.join(out, "progressive.png")
-    save_image_grid(unnormalize_data(frames.flatten(0, 1)), path, frames.shape[1])
+    save_image_grid(unnormalize_data(x.flatten(0, 1)), path, x.shape[1])
     print(f"wrote {path}: {n} rows of x0 estimates, t = T .. 1")
+
+
+def sample_command(model, diffusion, out, n=64, batch_size=256, seed=0, progressive=False, ddim_eta=None,
+                   done=None, record=None):
+    """The sampler behind `ddpm.py sample` and `evaluate.py sample`: n samples in batches (sample_batches, resumed
+    from `done`) written by save_samples with `record`, or with progressive=True Figure 6 (save_progressive)."""
+    os.makedirs(out, exist_ok=True)
+    if progressive:
+        return save_progressive(model, diffusion, n, seed, out, ddim_eta)
+    return save_samples(out, sample_batches(model, diffusion, n, batch_size, seed, ddim_eta, done), record)
 
 
 # ---- 10. Training (Algorithm 1): Adam with warmup, global-norm clipping, EMA, crash-safe checkpoints, DDP ---------
@@ -1600,26 +1632,17 @@ def dataset_bpd(model, diffusion, x_start, batch_size=256, seed=0, clip_denoised
 
 # ---- 12. The command line: train and sample ------------------------------------------------------------------------
 
-def sample_command(checkpoint, n=64, batch_size=256, seed=0, out="", progressive=False, device="", respacing="",
-                   ddim_eta=None):
-    """`ddpm.py sample`: n samples of a training checkpoint's EMA weights (Algorithm 2, or DDIM with ddim_eta) in
-    batches, written by save_samples, or with progressive=True Figure 6 (save_progressive). `evaluate.py sample`
-    draws the same images in resumable chunks, and from released weights too."""
-    if n < 1 or batch_size < 1:
+def sample_checkpoint(args):
+    """`ddpm.py sample`: sample_command on a training checkpoint's EMA weights, respaced when asked."""
+    if args.n < 1 or args.batch_size < 1:
         raise ValueError("--n and --batch-size must be at least 1")
-    device = parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = out or os.path.splitext(checkpoint)[0] + "-samples"
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = args.out or os.path.splitext(args.checkpoint)[0] + "-samples"
     check_out(out)
-    model, diffusion, _ = load_model(checkpoint, device)
-    if respacing:  # fewer steps: the model still sees its original indices
-        diffusion = respace(diffusion, respacing)
-    os.makedirs(out, exist_ok=True)
-    if progressive:
-        return save_progressive(model, diffusion, n, seed, out, ddim_eta)
-    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
-    batches = [sample_batch(model, diffusion, seed, i, size, ddim_eta, len(sizes) == 1)
-               for i, size in enumerate(progress_bar(sizes, len(sizes), "batches", len(sizes) > 1))]
-    return save_samples(out, np.concatenate(batches))
+    model, diffusion, _ = load_model(args.checkpoint, device)
+    if args.respacing:  # fewer steps: the model still sees its original indices
+        diffusion = respace(diffusion, args.respacing)
+    return sample_command(model, diffusion, out, args.n, args.batch_size, args.seed, args.progressive, args.ddim_eta)
 
 
 CHOICES = {"beta_schedule": BETA_SCHEDULES, "model_mean_type": MODEL_MEAN_TYPES, "model_var_type": MODEL_VAR_TYPES,
@@ -1700,15 +1723,14 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="samples drawn at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="output folder; default: next to the checkpoint")
-    p.add_argument("--progressive", action="store_true", help="Figure 6: x0 every T/20 steps, one row per sample")
+    p.add_argument("--progressive", action="store_true", help="Figure 6: x0 at 21 steps from t = T to 1, one row per sample")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1, ...; default: cuda if available")
     p.add_argument("--respacing", default="", help="fewer steps: '100', '50,25,10' or 'ddim50' (space_timesteps)")
     p.add_argument("--ddim-eta", type=float, default=None, help="sample with DDIM at this eta (0: deterministic)")
     args = parser.parse_args(argv)
     try:
         run_cli(lambda a: train(config_from_args(a), resume=a.resume) if a.command == "train" else
-                sample_command(a.checkpoint, a.n, a.batch_size, a.seed, a.out, a.progressive, a.device, a.respacing,
-                               a.ddim_eta), args)
+                sample_checkpoint(a), args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -282,18 +282,18 @@ class ResumeFolder:
             self.recorded = True
 
     def save(self, name, value):
-        """Write piece `name` (a dict of arrays for *.npz, else JSON) atomically; returns its path."""
+        """Write piece `name` (an array or a dict of arrays for *.npz, else JSON) atomically; returns its path."""
         self.record()
         path = self.path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if name.endswith(".npz"):
-            atomic_savez(path, **value)
+            atomic_savez(path, **(value if isinstance(value, dict) else {"arr_0": value}))
         else:
             atomic_json(path, value)
         return path
 
     def load(self, name):
-        """Piece `name` as saved ({key: array} for *.npz), or None when it is missing or unreadable (then renamed
+        """Piece `name` as saved (an array, or {key: array}, for *.npz), or None when it is missing or unreadable (then renamed
         *.unreadable, with a printed line, so it is made again)."""
         path = self.path(name)
         if not os.path.exists(path):
@@ -306,7 +306,7 @@ class ResumeFolder:
                 with open(path) as f:
                     return json.load(f)
             with np.load(path) as f:
-                return {key: f[key] for key in f.files}
+                return f["arr_0"] if f.files == ["arr_0"] else {key: f[key] for key in f.files}
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # truncated, empty, not a file
             os.replace(path, path + ".unreadable")
             print(f"{path} cannot be read ({type(e).__name__}: {str(e)[:80]}); renamed it to "
@@ -315,7 +315,7 @@ class ResumeFolder:
 
     def pieces(self, names):
         """{key: piece} of the readable pieces among names ({key: name}); setting a key saves that piece first.
-        The `done` dict of ddpm.dataset_bpd and of sample_in_chunks."""
+        The `done` dict of ddpm.dataset_bpd and ddpm.sample_batches."""
         return _Pieces(self, names)
 
 
@@ -344,39 +344,20 @@ SAMPLE_FLAGS = {"weights_sha256": "weights (--checkpoint/--weights)", "diffusion
                 "seed": "--seed", "batch_size": "--batch-size", "device": "--device"}
 
 
-def sample_in_chunks(model, diffusion, n, seed, batch_size, ddim_eta, folder, progress=True):
-    """n samples as uint8 [n, H, W, C]: chunk i is ddpm.sample_batch(seed, i) of batch_size images (the last
-    holds the remainder), the images of `ddpm.py sample` with the same flags. Each chunk is saved in `folder` (a
-    ResumeFolder) as it is drawn and read back by a rerun; one of another size (left by a run with another n) is
-    drawn again. Ctrl-C says how many chunks are kept. Returns (images, the chunks' file names)."""
-    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
-    names = {i: f"chunk-seed{seed}-batch{batch_size}-{i:05d}.npz" for i in range(len(sizes))}
-    done = folder.pieces(names)  # refuses pieces of unknown settings before any work
-    try:
-        for i, size in enumerate(ddpm.progress_bar(sizes, len(sizes), "chunks", progress and len(sizes) > 1)):
-            if i not in done or len(done[i]["arr_0"]) != size:
-                done[i] = {"arr_0": ddpm.sample_batch(model, diffusion, seed, i, size, ddim_eta,
-                                                      progress=progress and len(sizes) == 1)}
-    except KeyboardInterrupt:
-        kept = sum(os.path.exists(folder.path(name)) for name in names.values())
-        raise KeyboardInterrupt(f"{kept} of {len(sizes)} chunks are kept in {folder.folder}; rerun the same command "
-                                f"to continue") from None
-    return np.concatenate([done[i]["arr_0"] for i in range(len(sizes))]), list(names.values())
-
-
 def cmd_sample(args):
     """`evaluate.py sample`: --n samples (50,000 for Table 1) from a checkpoint or released weights, the same images
-    as `ddpm.py sample` with the same flags, drawn by sample_in_chunks, then written by ddpm.save_samples with the
-    record of their settings; or with --progressive, Figure 6 (ddpm.save_progressive)."""
+    as `ddpm.py sample` with the same flags: ddpm.sample_command, its batches kept as chunk files in a ResumeFolder
+    as they are drawn (a rerun skips them; Ctrl-C says how many are kept), and the record of their settings in the
+    final file."""
     source = os.path.abspath(args.checkpoint or args.weights)
     out = args.out or (os.path.splitext(args.checkpoint)[0] + "-samples" if args.checkpoint
                        else os.path.join("samples", os.path.basename(os.path.normpath(args.weights))))
     ddpm.check_out(out)
     model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, torch.device(args.device),
                                                  args.respacing)
-    os.makedirs(out, exist_ok=True)
     if args.progressive:
-        return ddpm.save_progressive(model, diffusion, args.n, args.seed, out, args.ddim_eta)
+        return ddpm.sample_command(model, diffusion, out, args.n, seed=args.seed, progressive=True,
+                                   ddim_eta=args.ddim_eta)
     settings = {"weights_sha256": weights_sha256(model), "diffusion": dataclasses.asdict(config.diffusion),
                 "respacing": args.respacing, "ddim_eta": args.ddim_eta, "clip_denoised": True, "seed": args.seed,
                 "batch_size": args.batch_size, "device": ddpm._model_device(model).type}
@@ -386,9 +367,16 @@ def cmd_sample(args):
     if folder.load(final) is not None:
         print(f"{folder.path(final)} already exists with these settings; nothing to do")
         return folder.path(final)
-    images, chunks = sample_in_chunks(model, diffusion, args.n, args.seed, args.batch_size, args.ddim_eta, folder)
-    path = ddpm.save_samples(out, images, dict(settings, n=args.n, source=source))
-    for chunk in chunks:
+    names = {i: f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz" for i in range(-(-args.n // args.batch_size))}
+    done = folder.pieces(names)  # refuses pieces of unknown settings before any work
+    try:
+        path = ddpm.sample_command(model, diffusion, out, args.n, args.batch_size, args.seed, False, args.ddim_eta,
+                                   done, dict(settings, n=args.n, source=source))
+    except KeyboardInterrupt:
+        kept = sum(os.path.exists(folder.path(name)) for name in names.values())
+        raise KeyboardInterrupt(f"{kept} of {len(names)} chunks are kept in {out}; rerun the same command to "
+                                f"continue") from None
+    for chunk in names.values():
         os.remove(folder.path(chunk))
     return path
 
@@ -808,13 +796,6 @@ def sample_from(model, diffusion, x_t, t, generator=None, shared_noise=False):
                                    shared_noise=shared_noise)
 
 
-def progressive_generation(model, diffusion, n, num_frames=10, generator=None):
-    """Figure 6: the x_0 estimates of Algorithm 2 at num_frames code indices from T-1 down to 0 (the last is
-    the sample itself, since at index 0 the mean is the clipped x_0 estimate). Returns [n, frames, C, H, W]."""
-    frames = {int(round(i)) for i in np.linspace(diffusion.num_timesteps - 1, 0, num_frames)}
-    return ddpm.sample_images(model, diffusion, n, frames=frames, generator=generator)
-
-
 @torch.inference_mode()
 def shared_latents(model, diffusion, x_start, ts, num_samples=6, generator=None):
     """Figure 7: for each code index t in ts, x_t ~ q(x_t | x_0) drawn once, then num_samples draws from
@@ -898,10 +879,12 @@ def cmd_figures(args):
         sources = ddpm.normalize_data(images[:2 * args.n]).to(device)
     out = args.out or os.path.join("runs", "eval", model_name(args))
     os.makedirs(out, exist_ok=True)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    # batch 0's seed, so Figure 6's last column is the first --n images of `sample` with this --seed
+    generator = torch.Generator(device=device).manual_seed(ddpm.batch_seed(args.seed, 0))
     written = []
 
-    rows = progressive_generation(model, diffusion, args.n, args.frames, generator)
+    rows = ddpm.sample_images(model, diffusion, args.n, frames=ddpm.progressive_frames(T, args.frames),
+                              generator=generator)
     save_rows(rows, os.path.join(out, "fig6-progressive.png"))
     written.append("fig6-progressive.png")
 
@@ -1188,8 +1171,8 @@ def check_digits_model(config, source):
 
 
 def digits_samples(model, diffusion, n, seed, folder, sampler="ancestral"):
-    """n uint8 samples [n, 8, 8, 1] by sample_in_chunks (ddpm.sample_batch: Algorithm 2, or DDIM with eta = 0 for
-    sampler='ddim') in chunks of DIGITS_SAMPLE_BATCH, so they are the images of `ddpm.py sample --n n --batch-size
+    """n uint8 samples [n, 8, 8, 1] by ddpm.sample_batches (Algorithm 2, or DDIM with eta = 0 for sampler='ddim')
+    in batches of DIGITS_SAMPLE_BATCH, each kept as it is drawn, so they are the images of `ddpm.py sample --n n --batch-size
     128 --seed seed`. Kept in a ResumeFolder under `folder` named by a hash of what decides them (the weights'
     sha256, the kept timesteps, n, seed), so digits-score and steps share them, a rerun on the same model reads
     them, and samples of other models or settings are never replaced.
@@ -1201,7 +1184,8 @@ def digits_samples(model, diffusion, n, seed, folder, sampler="ancestral"):
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     resume = ResumeFolder(os.path.join(folder, f"{sampler}-{T}-n{n}-seed{seed}-{key}"), settings, what="samples")
     eta = 0.0 if sampler == "ddim" else None
-    return sample_in_chunks(model, diffusion, n, seed, DIGITS_SAMPLE_BATCH, eta, resume, progress=False)[0]
+    done = resume.pieces({i: f"batch-{i:05d}.npz" for i in range(-(-n // DIGITS_SAMPLE_BATCH))})
+    return ddpm.sample_batches(model, diffusion, n, DIGITS_SAMPLE_BATCH, seed, eta, done)
 
 
 def digits_test_nll(model, diffusion, num_images, seed=0):
@@ -1277,7 +1261,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=256, help="samples per chunk; a rerun skips finished chunks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="output folder; default: next to the checkpoint, or samples/NAME")
-    p.add_argument("--progressive", action="store_true", help="Figure 6: x0 every T/20 steps, one row per sample")
+    p.add_argument("--progressive", action="store_true", help="Figure 6: x0 at 21 steps from t = T to 1, one row per sample")
     p.add_argument("--ddim-eta", type=float, default=None, help="sample with DDIM at this eta (0: deterministic)")
     p.set_defaults(func=cmd_sample)
 

@@ -1997,6 +1997,16 @@ def test_progressive_frames_start_at_t_equals_T():
     assert_close(frames[:, 0], x0_hat, rtol=0, atol=1e-5)  # float32 arithmetic on O(1) values against float64
 
 
+def test_sample_batch_refuses_non_finite_samples():
+    """A diverged model's NaN samples raise FloatingPointError (exit 1, one line, from every command) instead of
+    becoming black uint8 pixels."""
+    model = tiny_unet()
+    with torch.no_grad():
+        model.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"\d+ non-finite pixels in a batch of 2 samples.*earlier checkpoint"):
+        ddpm.sample_batch(model, diffusion_for(10, "cosine"), seed=0, i=0, n=2)
+
+
 # ---- 14. Configuration and the command line ----
 
 
@@ -2963,6 +2973,46 @@ def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_
                   "uniform over 256 levels 8.00", "digits-FD", "floor: real held-out digits", "How to read"):
         assert words in printed
     assert list(report["nll"]) == pytest.approx(list(results["eps-Lsimple"]["nll"]["nll"]))  # same images and seed
+
+
+@pytest.mark.filterwarnings("ignore:the product of the covariances")  # 4 samples, 64 features
+def test_every_command_draws_the_same_images(tmp_path, monkeypatch, capsys):
+    """One checkpoint, seed, n, batch size and sampler give bit-identical images from every command that samples:
+    `ddpm.py sample`, `evaluate.py sample`, `evaluate.py digits-score`, `experiments.py steps` (against `sample
+    --respacing`) and Figure 6 of `evaluate.py figures` (its last column, against `sample` in one batch)."""
+    ckpt = str(tmp_path / "ckpt.pt")
+    _tiny_model_checkpoint(ckpt, seed=2)  # T = 25
+
+    def sample(main, *flags, n=4, batch=2):
+        out = tmp_path / f"{main.__module__}{len(os.listdir(tmp_path))}"
+        main(["sample", "--checkpoint", ckpt, "--n", str(n), "--batch-size", str(batch), "--seed", "5", "--out",
+              str(out), "--device", "cpu", *flags])
+        return np.load(out / f"samples_{n}x8x8x1.npz")["arr_0"]
+    plain = sample(ddpm.main)
+    assert plain.shape == (4, 8, 8, 1) and len(np.unique(plain)) > 10  # real images, not a constant
+    assert np.array_equal(sample(evaluate.main), plain)
+    assert not np.array_equal(sample(ddpm.main, batch=4), plain)  # the batch size is part of the rule
+    scored = []
+    real_call = evaluate.DigitsScore.__call__
+    monkeypatch.setattr(evaluate.DigitsScore, "__call__", lambda self, images: scored.append(images) or
+                        real_call(self, images))
+    monkeypatch.setattr(evaluate, "DIGITS_SAMPLE_BATCH", 2)
+    common = ["--checkpoint", ckpt, "--n", "4", "--seed", "5", "--bootstrap", "2", "--device", "cpu"]
+    evaluate.main(["digits-score", *common, "--nll-images", "2", "--out", str(tmp_path / "score")])
+    assert np.array_equal(scored[0], plain)  # the samples are scored first, then the floor and the baseline
+    scored.clear()
+    experiments.main(["steps", *common, "--counts", "25,5", "--out", str(tmp_path / "steps")])
+    by_row = scored[2:]  # after the floor and the baseline: ancestral 25, 5, then DDIM 25, 5
+    for images, flags in zip(by_row, (["--respacing", "25"], ["--respacing", "5"],
+                                      ["--respacing", "ddim25", "--ddim-eta", "0"],
+                                      ["--respacing", "ddim5", "--ddim-eta", "0"])):
+        assert np.array_equal(images, sample(ddpm.main, *flags)), flags
+    rows = []
+    monkeypatch.setattr(evaluate, "save_rows", lambda r, path: rows.append(r))
+    evaluate.main(["figures", "--checkpoint", ckpt, "--n", "2", "--seed", "5", "--device", "cpu",
+                   "--out", str(tmp_path / "figures")])
+    assert np.array_equal(ddpm.unnormalize_data(rows[0][:, -1]), sample(ddpm.main, n=2, batch=2))
+    capsys.readouterr()
 
 
 # ---- 22. bench.py: ours against diffusers' UNet2DModel ----
