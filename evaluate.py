@@ -337,6 +337,13 @@ class _Pieces(dict):
 
 # ---- 4. Samples for FID and IS: ddpm.sample_batch's images in chunks that a rerun skips ------------------------------
 
+def chain_sha256(diffusion):
+    """sha256 of the chain a diffusion runs: its betas (float64) and, when respaced, the original indices it keeps.
+    Two respacings with the same number of steps ('100' and 'ddim100') are two chains."""
+    kept = np.asarray(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)), dtype=np.int64)
+    return hashlib.sha256(np.asarray(diffusion.betas, dtype=np.float64).tobytes() + kept.tobytes()).hexdigest()
+
+
 # Everything that decides `sample`'s images, with the flag that sets it; --n changes only the last chunk's size.
 # The device too: CPU and CUDA generators draw different noise from the same seed.
 SAMPLE_FLAGS = {"weights_sha256": "weights (--checkpoint/--weights)", "diffusion": "diffusion config",
@@ -364,7 +371,12 @@ def cmd_sample(args):
     folder = ResumeFolder(out, settings, SAMPLE_FLAGS, "samples", info={"weights_sha256": source})
     H, C = config.model.resolution, config.model.in_channels
     final = f"samples_{args.n}x{H}x{H}x{C}.npz"
-    if folder.load(final) is not None:
+    made = folder.load(final)
+    if made is not None:  # a file of this name from other settings (`ddpm.py sample` into this folder) is no result
+        record = json.loads(str(made["record"])) if "record" in made else {}
+        if {k: v for k, v in record.items() if k != "source"} != json.loads(json.dumps(dict(settings, n=args.n))):
+            raise ValueError(f"{folder.path(final)} holds samples made with other settings than this folder's "
+                             f"(ddpm.py sample writes no record); delete that file, or use another --out")
         print(f"{folder.path(final)} already exists with these settings; nothing to do")
         return folder.path(final)
     names = {i: f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz" for i in range(-(-args.n // args.batch_size))}
@@ -389,7 +401,7 @@ NLL_KEYS = ddpm.NLL_KEYS
 # What decides evaluate_nll's numbers, with the flag of `evaluate.py nll` that sets it. The device type too: CPU
 # and CUDA generators draw different noise from the same seed.
 NLL_FLAGS = {"num_examples": "--max-examples", "batch_size": "--batch-size", "seed": "--seed",
-             "num_timesteps": "--respacing", "device": "--device", "clip_denoised": "x0 clipping",
+             "chain_sha256": "--respacing (the chain's betas and timesteps)", "device": "--device", "clip_denoised": "x0 clipping",
              "weights_sha256": "weights (--checkpoint/--weights)", "data_sha256": "--data/--split"}
 
 
@@ -405,14 +417,14 @@ def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_deno
     is refused (NLL_FLAGS). run_info: what the sha256 settings are of ({'weights_sha256': path, 'data_sha256':
     name}), recorded and shown, never compared.
     """
-    N, T = x_start.shape[0], diffusion.num_timesteps
+    N = x_start.shape[0]
     if N == 0:
         raise ValueError("no images to evaluate; check --data/--split/--max-examples")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     done = None
     if out_dir is not None:
-        settings = dict(num_examples=N, batch_size=batch_size, seed=seed, num_timesteps=T,
+        settings = dict(num_examples=N, batch_size=batch_size, seed=seed, chain_sha256=chain_sha256(diffusion),
                         device=ddpm._model_device(model).type, clip_denoised=clip_denoised,
                         weights_sha256=weights_sha256(model),
                         data_sha256=hashlib.sha256(x_start.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
@@ -1148,12 +1160,20 @@ def digits_nll_references(test_images):
             "uniform_levels": math.log2(len(categorical.levels)), "uniform_256": math.log2(256)}
 
 
+def check_digits_counts(n, nll_images=1):
+    """Refuse, before any work, an --n or --nll-images the held-out digits cannot serve: the floor is n of them."""
+    held_out = len(digits_images("test"))
+    if not 2 <= n <= held_out:
+        raise ValueError(f"--n {n} must be in [2, {held_out}]: the floor is n of the {held_out} held-out digits")
+    if not 1 <= nll_images <= held_out:
+        raise ValueError(f"--nll-images must be in [1, {held_out}], the held-out digits, got {nll_images}")
+
+
 def digits_score_scale(score, n=DIGITS_SCORE_N, seed=0):
     """The scale printed with every digits score, at the same n: 'floor' = the first n held-out real digits,
     'baseline' = n samples of the per-pixel categorical model."""
+    check_digits_counts(n)
     test = digits_images("test")
-    if not 2 <= n <= len(test):
-        raise ValueError(f"--n {n} must be in [2, {len(test)}]: the floor is n of the {len(test)} held-out digits")
     return {"floor": score(test[:n]), "baseline": score(PixelCategorical(digits_images("train")).sample(n, seed))}
 
 
@@ -1178,9 +1198,9 @@ def digits_samples(model, diffusion, n, seed, folder, sampler="ancestral"):
     them, and samples of other models or settings are never replaced.
     Raises FloatingPointError for non-finite samples (a diverged learned variance)."""
     T = diffusion.num_timesteps
-    kept = np.asarray(getattr(diffusion, "timestep_map", range(T)), dtype=np.int64)  # respaced: the original indices
     settings = {"weights_sha256": weights_sha256(model), "sampler": sampler, "n": n, "seed": seed,
-                "timesteps_sha256": hashlib.sha256(kept.tobytes()).hexdigest(), "batch_size": DIGITS_SAMPLE_BATCH}
+                "chain_sha256": chain_sha256(diffusion), "batch_size": DIGITS_SAMPLE_BATCH,
+                "device": ddpm._model_device(model).type}  # CPU and CUDA generators draw other noise
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     resume = ResumeFolder(os.path.join(folder, f"{sampler}-{T}-n{n}-seed{seed}-{key}"), settings, what="samples")
     eta = 0.0 if sampler == "ddim" else None
@@ -1211,6 +1231,7 @@ DIGITS_HOW_TO_READ = ("How to read: lower is better for bits/dim and digits-FD, 
 
 
 def cmd_digits_score(args):
+    check_digits_counts(args.n, args.nll_images)
     score = DigitsScore(args.seed, args.bootstrap)  # the pinned classifier, refused if changed, before any work
     device = torch.device(args.device)
     model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)

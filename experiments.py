@@ -23,8 +23,8 @@ import torch
 
 import ddpm
 from evaluate import (DIGITS_SCORE_N, DigitsScore, ResumeFolder, add_bootstrap_arg, add_model_args, atomic_json,
-                      check_digits_model, cli, command_parser, digits_images, digits_nll_references, digits_samples,
-                      digits_score_scale, digits_test_nll, load_for_sampling, pm, print_digits_scale, pyplot,
+                      check_digits_counts, check_digits_model, cli, command_parser, digits_images,
+                      digits_nll_references, digits_samples, digits_score_scale, digits_test_nll, load_for_sampling, pm, print_digits_scale, pyplot,
                       save_figure)
 
 
@@ -75,7 +75,7 @@ def table2_config(row, settings, out):
     d.model_mean_type, d.model_var_type, d.loss_type = row.model_mean_type, row.model_var_type, row.loss_type
     d.num_timesteps = settings["timesteps"]
     tc.steps, tc.seed, tc.out = settings["steps"], settings["seed"], out
-    tc.ckpt_every, tc.keep_ckpts = max(1, settings["steps"] // 2), 2
+    tc.ckpt_every, tc.keep_ckpts = max(1, settings["steps"] // 2), 3  # odd steps: half, 2 x half and the last
     tc.sample_every = 0  # the table measures the samples itself
     return config
 
@@ -112,7 +112,7 @@ def table2_task(key, task, settings, out, threads=None, log=False):
             model, diffusion, _ = ddpm.load_model(ckpt)
             if task == "samples":
                 images = digits_samples(model, diffusion, settings["n"], settings["seed"], folder)
-                pieces.save(f"{key}/samples.npz", {"arr_0": images})  # for the figure
+                pieces.save(f"{key}/samples.npz", images)  # for the figure
                 result["score"] = DigitsScore(settings["seed"], settings["bootstrap"])(images)
             else:
                 result["nll"] = digits_test_nll(model, diffusion, settings["nll_images"], settings["seed"])
@@ -145,8 +145,9 @@ def _table2_todo(results, submitted):
 
 def run_table2_tasks(settings, out, jobs=2):
     """Every row's tasks, `jobs` at a time in worker processes with cpu_count // jobs threads each (jobs=1: in
-    this process, with its threads). Finished tasks are read from their json; a task that crashes is reported
-    and left for a rerun, and the others go on. Returns {row key: {task: result}}."""
+    this process, with its threads). Finished tasks are read from their json. In a worker, a task that crashes is
+    reported and left for a rerun, and the others go on; with jobs=1 the crash ends the command (one line), and a
+    rerun continues. Returns {row key: {task: result}}."""
     pieces = ResumeFolder(out, settings, TABLE2_FLAGS, "rows")
     results = {row.key: {task: result for task in TABLE2_TASKS
                          if (result := pieces.load(f"{row.key}/{task}.json")) is not None} for row in TABLE2_ROWS}
@@ -246,7 +247,7 @@ def plot_table2_samples(results, pieces, path, per_row=16):
         return False
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 0.62 * len(keys) + 0.2), squeeze=False)
     for ax, row in zip(axes[:, 0], keys):
-        tiles = np.pad(samples[row.key]["arr_0"][:per_row, :, :, 0], ((0, 0), (1, 1), (1, 1)), constant_values=255)
+        tiles = np.pad(samples[row.key][:per_row, :, :, 0], ((0, 0), (1, 1), (1, 1)), constant_values=255)
         ax.imshow(np.concatenate(list(tiles), axis=1), cmap="gray", vmin=0, vmax=255)  # one row, white gaps
         ax.set_title(f"{row.group}: {row.objective}", fontsize=7, loc="left", pad=2)
         ax.axis("off")
@@ -256,17 +257,17 @@ def plot_table2_samples(results, pieces, path, per_row=16):
 def cmd_table2(args):
     settings = dict(steps=args.steps, n=args.n, nll_images=args.nll_images, timesteps=args.timesteps, seed=args.seed,
                     bootstrap=args.bootstrap)
-    test = digits_images("test")
-    if not 1 <= args.nll_images <= len(test):
-        raise ValueError(f"--nll-images must be in [1, {len(test)}], the held-out digits, got {args.nll_images}")
+    check_digits_counts(args.n, args.nll_images)
     if args.steps < 2 or args.jobs < 1:
         raise ValueError(f"--steps must be at least 2 and --jobs at least 1, got {args.steps} and {args.jobs}")
+    for row in TABLE2_ROWS:  # --timesteps and the rows' settings, as training would check them, before any write
+        table2_config(row, settings, args.out).check()
+    score = DigitsScore(args.seed, args.bootstrap)  # the pinned classifier, refused if changed, before any work
     pieces = ResumeFolder(args.out, settings, TABLE2_FLAGS, "rows")  # refuses other settings before any work
     pieces.record()
     start = time.time()
-    score = DigitsScore(args.seed, args.bootstrap)  # the pinned classifier, refused if changed, before any work
     scale = digits_score_scale(score, args.n, args.seed)
-    refs = digits_nll_references(test[:args.nll_images])
+    refs = digits_nll_references(digits_images("test")[:args.nll_images])
     print(f"Table 2 on digits: {len(TABLE2_ROWS)} rows x (train, samples, nll), {args.jobs} at a time, in "
           f"{args.out}; logs in {args.out}/<row>/<task>.log", flush=True)
     results = run_table2_tasks(settings, args.out, args.jobs)
@@ -288,6 +289,7 @@ def cmd_table2(args):
 def cmd_steps(args):
     if args.respacing:
         raise ValueError("steps respaces the model itself; drop --respacing and list the step counts in --counts")
+    check_digits_counts(args.n)
     score = DigitsScore(args.seed, args.bootstrap)  # the pinned classifier, refused if changed, before any work
     device = torch.device(args.device)
     model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)

@@ -2198,6 +2198,20 @@ def test_sample_refuses_a_stale_final_file(tmp_path, one_thread, capsys):
         _sample_cli(tmp_path / "a.pt", tmp_path / "out")
 
 
+def test_sample_never_reports_another_command_s_file_as_done(tmp_path, capsys):
+    """A samples file that `ddpm.py sample` (which keeps no record) wrote over `evaluate.py sample`'s, with other
+    settings, is refused by the next `evaluate.py sample`, not reported as done with the wrong images."""
+    _tiny_model_checkpoint(tmp_path / "a.pt")
+    made = _sample_cli(tmp_path / "a.pt", tmp_path / "out")
+    ddpm.main(["sample", "--checkpoint", str(tmp_path / "a.pt"), "--n", "3", "--batch-size", "2", "--seed", "1",
+               "--out", str(tmp_path / "out"), "--device", "cpu"])
+    other = np.load(tmp_path / "out" / "samples_3x8x8x1.npz")["arr_0"]
+    assert not np.array_equal(other, made)
+    with pytest.raises(SystemExit, match="samples_3x8x8x1.npz holds samples made with other settings.*delete that "
+                                         "file, or use another --out"):
+        _sample_cli(tmp_path / "a.pt", tmp_path / "out")
+
+
 def test_ctrl_c_during_sample_says_what_is_kept(tmp_path, capsys, monkeypatch):
     """A real SIGINT (Python's own handler, as Ctrl-C sends it) to `evaluate.py sample` after its first chunk: status
     130, one line saying which chunks are kept and that a rerun continues, and no traceback
@@ -2281,6 +2295,12 @@ def test_nll_resume_equals_uninterrupted(tmp_path, monkeypatch):
         assert np.array_equal(full[k], resumed[k]), k
     with pytest.raises(ValueError, match="holds batches made with other --batch-size .*use another --out"):
         evaluate.evaluate_nll(model, diffusion, x, batch_size=3, seed=3, out_dir=str(tmp_path / "b"), progress=False)
+    # two chains of one length: the same number of steps, other timesteps, so other bounds
+    five, ddim_five = ddpm.respace(diffusion, "5"), ddpm.respace(diffusion, "ddim5")
+    assert ddim_five.num_timesteps == five.num_timesteps == 5
+    evaluate.evaluate_nll(model, five, x, batch_size=2, seed=3, out_dir=str(tmp_path / "c"), progress=False)
+    with pytest.raises(ValueError, match="holds batches made with other --respacing .*use another --out"):
+        evaluate.evaluate_nll(model, ddim_five, x, batch_size=2, seed=3, out_dir=str(tmp_path / "c"), progress=False)
 
 
 def test_resume_folder_refuses_other_settings_and_sets_aside_unreadable_pieces(tmp_path, capsys):
@@ -2973,6 +2993,24 @@ def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_
                   "uniform over 256 levels 8.00", "digits-FD", "floor: real held-out digits", "How to read"):
         assert words in printed
     assert list(report["nll"]) == pytest.approx(list(results["eps-Lsimple"]["nll"]["nll"]))  # same images and seed
+
+
+@pytest.mark.parametrize("command, flags, phrase", [
+    ("table2", ["--n", "500"], r"--n 500 must be in \[2, 297\]"),
+    ("table2", ["--nll-images", "0"], r"--nll-images must be in \[1, 297\]"),
+    ("table2", ["--timesteps", "10"], r"ends at beta = 2 > 1 for T=10"),
+    ("digits-score", ["--n", "1"], r"--n 1 must be in \[2, 297\]"),
+    ("digits-score", ["--nll-images", "400"], r"--nll-images must be in \[1, 297\], .* got 400"),
+    ("steps", ["--n", "298"], r"--n 298 must be in \[2, 297\]")])
+def test_digits_counts_are_refused_before_any_work_or_write(tmp_path, capsys, no_work, command, flags, phrase):
+    """--n and --nll-images outside what the 297 held-out digits serve, and a T that breaks the schedule, are refused
+    in one line before a model is loaded or anything is written (so a corrected rerun is not refused as 'other
+    settings')."""
+    out = tmp_path / "out"
+    model = [] if command == "table2" else ["--checkpoint", str(tmp_path / "never-read.pt"), "--device", "cpu"]
+    main = experiments.main if command in ("table2", "steps") else evaluate.main
+    _one_line_error(capsys, main, [command, *model, *flags, "--out", str(out)], phrase)
+    assert not out.exists()
 
 
 @pytest.mark.filterwarnings("ignore:the product of the covariances")  # 4 samples, 64 features
