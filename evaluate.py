@@ -938,14 +938,8 @@ def digits_images(split):
 
 @functools.lru_cache(maxsize=2)
 def digits_labels(split):
-    """The classes 0..9 of ddpm.load_digits(split)'s images, in the same order: int64 numpy [N], read-only. The split
-    is ddpm.load_digits': the first ddpm.DIGITS_NUM_TRAIN images train, the rest are held out."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ImportError("the digits score needs scikit-learn: pip install scikit-learn") from None
-    y = load_digits().target.astype(np.int64)[slice(ddpm.DIGITS_NUM_TRAIN) if split == "train" else
-                                              slice(ddpm.DIGITS_NUM_TRAIN, None)]
+    """The classes 0..9 of ddpm.load_digits(split)'s images, in the same order: int64 numpy [N], read-only."""
+    y = ddpm.load_digits(split, labels=True)[1]
     y.setflags(write=False)
     return y
 

@@ -18,7 +18,6 @@ import re
 import sys
 import time
 
-import numpy as np
 import torch
 
 import ddpm
@@ -246,8 +245,8 @@ def plot_table2_samples(results, pieces, path, per_row=16):
         return False
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 0.62 * len(keys) + 0.2), squeeze=False)
     for ax, row in zip(axes[:, 0], keys):
-        tiles = np.pad(samples[row.key]["arr_0"][:per_row, :, :, 0], ((0, 0), (1, 1), (1, 1)), constant_values=255)
-        ax.imshow(np.concatenate(list(tiles), axis=1), cmap="gray", vmin=0, vmax=255)  # one row, white gaps
+        strip = ddpm.image_grid(samples[row.key]["arr_0"][:per_row], nrow=per_row, gap=255)  # one row, white gaps
+        ax.imshow(strip[..., 0], cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"{row.group}: {row.objective}", fontsize=7, loc="left", pad=2)
         ax.axis("off")
     return save_figure(plt, fig, path)
