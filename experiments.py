@@ -245,7 +245,7 @@ def plot_table2_samples(results, pieces, path, per_row=16):
         return False
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 0.62 * len(keys) + 0.2), squeeze=False)
     for ax, row in zip(axes[:, 0], keys):
-        strip = ddpm.image_grid(samples[row.key]["arr_0"][:per_row], nrow=per_row, gap=255)  # one row, white gaps
+        strip = ddpm.image_grid(samples[row.key][:per_row], nrow=per_row, gap=255)  # one row, white gaps
         ax.imshow(strip[..., 0], cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"{row.group}: {row.objective}", fontsize=7, loc="left", pad=2)
         ax.axis("off")
