@@ -11,10 +11,11 @@ index 0 already means one step of noise and x_0 (the data) has no index of its o
 
     python ddpm.py train --preset digits      # the CPU demo, minutes on 2 cores
     python ddpm.py train                      # the paper's CIFAR-10 run (a GPU week)
-    python ddpm.py sample --checkpoint runs/cifar10/ckpt-*.pt --n 64
+    python ddpm.py sample --checkpoint runs/cifar10/ckpt-0800000.pt --n 64
 
-It imports torch, numpy and the standard library only, so it can be copied alone. evaluate.py adds what only
-Table 1 needs (the released weights, 50,000 samples in resumable chunks, FID, IS, the NLL's rate and distortion).
+It imports torch, numpy and the standard library only, so it can be copied alone. evaluate.py evaluates a
+checkpoint (the released weights, 50,000 samples in resumable chunks, FID, IS, the NLL's rate and distortion, the
+figures, the digits score) and experiments.py runs the paper's findings on digits (Table 2, sampling steps).
 """
 import argparse
 import copy
@@ -789,9 +790,7 @@ class Config:
 
     def to_dict(self):
         """Plain nested dict of ints, floats, strings and lists: safe for torch.load(weights_only=True)."""
-        def plain(section):
-            return {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
-        return {k: plain(v) if isinstance(v, dict) else v for k, v in dataclasses.asdict(self).items()}
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # the JSON round trip turns tuples into lists
 
     @classmethod
     def from_dict(cls, d):
@@ -822,7 +821,7 @@ def _preset_256(data, randflip=True):
 
 PRESETS = {
     # run_cifar.py: eps, sigma^2 = beta, L_simple, Adam 2e-4, batch 128, dropout 0.1, flips. 800k steps.
-    "cifar10": lambda: Config(preset="cifar10"),
+    "cifar10": Config,
     # The 256x256 runs train until stopped; the paper reports 0.5M (CelebA-HQ), 1.2M/2.4M/1.8M (LSUN).
     "celebahq256": lambda: _preset_256("celebahq"),
     "lsun_church256": lambda: _preset_256("lsun_church"),
@@ -832,8 +831,7 @@ PRESETS = {
     # The CPU demo (`make demo`): scikit-learn's 8x8 digits on 2 cores in 5-10 minutes, T=1000 as in the
     # paper. A 0.7M-parameter U-Net, and a larger lr, a shorter warmup and a faster EMA than the paper's,
     # which a 1,000-step run needs. No flips: digits are not mirror-symmetric.
-    "digits": lambda: Config(preset="digits",
-                             model=ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+    "digits": lambda: Config(model=ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                                                dropout=0.1, in_channels=1, resolution=8),
                              train=TrainConfig(data="digits", lr=2e-3, batch_size=128, warmup=100, ema_decay=0.995,
                                                randflip=False, steps=1000, sample_every=1000, ckpt_every=500)),
@@ -938,15 +936,15 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def torch_load(path, map_location="cpu"):
+def torch_load(path):
     """torch.load(weights_only=True), so a file from someone else cannot run code; its warnings (another pickle
     protocol, ...) are silenced, as the callers' errors say what matters in one line."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path):
     """Read a checkpoint with weights_only=True, so a file from someone else cannot run code."""
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -954,13 +952,13 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass the path of a ckpt-*.pt file")
     try:
-        return torch_load(path, map_location)
+        return torch_load(path)
     except Exception:  # torch's message would advise weights_only=False, which runs the file's code: never say it
         raise ValueError(f"{path!r} is not a ddpm checkpoint or is damaged (truncated); pass a ckpt-*.pt written by "
                          f"ddpm.py train, or an earlier one") from None
 
 
-def load_model(path, device="cpu", use_ema=True):
+def load_model(path, device="cpu"):
     """(model, diffusion, config) from a training checkpoint: the EMA weights, in eval mode and channels_last."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
@@ -968,7 +966,7 @@ def load_model(path, device="cpu", use_ema=True):
                          f"pass released weights with --weights")
     config = Config.from_dict(ckpt["config"])
     model, diffusion = create_model_and_diffusion(config)
-    model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
+    model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
     return model.to(device, memory_format=torch.channels_last).eval(), diffusion, config
 
 
@@ -1034,15 +1032,18 @@ def load_cifar10(split="train"):
     return np.concatenate(batches).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()  # NCHW rows -> NHWC
 
 
-def load_digits(split="train"):
-    """scikit-learn's bundled 8x8 digits (1,797 images, 0..16) as uint8 [N, 8, 8, 1] scaled to 0..255.
+def load_digits(split="train", labels=False):
+    """scikit-learn's bundled 8x8 digits (1,797 images, 0..16) as uint8 [N, 8, 8, 1] scaled to 0..255; with
+    labels=True, (images, labels) with the classes 0..9 as int64 [N] in the same order.
     The split is fixed: the first 1,500 images train, the last 297 (other writers) are held out as 'test'."""
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError:
         raise ImportError("--data digits needs scikit-learn: pip install scikit-learn") from None
-    x = np.round(sklearn_digits().images * (255 / 16)).astype(np.uint8)[..., None]
-    return x[:DIGITS_NUM_TRAIN] if split == "train" else x[DIGITS_NUM_TRAIN:]
+    digits = sklearn_digits()
+    part = slice(DIGITS_NUM_TRAIN) if split == "train" else slice(DIGITS_NUM_TRAIN, None)
+    x = np.round(digits.images[part] * (255 / 16)).astype(np.uint8)[..., None]
+    return (x, digits.target[part].astype(np.int64)) if labels else x
 
 
 def _resize(x, resolution):
@@ -1105,17 +1106,17 @@ def load_data(source, split="train", *, resolution=None, in_channels=None, resiz
     elif os.path.isdir(source):
         x = load_image_folder(source, resolution, resize)
     elif source.endswith((".npy", ".npz")):
-        try:  # a .npy is memory-mapped; a .npz is an archive of arrays, the images under 'arr_0'
+        try:  # a .npy is memory-mapped; a .npz is an archive of arrays, the images under 'arr_0' (or its only one)
             x = np.load(source, mmap_mode="r")
             if isinstance(x, np.lib.npyio.NpzFile):
                 with x:
-                    keys = list(x.keys())
-                    x = x["arr_0" if "arr_0" in keys else keys[0]] if "arr_0" in keys or len(keys) == 1 else keys
+                    keys = ["arr_0"] if "arr_0" in x else list(x.keys())
+                    x = x[keys[0]] if len(keys) == 1 else None
         except Exception:  # numpy's message would advise allow_pickle=True, which runs the file's code
             raise ValueError(f"cannot read {source}: it is not a numpy .npy/.npz file or it is damaged; save the "
                              f"images as a uint8 NHWC array with numpy.save") from None
-        if isinstance(x, list):
-            raise ValueError(f"{source} holds arrays {x}; save the images under the key 'arr_0'")
+        if x is None:
+            raise ValueError(f"{source} holds arrays {keys}; save the images under the key 'arr_0'")
     else:
         raise ValueError(f"--data {source!r} is a file but not .npy/.npz; pass a folder of images, or save "
                          f"the images as a uint8 NHWC array with numpy.save")
@@ -1153,21 +1154,27 @@ def unnormalize_data(x):
 
 # ---- 9. Sampling a model: Algorithm 2 or DDIM in batches, PNG grids and .npz files --------------------------------
 
+def image_grid(images, nrow=8, gap=128):
+    """uint8 images [N, H, W, C] as one uint8 array [rows * (H + 1) - 1, nrow * (W + 1) - 1, C]: nrow per row, in
+    order, with 1-pixel gaps of value `gap` (128: gray) between them."""
+    (n, H, W, C), nrow = images.shape, min(nrow, len(images))
+    grid = np.full((-(-n // nrow) * (H + 1) - 1, nrow * (W + 1) - 1, C), gap, np.uint8)
+    for i, image in enumerate(images):
+        r, c = i // nrow * (H + 1), i % nrow * (W + 1)
+        grid[r:r + H, c:c + W] = image
+    return grid
+
+
 def save_image_grid(images, path, nrow=8):
-    """Write uint8 images [N, H, W, C] as one PNG, nrow per row, 1-pixel gray gaps between them; images
-    under 32 px are enlarged (nearest) so 8x8 digits can be seen."""
+    """Write uint8 images [N, H, W, C] as one PNG (image_grid); images under 32 px are enlarged (nearest) so 8x8
+    digits can be seen."""
     try:
         from PIL import Image
     except ImportError:
         raise ImportError("writing PNG grids needs Pillow: pip install pillow") from None
-    (n, H, W, C), nrow = images.shape, min(nrow, len(images))
-    rows, scale = -(-n // nrow), max(1, 32 // H)
-    grid = np.full((rows * (H + 1) - 1, nrow * (W + 1) - 1, C), 128, np.uint8)
-    for i, image in enumerate(images):
-        r, c = i // nrow * (H + 1), i % nrow * (W + 1)
-        grid[r:r + H, c:c + W] = image
-    Image.fromarray(grid[..., 0] if C == 1 else grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                                              Image.NEAREST).save(path)
+    grid, scale = image_grid(images, nrow), max(1, 32 // images.shape[1])
+    Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).resize(
+        (grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
 def sample_images(model, diffusion, n, seed=0, progress=False, ddim_eta=None, frames=None, generator=None):
@@ -1202,13 +1209,23 @@ def sample_batch(model, diffusion, seed, i, n, ddim_eta=None, progress=False):
     return unnormalize_data(x)
 
 
-def save_samples(out, images, record=None):
-    """Write uint8 images [N, H, W, C] as out/samples_{N}x{H}x{W}x{C}.npz (under 'arr_0', as the FID tools read
-    them; with `record`, a dict of the settings that made them, as JSON under 'record') and the first 64 as
-    out/samples.png; returns the .npz path."""
-    path = os.path.join(out, "samples_{}.npz".format("x".join(map(str, images.shape))))
-    arrays = {"arr_0": images} if record is None else {"arr_0": images, "record": np.array(json.dumps(record))}
+def samples_file(shape):
+    """The name of a samples file of uint8 images of this shape [N, H, W, C]: samples_{N}x{H}x{W}x{C}.npz."""
+    return "samples_{}.npz".format("x".join(map(str, shape)))
+
+
+def atomic_savez(path, **arrays):
+    """np.savez written atomically (atomic_write): a crash never leaves half a file."""
     atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def save_samples(out, images, record=None):
+    """Write uint8 images [N, H, W, C] as out/samples_file(...) (under 'arr_0', as the FID tools read them; with
+    `record`, a dict of the settings that made them, as JSON under 'record') and the first 64 as out/samples.png;
+    returns the .npz path."""
+    path = os.path.join(out, samples_file(images.shape))
+    atomic_savez(path, **({"arr_0": images} if record is None else
+                          {"arr_0": images, "record": np.array(json.dumps(record))}))
     save_image_grid(images[:64], os.path.join(out, "samples.png"))
     print(f"wrote {path} (uint8 {images.shape}, key 'arr_0') and {os.path.join(out, 'samples.png')}")
     return path
@@ -1233,7 +1250,7 @@ def progressive_frames(T, num_frames):
 
 def save_progressive(model, diffusion, n, seed, out, ddim_eta=None, num_frames=21):
     """Figure 6 as out/progressive.png: one row per sample of batch 0 (batch_seed(seed, 0), so the last column is
-    the first n images `sample` draws in batches of n or more), the x0 estimates at progressive_frames."""
+    the images of `sample --n n` with a --batch-size of n or more), the x0 estimates at progressive_frames."""
     frames = progressive_frames(diffusion.num_timesteps, num_frames)
     x = sample_images(model, diffusion, n, batch_seed(seed, 0), True, ddim_eta, frames=frames)
     path = os.path.join(out, "progressive.png")
@@ -1300,13 +1317,6 @@ def list_checkpoints(out):
     """The ckpt-{step:07d}.pt files in a run directory, oldest first (temporary .tmp files are not listed)."""
     steps = {p: os.path.basename(p)[5:-3] for p in glob.glob(os.path.join(glob.escape(out), "ckpt-*.pt"))}
     return sorted((p for p in steps if steps[p].isdigit()), key=lambda p: int(steps[p]))
-
-
-def config_diff(config, other):
-    """'section.field: other -> config' for every field where two Configs differ (preset names aside)."""
-    a, b = config.to_dict(), other.to_dict()
-    return [f"{sec}.{k}: {b[sec][k]!r} -> {a[sec][k]!r}" for sec in a if isinstance(a[sec], dict)
-            for k in a[sec] if a[sec][k] != b[sec][k]]
 
 
 def _rng_state(generator, world):
@@ -1376,8 +1386,9 @@ def resume_train_state(state, config, out, rank, world):
         ckpt = box[0]
     if ckpt is None:
         return
-    diff = [d for d in config_diff(config, Config.from_dict(ckpt["config"]))
-            if d.split(":")[0] not in {f"train.{f}" for f in RESUMABLE_FIELDS}]
+    now, saved = config.to_dict(), Config.from_dict(ckpt["config"]).to_dict()  # preset names aside
+    diff = [f"{sec}.{k}: {saved[sec][k]!r} -> {now[sec][k]!r}" for sec in ("model", "diffusion", "train")
+            for k in now[sec] if now[sec][k] != saved[sec][k] and not (sec == "train" and k in RESUMABLE_FIELDS)]
     if diff:
         raise ValueError(f"the checkpoint in {out} was trained with another config ({'; '.join(diff)}); "
                          f"resume with the run's own flags, or start a new --out")
@@ -1394,10 +1405,10 @@ def save_train_state(state, config, out, rank, world):
     ckpt = {"config": config.to_dict(), "step": state.step, "model": state.model.state_dict(),
             "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(),
             "rng": _rng_state(state.generator, world), "world_size": world}
-    name, last_good, state.last_good = f"ckpt-{state.step:07d}.pt", state.last_good, f"ckpt-{state.step:07d}.pt"
+    last_good, state.last_good = state.last_good, f"ckpt-{state.step:07d}.pt"
     if rank == 0:
         try:
-            save_checkpoint(os.path.join(out, name), ckpt)
+            save_checkpoint(os.path.join(out, state.last_good), ckpt)
         except OSError as e:
             good = f"{os.path.join(out, last_good)} is still good" if last_good else "no checkpoint was written yet"
             raise OSError(f"{e}; {good}: free space, then rerun with --resume") from None
@@ -1416,17 +1427,15 @@ class Metrics:
 
     def add(self, loss, grad_norm, losses, t, T):
         """Add one step's batch loss, gradient norm and per-example losses [b] at indices t [b]."""
-        with torch.no_grad():
-            quarter = t * 4 // T  # 0: t in the first quarter of 0..T-1, ..., 3: the last
-            self.loss += loss.detach()
-            self.grad_norm += grad_norm
-            self.quarter_loss.index_add_(0, quarter, losses.detach())
-            self.quarter_count.index_add_(0, quarter, torch.ones_like(losses))
+        quarter = t * 4 // T  # 0: t in the first quarter of 0..T-1, ..., 3: the last
+        self.loss += loss.detach()
+        self.grad_norm += grad_norm
+        self.quarter_loss.index_add_(0, quarter, losses.detach())
+        self.quarter_count.index_add_(0, quarter, torch.ones_like(losses))
 
     def check_finite(self, step, last_good):
         """The NaN guard: raise before anything is saved, so the last good checkpoint stays the newest."""
-        sums = (self.loss, self.grad_norm, self.quarter_loss)
-        if not all(torch.isfinite(s).all() for s in sums):
+        if not torch.isfinite(self.loss + self.grad_norm + self.quarter_loss.sum()):  # NaN or inf in any sum shows here
             raise FloatingPointError(f"non-finite loss or gradient norm by step {step}; stopped without saving, "
                                      f"so the last good checkpoint ({last_good}) stays: lower --lr or use fp32")
 
@@ -1589,8 +1598,8 @@ def after_step(state, diffusion, metrics, config, out, lr, signal_name, rank, wo
         stopping = metrics.log(step, lr, tc.batch_size, signal_name is not None, rank, world, out)
     t_pause = time.time()
     if rank == 0 and tc.sample_every and step % tc.sample_every == 0:  # the same noise every time
-        save_image_grid(unnormalize_data(sample_images(state.ema, diffusion, 64, seed=tc.seed)),
-                        os.path.join(out, f"samples-{step:07d}.png"))
+        grid = sample_batch(state.ema, diffusion, tc.seed, 0, 64)  # batch 0 of `sample --seed <train seed>`
+        save_image_grid(grid, os.path.join(out, f"samples-{step:07d}.png"))
     if step % tc.ckpt_every == 0 or step == tc.steps or stopping:
         metrics.check_finite(step, state.last_good)
         save_train_state(state, config, out, rank, world)
@@ -1606,20 +1615,19 @@ def after_step(state, diffusion, metrics, config, out, lr, signal_name, rank, wo
 NLL_KEYS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
 
 
-def dataset_bpd(model, diffusion, x_start, batch_size=256, seed=0, clip_denoised=True, batches=None, done=None,
-                progress=True):
+def dataset_bpd(model, diffusion, x_start, batch_size=256, seed=0, clip_denoised=True, done=None, progress=True):
     """calc_bpd_loop over a data set batch by batch, with dropout off, as the official bpd_eval: the bound in
     bits/dim and its terms. x_start: float [N, C, H, W] in [-1, 1] (each batch moves to the model's device).
 
     Batch b holds images b*batch_size.. and draws its noise from a generator seeded seed + b on the model's
     device, so every number depends on the model, the data, batch_size and seed only, not on which process or
-    run computes which batch. `batches`: the batch indices to compute (default: all). `done`: a dict of finished
-    batches b -> arrays that is read and filled (evaluate.py passes one backed by files to resume). Returns numpy
-    float32 arrays over the images of `batches`, as calc_bpd_loop's outputs: {'total_bpd' [n], 'prior_bpd' [n],
-    'vb' [n, T] (column 0 is the decoder L_0, column i > 0 is L_i), 'xstart_mse' [n, T], 'mse' [n, T]}.
+    run computes which batch. `done`: a dict of finished batches b -> arrays that is read and filled (evaluate.py
+    passes one backed by files to resume). Returns numpy float32 arrays over the images, as calc_bpd_loop's outputs:
+    {'total_bpd' [N], 'prior_bpd' [N], 'vb' [N, T] (column 0 is the decoder L_0, column i > 0 is L_i),
+    'xstart_mse' [N, T], 'mse' [N, T]}.
     """
     device, done = _model_device(model), {} if done is None else done
-    batches = range(-(-len(x_start) // batch_size)) if batches is None else batches
+    batches = range(-(-len(x_start) // batch_size))
     model.eval()
     for b in progress_bar(batches, len(batches), "bits/dim", progress):
         if b not in done:
@@ -1632,11 +1640,15 @@ def dataset_bpd(model, diffusion, x_start, batch_size=256, seed=0, clip_denoised
 
 # ---- 12. The command line: train and sample ------------------------------------------------------------------------
 
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def sample_checkpoint(args):
     """`ddpm.py sample`: sample_command on a training checkpoint's EMA weights, respaced when asked."""
     if args.n < 1 or args.batch_size < 1:
         raise ValueError("--n and --batch-size must be at least 1")
-    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device or default_device())
     out = args.out or os.path.splitext(args.checkpoint)[0] + "-samples"
     check_out(out)
     model, diffusion, _ = load_model(args.checkpoint, device)
@@ -1723,7 +1735,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="samples drawn at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="output folder; default: next to the checkpoint")
-    p.add_argument("--progressive", action="store_true", help="Figure 6: x0 at 21 steps from t = T to 1, one row per sample")
+    p.add_argument("--progressive", action="store_true", help="Figure 6: x0 at 21 steps, t = T to 1, a row per sample")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1, ...; default: cuda if available")
     p.add_argument("--respacing", default="", help="fewer steps: '100', '50,25,10' or 'ddim50' (space_timesteps)")
     p.add_argument("--ddim-eta", type=float, default=None, help="sample with DDIM at this eta (0: deterministic)")

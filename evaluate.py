@@ -47,15 +47,6 @@ PAPER_PROTOCOL = ("the paper: 50,000 samples from the EMA model, 1000 steps, sig
                   "FID against the training set")
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def atomic_savez(path, **arrays):
-    """np.savez written atomically (ddpm.atomic_write): a crash never leaves half a file."""
-    ddpm.atomic_write(path, lambda f: np.savez(f, **arrays))
-
-
 def atomic_json(path, value):
     """`value` as indented JSON, written atomically (ddpm.atomic_write)."""
     ddpm.atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
@@ -196,7 +187,7 @@ def add_model_args(parser):
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--checkpoint", help="a ckpt-*.pt written by `ddpm.py train` (its EMA weights are used)")
     group.add_argument("--weights", help="the authors' released weights (a diffusers folder or a converted file)")
-    parser.add_argument("--device", default=default_device(), help="cuda, cuda:1, cpu ... (default: %(default)s)")
+    parser.add_argument("--device", default=ddpm.default_device(), help="cuda, cuda:1, cpu ... (default: %(default)s)")
     parser.add_argument("--respacing", default="", help="fewer steps: '100', '50,25,10' or 'ddim50' (default: all T)")
 
 
@@ -287,13 +278,14 @@ class ResumeFolder:
         path = self.path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if name.endswith(".npz"):
-            atomic_savez(path, **(value if isinstance(value, dict) else {"arr_0": value}))
+            ddpm.atomic_savez(path, **(value if isinstance(value, dict) else {"arr_0": value}))
         else:
             atomic_json(path, value)
         return path
 
     def load(self, name):
-        """Piece `name` as saved (an array, or {key: array}, for *.npz), or None when it is missing or unreadable (then renamed
+        """Piece `name` as saved (an array, or {key: array}, for *.npz), or None when it is missing or unreadable
+        (then renamed
         *.unreadable, with a printed line, so it is made again)."""
         path = self.path(name)
         if not os.path.exists(path):
@@ -370,7 +362,7 @@ def cmd_sample(args):
                 "batch_size": args.batch_size, "device": ddpm._model_device(model).type}
     folder = ResumeFolder(out, settings, SAMPLE_FLAGS, "samples", info={"weights_sha256": source})
     H, C = config.model.resolution, config.model.in_channels
-    final = f"samples_{args.n}x{H}x{H}x{C}.npz"
+    final = ddpm.samples_file((args.n, H, H, C))
     made = folder.load(final)
     if made is not None:  # a file of this name from other settings (`ddpm.py sample` into this folder) is no result
         record = json.loads(str(made["record"])) if "record" in made else {}
@@ -379,7 +371,8 @@ def cmd_sample(args):
                              f"(ddpm.py sample writes no record); delete that file, or use another --out")
         print(f"{folder.path(final)} already exists with these settings; nothing to do")
         return folder.path(final)
-    names = {i: f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz" for i in range(-(-args.n // args.batch_size))}
+    names = {i: f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz"
+             for i in range(-(-args.n // args.batch_size))}
     done = folder.pieces(names)  # refuses pieces of unknown settings before any work
     try:
         path = ddpm.sample_command(model, diffusion, out, args.n, args.batch_size, args.seed, False, args.ddim_eta,
@@ -401,7 +394,8 @@ NLL_KEYS = ddpm.NLL_KEYS
 # What decides evaluate_nll's numbers, with the flag of `evaluate.py nll` that sets it. The device type too: CPU
 # and CUDA generators draw different noise from the same seed.
 NLL_FLAGS = {"num_examples": "--max-examples", "batch_size": "--batch-size", "seed": "--seed",
-             "chain_sha256": "--respacing (the chain's betas and timesteps)", "device": "--device", "clip_denoised": "x0 clipping",
+             "chain_sha256": "--respacing (the chain's betas and timesteps)", "device": "--device",
+             "clip_denoised": "x0 clipping",
              "weights_sha256": "weights (--checkpoint/--weights)", "data_sha256": "--data/--split"}
 
 
@@ -536,7 +530,7 @@ def cmd_nll(args):
     summary = nll_summary(results)
     rate, rmse = rate_distortion(results["vb"], results["prior_bpd"], results["xstart_mse"])
     stem = os.path.join(out, f"nll-{args.split}")
-    atomic_savez(stem + ".npz", **results, rate=rate, rmse=rmse)
+    ddpm.atomic_savez(stem + ".npz", **results, rate=rate, rmse=rmse)
     with open(stem + "-table4.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["reverse_time", "t", "rate_bits_per_dim", "distortion_rmse_0_255"])
@@ -695,7 +689,7 @@ def inception_score(probs, num_splits=10):
 
 def save_fid_stats(path, mu, sigma, *, num_images, source, inception_sha256):
     """Write mu/sigma in the .npz layout of pytorch-fid and TTUR, plus what they were computed from."""
-    atomic_savez(path, mu=mu, sigma=sigma, num_images=num_images, source=np.array(source),
+    ddpm.atomic_savez(path, mu=mu, sigma=sigma, num_images=num_images, source=np.array(source),
                  inception_sha256=np.array(inception_sha256))
 
 
@@ -950,14 +944,8 @@ def digits_images(split):
 
 @functools.lru_cache(maxsize=2)
 def digits_labels(split):
-    """The classes 0..9 of ddpm.load_digits(split)'s images, in the same order: int64 numpy [N], read-only. The split
-    is ddpm.load_digits': the first ddpm.DIGITS_NUM_TRAIN images train, the rest are held out."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ImportError("the digits score needs scikit-learn: pip install scikit-learn") from None
-    y = load_digits().target.astype(np.int64)[slice(ddpm.DIGITS_NUM_TRAIN) if split == "train" else
-                                              slice(ddpm.DIGITS_NUM_TRAIN, None)]
+    """The classes 0..9 of ddpm.load_digits(split)'s images, in the same order: int64 numpy [N], read-only."""
+    y = ddpm.load_digits(split, labels=True)[1]
     y.setflags(write=False)
     return y
 
@@ -1192,10 +1180,10 @@ def check_digits_model(config, source):
 
 def digits_samples(model, diffusion, n, seed, folder, sampler="ancestral"):
     """n uint8 samples [n, 8, 8, 1] by ddpm.sample_batches (Algorithm 2, or DDIM with eta = 0 for sampler='ddim')
-    in batches of DIGITS_SAMPLE_BATCH, each kept as it is drawn, so they are the images of `ddpm.py sample --n n --batch-size
-    128 --seed seed`. Kept in a ResumeFolder under `folder` named by a hash of what decides them (the weights'
-    sha256, the kept timesteps, n, seed), so digits-score and steps share them, a rerun on the same model reads
-    them, and samples of other models or settings are never replaced.
+    in batches of DIGITS_SAMPLE_BATCH, each kept as it is drawn, so they are the images of `ddpm.py sample --n n
+    --batch-size 128 --seed seed` on the same device. Kept in a ResumeFolder under `folder` named by a hash of what
+    decides them (the weights' sha256, the chain, n, seed, the device), so digits-score and steps share them, a
+    rerun on the same model reads them, and samples of other models or settings are never replaced.
     Raises FloatingPointError for non-finite samples (a diverged learned variance)."""
     T = diffusion.num_timesteps
     settings = {"weights_sha256": weights_sha256(model), "sampler": sampler, "n": n, "seed": seed,
@@ -1206,6 +1194,12 @@ def digits_samples(model, diffusion, n, seed, folder, sampler="ancestral"):
     eta = 0.0 if sampler == "ddim" else None
     done = resume.pieces({i: f"batch-{i:05d}.npz" for i in range(-(-n // DIGITS_SAMPLE_BATCH))})
     return ddpm.sample_batches(model, diffusion, n, DIGITS_SAMPLE_BATCH, seed, eta, done)
+
+
+def digits_samples_folder(out):
+    """Where digits_samples keeps a model's samples: digits-samples/ beside the command's output folder, shared by
+    digits-score and steps on one checkpoint."""
+    return os.path.join(os.path.dirname(os.path.abspath(out)), "digits-samples")
 
 
 def digits_test_nll(model, diffusion, num_images, seed=0):
@@ -1251,7 +1245,7 @@ def cmd_digits_score(args):
     print(f"    uniform over the {refs['num_levels']} grey levels {refs['uniform_levels']:.2f}")
     print(f"    uniform over 256 levels {refs['uniform_256']:.2f}")
     start = time.time()
-    images = digits_samples(model, diffusion, args.n, args.seed, os.path.join(os.path.dirname(out), "digits-samples"))
+    images = digits_samples(model, diffusion, args.n, args.seed, digits_samples_folder(out))
     ddpm.save_image_grid(images[:64], os.path.join(out, "samples.png"))
     s, scale = score(images), digits_score_scale(score, args.n, args.seed)
     print(f"  samples ({args.n}, {time.time() - start:.0f} s)        digits-FD {pm(s['fd'], s['fd_std']):>16}   "
@@ -1282,7 +1276,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=256, help="samples per chunk; a rerun skips finished chunks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="output folder; default: next to the checkpoint, or samples/NAME")
-    p.add_argument("--progressive", action="store_true", help="Figure 6: x0 at 21 steps from t = T to 1, one row per sample")
+    p.add_argument("--progressive", action="store_true", help="Figure 6: x0 at 21 steps, t = T to 1, a row per sample")
     p.add_argument("--ddim-eta", type=float, default=None, help="sample with DDIM at this eta (0: deterministic)")
     p.set_defaults(func=cmd_sample)
 
@@ -1301,7 +1295,7 @@ def build_parser():
     def inception_args(p):
         p.add_argument("--inception", help=f"a local {INCEPTION_FILENAME} (default: download once into the cache)")
         p.add_argument("--batch-size", type=int, default=200)
-        p.add_argument("--device", default=default_device())
+        p.add_argument("--device", default=ddpm.default_device())
         p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("fid", allow_abbrev=False, help="FID of samples against reference statistics or a data set")

@@ -18,14 +18,13 @@ import re
 import sys
 import time
 
-import numpy as np
 import torch
 
 import ddpm
 from evaluate import (DIGITS_SCORE_N, DigitsScore, ResumeFolder, add_bootstrap_arg, add_model_args, atomic_json,
                       check_digits_counts, check_digits_model, cli, command_parser, digits_images,
-                      digits_nll_references, digits_samples, digits_score_scale, digits_test_nll, load_for_sampling, pm, print_digits_scale, pyplot,
-                      save_figure)
+                      digits_nll_references, digits_samples, digits_samples_folder, digits_score_scale,
+                      digits_test_nll, load_for_sampling, pm, print_digits_scale, pyplot, save_figure)
 
 
 # ---- 1. Table 2 in miniature: seven objectives trained, sampled and scored on digits, and Table 1's NLL contrast -----
@@ -247,8 +246,8 @@ def plot_table2_samples(results, pieces, path, per_row=16):
         return False
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 0.62 * len(keys) + 0.2), squeeze=False)
     for ax, row in zip(axes[:, 0], keys):
-        tiles = np.pad(samples[row.key][:per_row, :, :, 0], ((0, 0), (1, 1), (1, 1)), constant_values=255)
-        ax.imshow(np.concatenate(list(tiles), axis=1), cmap="gray", vmin=0, vmax=255)  # one row, white gaps
+        strip = ddpm.image_grid(samples[row.key][:per_row], nrow=per_row, gap=255)  # one row, white gaps
+        ax.imshow(strip[..., 0], cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"{row.group}: {row.objective}", fontsize=7, loc="left", pad=2)
         ax.axis("off")
     return save_figure(plt, fig, path)
@@ -302,7 +301,7 @@ def cmd_steps(args):
         raise ValueError(f"--counts must be comma-separated step counts in [1, {T}] (the model's T), "
                          f"got {args.counts!r}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(source)), "steps")
-    samples = os.path.join(os.path.dirname(os.path.abspath(out)), "digits-samples")  # shared with digits-score
+    samples = digits_samples_folder(out)  # shared with digits-score
     os.makedirs(out, exist_ok=True)
     scale = digits_score_scale(score, args.n, args.seed)
     print(f"digits-FD against network evaluations for {source} ({args.n} samples each, seed {args.seed})")

@@ -1884,10 +1884,13 @@ def test_cifar10_bad_md5_and_offline(tmp_path, monkeypatch):
 
 
 def test_digits_split_and_scaling():
-    """digits: 1,500 train and 297 held-out test images, 0..16 scaled to 0..255, as [N, 8, 8, 1]."""
+    """digits: 1,500 train and 297 held-out test images, 0..16 scaled to 0..255, as [N, 8, 8, 1], with their labels."""
     train, test = ddpm.load_data("digits", "train", resolution=8, in_channels=1), ddpm.load_data("digits", "test")
     assert train.shape == (1500, 8, 8, 1) and test.shape == (297, 8, 8, 1)
     assert np.array_equal(np.concatenate([train, test])[..., 0], np.round(sklearn_datasets.load_digits().images * 255 / 16))
+    (x, y), labels = ddpm.load_digits("test", labels=True), evaluate.digits_labels("train")
+    assert np.array_equal(x, test) and y.dtype == labels.dtype == np.int64 and not labels.flags.writeable
+    assert np.array_equal(np.concatenate([labels, y]), sklearn_datasets.load_digits().target)
 
 
 def test_folder_and_arrays(tmp_path):
@@ -2217,13 +2220,13 @@ def test_ctrl_c_during_sample_says_what_is_kept(tmp_path, capsys, monkeypatch):
     130, one line saying which chunks are kept and that a rerun continues, and no traceback
     (test_sample_never_mixes_... shows the rerun continues exactly)."""
     _tiny_model_checkpoint(tmp_path / "ckpt.pt")
-    save = evaluate.atomic_savez
+    save = ddpm.atomic_savez
 
     def save_then_sigint(path, **arrays):  # the signal lands mid-run, after the first chunk is on disk
         save(path, **arrays)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # so it raises KeyboardInterrupt
         os.kill(os.getpid(), signal.SIGINT)
-    monkeypatch.setattr(evaluate, "atomic_savez", save_then_sigint)
+    monkeypatch.setattr(ddpm, "atomic_savez", save_then_sigint)
     with pytest.raises(SystemExit) as e:
         evaluate.main(["sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "1000", "--batch-size", "1",
                        "--out", str(tmp_path / "out")])
