@@ -1,11 +1,11 @@
-"""The tests of ddpm.py, evaluate.py and bench.py, in the code's order: the math check first, then the harness.
+"""The tests of ddpm.py, evaluate.py, experiments.py and bench.py, in the code's order: the math check first, then the harness.
 
 `pytest -m math` runs the math check alone, in seconds, with torch, numpy, pytest and hypothesis only: each
 formula of ddpm.py's sections 1-5 (schedules, Gaussians, the diffusion, respacing and DDIM, the U-Net), the EMA and
 the lr warmup against an independent computation (float64 numpy written below from the paper's and the official
 code's equations, closed forms, the official reference values, torch.distributions, Monte Carlo with a tolerance
-derived from the sample size), each tolerance with its reason. Then ddpm.py's harness (training, the NLL over a data
-set, checkpoints, data, sampling, the command line and its bad input), evaluate.py (sample, NLL, Inception/FID/IS,
+derived from the sample size), each tolerance with its reason. Then ddpm.py's harness (checkpoints, data, sampling,
+training, the configuration and the command line with its bad input), evaluate.py (sample, the NLL, Inception/FID/IS,
 figures, released weights, the digits score), the experiments (Table 2, steps) and bench.py. Each bad-input test
 sits beside the feature it tests and matches the key phrase of the message: what is wrong and the fix.
 
@@ -1468,7 +1468,7 @@ def test_unet_rejects_a_wrong_input_size_with_the_expected_one():
     ddpm.UNet(ch=32, resolution=40)  # 40, 20, 10, 5: fine
 
 
-# ---- 8. The EMA and the learning-rate warmup (ddpm.py sections 6 and 10; the last of the math check) ----
+# ---- 8. The EMA and the learning-rate warmup (ddpm.py section 10; the last of the math check) ----
 
 
 @math_check
@@ -1507,7 +1507,252 @@ def test_ema_and_warmup_follow_the_official_recipe(tmp_path, images, tiny_run):
     np.testing.assert_allclose(lrs, [0, 1e-3 / 2, 1e-3, 1e-3], rtol=1e-12, atol=0)
 
 
-# ---- 9. Training (Algorithm 1): learning, its config, resume, the NaN guard, DDP, signals, bf16, compile ----
+# ---- 9. Checkpoints ----
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    """save_checkpoint + load_model gives back the EMA weights and the config; a truncated file is a clear error."""
+    c = tiny_digits_config()
+    model, _ = ddpm.create_model_and_diffusion(c)
+    ema = {k: v + 1 for k, v in model.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    ddpm.save_checkpoint(path, {"config": c.to_dict(), "step": 3, "model": model.state_dict(), "ema": ema})
+    assert torch.load(path, weights_only=True)["step"] == 3
+    loaded, diffusion, config = ddpm.load_model(path)
+    assert config == c and diffusion.num_timesteps == 25 and not loaded.training
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ema.items())
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated"):
+        ddpm.load_model(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ddpm.load_model(tmp_path / "nope.pt")
+
+
+def test_checkpoint_survives_kill_mid_save(tmp_path):
+    """A process killed (SIGKILL) in the middle of save_checkpoint leaves the previous file whole."""
+    path = str(tmp_path / "ckpt.pt")
+    ddpm.save_checkpoint(path, {"step": 1, "w": torch.ones(1000)})
+    newer = {"step": 2, "w": torch.zeros(1000)}
+    pid = os.fork()  # a copy of this process is the one killed: no second interpreter and torch import to wait for
+    if pid == 0:
+        try:
+            def dying_save(obj, f):
+                f.write(b"x" * 4096)
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            torch.save = dying_save
+            ddpm.save_checkpoint(path, newer)
+        finally:
+            os._exit(1)  # reached only if the kill did not land; the child never returns into pytest
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    state = ddpm.load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(1000))
+    assert ddpm.list_checkpoints(str(tmp_path)) == []  # a leftover .tmp file is never taken for a checkpoint
+
+
+def test_a_file_that_is_not_a_ddpm_checkpoint_gets_one_line(tmp_path, capsys):
+    """Random bytes, a pickled object, a config.json, a folder, released weights given as --checkpoint and a training
+    checkpoint given as --weights each get one line naming the problem and the fix, never torch's weights_only advice."""
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    with open(tmp_path / "object.pt", "wb") as f:
+        pickle.dump({"model": ddpm.ModelConfig()}, f)  # an object: torch.load(weights_only=True) refuses it
+    (tmp_path / "config.json").write_text('{"model": {"ch": 32}}')
+    os.makedirs(tmp_path / "run")
+    _tiny_model_checkpoint(tmp_path / "ckpt.pt")
+    torch.save(ddpm.load_checkpoint(tmp_path / "ckpt.pt")["model"], tmp_path / "state_dict.pt")
+    for name in ("random.pt", "object.pt", "config.json"):
+        _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / name), "--out", str(tmp_path)],
+                        "is not a ddpm checkpoint or is damaged", "pass a ckpt-.*pt written by ddpm.py train")
+        _one_line_error(capsys, evaluate.main, ["sample", "--weights", str(tmp_path / name), "--out", str(tmp_path)],
+                        "not a .*weights file or it is damaged")
+    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path)],
+                    "is a folder, not a checkpoint file", r"pass one of its ckpt-\*\.pt files")
+    _one_line_error(capsys, evaluate.main, ["sample", "--weights", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path)],
+                    "is a checkpoint of ddpm.py train, not released weights", "pass it with --checkpoint")
+    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "state_dict.pt"), "--out",
+                                        str(tmp_path)], "not a checkpoint written by ddpm.py train",
+                    "pass released weights with --weights")
+    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path),
+                                        "--respacing", "ddim0"], "'ddim0' asks for 0 of 25 steps", "1 <= N <= 25")
+
+
+# ---- 10. Data ----
+
+
+def fake_cifar10(cache, monkeypatch, corrupt=False):
+    """A small archive in the official format (data_batch_1..5 and test_batch pickles), trusted by its md5."""
+    rng = np.random.default_rng(0)
+    batches = {**{f"data_batch_{i}": 3 for i in range(1, 6)}, "test_batch": 2}
+    data = {name: rng.integers(0, 256, (n, 3072), dtype=np.uint8) for name, n in batches.items()}
+    os.makedirs(cache, exist_ok=True)
+    path = os.path.join(cache, "cifar-10-python.tar.gz")
+    with tarfile.open(path, "w:gz") as tar:
+        for name, x in data.items():
+            blob = pickle.dumps({b"data": x, b"labels": [0] * len(x), b"batch_label": name.encode()})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    monkeypatch.setenv("DDPM_CACHE", str(cache))
+    monkeypatch.setattr(ddpm, "CIFAR10_MD5", ddpm.file_digest(path, "md5"))
+    if corrupt:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    return data
+
+
+def test_cifar10_loads_official_format(tmp_path, monkeypatch):
+    """The train split is data_batch_1..5 in order, the test split test_batch, each row R..G..B turned into NHWC."""
+    data = fake_cifar10(tmp_path / "cache", monkeypatch)
+    train, test = ddpm.load_data("cifar10", "train"), ddpm.load_data("cifar10", "test", resolution=32, in_channels=3)
+    assert train.shape == (15, 32, 32, 3) and test.shape == (2, 32, 32, 3) and train.dtype == np.uint8
+    row = data["data_batch_2"][1]  # the official layout: 1024 red, then 1024 green, then 1024 blue, row-major
+    assert np.array_equal(train[4, 5, 7], [row[5 * 32 + 7], row[1024 + 5 * 32 + 7], row[2048 + 5 * 32 + 7]])
+    assert np.array_equal(test.reshape(2, -1, 3).transpose(0, 2, 1).reshape(2, -1), data["test_batch"])
+
+
+def test_cifar10_bad_md5_and_offline(tmp_path, monkeypatch):
+    """A truncated archive fails its md5 with advice; with no archive and no network the error says where to put it."""
+    fake_cifar10(tmp_path / "cache", monkeypatch, corrupt=True)
+    with pytest.raises(ValueError, match="wrong md5.*delete it"):
+        ddpm.load_data("cifar10")
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "empty"))
+
+    def offline(*args, **kwargs):
+        raise OSError("Network is unreachable")
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    with pytest.raises(ConnectionError, match="copy cifar-10-python.tar.gz"):
+        ddpm.load_data("cifar10")
+
+
+def test_digits_split_and_scaling():
+    """digits: 1,500 train and 297 held-out test images, 0..16 scaled to 0..255, as [N, 8, 8, 1], with their labels."""
+    train, test = ddpm.load_data("digits", "train", resolution=8, in_channels=1), ddpm.load_data("digits", "test")
+    assert train.shape == (1500, 8, 8, 1) and test.shape == (297, 8, 8, 1)
+    assert np.array_equal(np.concatenate([train, test])[..., 0], np.round(sklearn_datasets.load_digits().images * 255 / 16))
+    (x, y), labels = ddpm.load_digits("test", labels=True), evaluate.digits_labels("train")
+    assert np.array_equal(x, test) and y.dtype == labels.dtype == np.int64 and not labels.flags.writeable
+    assert np.array_equal(np.concatenate([labels, y]), sklearn_datasets.load_digits().target)
+
+
+def test_folder_and_arrays(tmp_path):
+    """A folder of PNGs, a .npy and a .npz all load as the same uint8 NHWC array; --resize fits other sizes."""
+    x = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    os.makedirs(tmp_path / "imgs" / "sub")
+    for i, image in enumerate(x):
+        Image.fromarray(image).save(tmp_path / "imgs" / ("sub" if i == 2 else "") / f"{i}.png")
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "x.npz", arr_0=x)
+    for source in ("imgs", "x.npy", "x.npz"):
+        assert np.array_equal(ddpm.load_data(str(tmp_path / source), "test", resolution=8, in_channels=3), x), source
+    assert ddpm.load_data(str(tmp_path / "x.npy"), resolution=16, resize=True).shape == (3, 16, 16, 3)
+    os.makedirs(tmp_path / "gray")
+    Image.fromarray(x[0, :, :, 0]).save(tmp_path / "gray" / "0.png")
+    assert np.array_equal(ddpm.load_data(str(tmp_path / "gray")), x[:1, :, :, :1])  # all grayscale: C = 1
+    Image.fromarray(x[0, :, :, 0]).save(tmp_path / "imgs" / "gray.png")
+    assert ddpm.load_data(str(tmp_path / "imgs")).shape == (4, 8, 8, 3)  # mixed modes: all RGB
+
+
+def test_bad_inputs_get_one_clear_sentence(tmp_path, images):
+    """Missing path, mixed sizes, a non-image, a channel mismatch and too few images each raise a specific message."""
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        ddpm.load_data(str(tmp_path / "missing"))
+    os.makedirs(tmp_path / "mixed")
+    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
+    Image.new("RGB", (8, 6)).save(tmp_path / "mixed" / "b.png")
+    with pytest.raises(ValueError, match="mixed sizes.*--resize"):
+        ddpm.load_data(str(tmp_path / "mixed"))
+    (tmp_path / "mixed" / "notes.txt").write_text("not a picture")
+    with pytest.raises(ValueError, match="notes.txt is not an image"):
+        ddpm.load_data(str(tmp_path / "mixed"), resize=True, resolution=8)
+    with pytest.raises(ValueError, match="RGB images but the model takes grayscale.*--model.in-channels 3"):
+        ddpm.load_data(images, in_channels=1)
+    with pytest.raises(ValueError, match="8x8 images but the model is 32x32.*--resize"):
+        ddpm.load_data(images, resolution=32)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        ddpm.train(tiny_config(tmp_path / "run", images, batch_size=32))
+    np.save(tmp_path / "floats.npy", np.zeros((4, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="must be uint8 images"):
+        ddpm.load_data(str(tmp_path / "floats.npy"))
+    with pytest.raises(SystemExit, match="^error: .*no such file or folder"):  # one sentence, no traceback
+        ddpm.main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
+
+
+def test_data_and_samples_files_that_cannot_serve_get_one_line(tmp_path, capsys):
+    """A text file named .npy, a samples file with 0 or 1 images for FID, fewer samples than IS splits, and RGB
+    data for a grayscale model in `evaluate.py nll` each get one line whose fix is a flag of that command."""
+    (tmp_path / "text.npy").write_text("not an array")
+    _one_line_error(capsys, ddpm.main, ["train", "--preset", "digits", "--data", str(tmp_path / "text.npy"),
+                                        "--out", str(tmp_path / "run")],
+                    r"cannot read .*text\.npy: it is not a numpy \.npy/\.npz file", "save the images")
+    _one_line_error(capsys, evaluate.main, ["is", str(tmp_path / "text.npy")], "it is not a numpy .npy/.npz file")
+    for n in (0, 1):
+        np.savez(tmp_path / f"{n}.npz", arr_0=np.zeros((n, 8, 8, 3), np.uint8))
+        _one_line_error(capsys, evaluate.main, ["fid", str(tmp_path / f"{n}.npz"), "--ref", str(tmp_path / "1.npz")],
+                        rf"{n}\.npz holds {n} image\(s\)", r"FID .*needs at least 2", "pass more")
+    np.savez(tmp_path / "20.npz", arr_0=np.zeros((20, 8, 8, 3), np.uint8))
+    _one_line_error(capsys, evaluate.main, ["is", str(tmp_path / "20.npz"), "--splits", "50"],
+                    r"holds 20 image\(s\)", "--splits 50 needs at least 50", "lower --splits or pass more samples")
+    _tiny_model_checkpoint(tmp_path / "ckpt.pt")  # grayscale 8x8
+    message = _one_line_error(capsys, evaluate.main, ["nll", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data",
+                                                      str(tmp_path / "20.npz"), "--out", str(tmp_path / "eval")],
+                              "holds 8x8x3 images", "the model takes 8x8x1", "pass --data images of that shape")
+    assert "--model" not in message and "--resize" not in message  # flags evaluate.py does not have
+
+
+# ---- 11. Sampling: the loops' plumbing and sample_images ----
+
+
+def test_sampling_loop_shapes_range_and_determinism():
+    """p_sample_loop returns [N,C,H,W], the same for the same generator seed, and its progressive form ends where
+    the loop ends."""
+    d = diffusion_for(25)
+    model = tiny_unet().eval()
+    a = d.p_sample_loop(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    b = d.p_sample_loop(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 1, 8, 8) and torch.equal(a, b)
+    steps = list(d.p_sample_loop_progressive(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)))
+    assert [s["t"] for s in steps] == list(range(24, -1, -1))
+    assert torch.equal(steps[-1]["sample"], a)
+    # the loop runs under inference_mode; its output and the schedule tensors it cached still train
+    assert a.is_inference() and d.calc_bpd_loop(model, a)["total_bpd"].is_inference()
+    dk = diffusion_for(25, loss_type="kl")
+    x = dk.p_sample_loop(model, (2, 1, 8, 8))
+    loss = dk.training_losses(model.train(), x, torch.tensor([0, 12]))["loss"].sum()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad) and torch.isfinite(loss)
+
+
+def test_progressive_frames_start_at_t_equals_T():
+    """sample_images' Figure 6 frames: the x0 estimates at the given indices, from T-1 (t = T) down to 0: the first
+    is the estimate from the pure noise x_T that the seed draws (Eq. 15, recomputed here), the last the sample."""
+    # A gentle schedule, abar_T = 0.95^10 = 0.60: at a real schedule's abar_T ~ 1e-5 nearly every x0 estimate at
+    # t = T is clipped to +-1, which would hide a wrong x_T, t or formula. O(1) weights: eps_hat far from 0.
+    betas = np.full(10, 0.05)
+    d, model = ddpm.GaussianDiffusion(betas=betas), busy(tiny_unet()).float()
+    frames = ddpm.sample_images(model, d, 2, seed=3, frames={9, 8, 4, 0})
+    assert frames.shape == (2, 4, 1, 8, 8)  # t = 9, 8, 4, 0
+    assert_close(frames[:, -1], ddpm.sample_images(model, d, 2, seed=3), rtol=0, atol=0)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))  # sample_images' first draw
+    with torch.no_grad():
+        eps = model(x_T, torch.full((2,), 9)).double()
+    abar_T = np.prod(1 - betas)
+    x0_hat = ((x_T.double() - math.sqrt(1 - abar_T) * eps) / math.sqrt(abar_T)).clamp(-1, 1)
+    assert (x0_hat.abs() < 1).double().mean() > 0.3  # mostly inside [-1, 1]: the values themselves are compared
+    assert_close(frames[:, 0], x0_hat, rtol=0, atol=1e-5)  # float32 arithmetic on O(1) values against float64
+
+
+def test_sample_batch_refuses_non_finite_samples():
+    """A diverged model's NaN samples raise FloatingPointError (exit 1, one line, from every command) instead of
+    becoming black uint8 pixels."""
+    model = tiny_unet()
+    with torch.no_grad():
+        model.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"\d+ non-finite pixels in a batch of 2 samples.*earlier checkpoint"):
+        ddpm.sample_batch(model, diffusion_for(10, "cosine"), seed=0, i=0, n=2)
+
+
+# ---- 12. Training (Algorithm 1): learning, its config, resume, the NaN guard, DDP, signals, bf16, compile ----
 
 
 def test_a_tiny_model_overfits_one_batch():
@@ -1760,257 +2005,7 @@ def test_compiled_agrees_with_eager():
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
-# ---- 10. The NLL over a data set (ddpm.dataset_bpd, in training and in evaluate.py nll) ----
-
-
-
-
-# ---- 11. Checkpoints ----
-
-
-def test_checkpoint_round_trip_with_weights_only(tmp_path):
-    """save_checkpoint + load_model gives back the EMA weights and the config; a truncated file is a clear error."""
-    c = tiny_digits_config()
-    model, _ = ddpm.create_model_and_diffusion(c)
-    ema = {k: v + 1 for k, v in model.state_dict().items()}
-    path = tmp_path / "ckpt.pt"
-    ddpm.save_checkpoint(path, {"config": c.to_dict(), "step": 3, "model": model.state_dict(), "ema": ema})
-    assert torch.load(path, weights_only=True)["step"] == 3
-    loaded, diffusion, config = ddpm.load_model(path)
-    assert config == c and diffusion.num_timesteps == 25 and not loaded.training
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ema.items())
-    path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="truncated"):
-        ddpm.load_model(path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        ddpm.load_model(tmp_path / "nope.pt")
-
-
-def test_checkpoint_survives_kill_mid_save(tmp_path):
-    """A process killed (SIGKILL) in the middle of save_checkpoint leaves the previous file whole."""
-    path = str(tmp_path / "ckpt.pt")
-    ddpm.save_checkpoint(path, {"step": 1, "w": torch.ones(1000)})
-    newer = {"step": 2, "w": torch.zeros(1000)}
-    pid = os.fork()  # a copy of this process is the one killed: no second interpreter and torch import to wait for
-    if pid == 0:
-        try:
-            def dying_save(obj, f):
-                f.write(b"x" * 4096)
-                f.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
-            torch.save = dying_save
-            ddpm.save_checkpoint(path, newer)
-        finally:
-            os._exit(1)  # reached only if the kill did not land; the child never returns into pytest
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-    state = ddpm.load_checkpoint(path)
-    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(1000))
-    assert ddpm.list_checkpoints(str(tmp_path)) == []  # a leftover .tmp file is never taken for a checkpoint
-
-
-def test_a_file_that_is_not_a_ddpm_checkpoint_gets_one_line(tmp_path, capsys):
-    """Random bytes, a pickled object, a config.json, a folder, released weights given as --checkpoint and a training
-    checkpoint given as --weights each get one line naming the problem and the fix, never torch's weights_only advice."""
-    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
-    with open(tmp_path / "object.pt", "wb") as f:
-        pickle.dump({"model": ddpm.ModelConfig()}, f)  # an object: torch.load(weights_only=True) refuses it
-    (tmp_path / "config.json").write_text('{"model": {"ch": 32}}')
-    os.makedirs(tmp_path / "run")
-    _tiny_model_checkpoint(tmp_path / "ckpt.pt")
-    torch.save(ddpm.load_checkpoint(tmp_path / "ckpt.pt")["model"], tmp_path / "state_dict.pt")
-    for name in ("random.pt", "object.pt", "config.json"):
-        _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / name), "--out", str(tmp_path)],
-                        "is not a ddpm checkpoint or is damaged", "pass a ckpt-.*pt written by ddpm.py train")
-        _one_line_error(capsys, evaluate.main, ["sample", "--weights", str(tmp_path / name), "--out", str(tmp_path)],
-                        "not a .*weights file or it is damaged")
-    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path)],
-                    "is a folder, not a checkpoint file", r"pass one of its ckpt-\*\.pt files")
-    _one_line_error(capsys, evaluate.main, ["sample", "--weights", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path)],
-                    "is a checkpoint of ddpm.py train, not released weights", "pass it with --checkpoint")
-    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "state_dict.pt"), "--out",
-                                        str(tmp_path)], "not a checkpoint written by ddpm.py train",
-                    "pass released weights with --weights")
-    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path),
-                                        "--respacing", "ddim0"], "'ddim0' asks for 0 of 25 steps", "1 <= N <= 25")
-
-
-# ---- 12. Data ----
-
-
-def fake_cifar10(cache, monkeypatch, corrupt=False):
-    """A small archive in the official format (data_batch_1..5 and test_batch pickles), trusted by its md5."""
-    rng = np.random.default_rng(0)
-    batches = {**{f"data_batch_{i}": 3 for i in range(1, 6)}, "test_batch": 2}
-    data = {name: rng.integers(0, 256, (n, 3072), dtype=np.uint8) for name, n in batches.items()}
-    os.makedirs(cache, exist_ok=True)
-    path = os.path.join(cache, "cifar-10-python.tar.gz")
-    with tarfile.open(path, "w:gz") as tar:
-        for name, x in data.items():
-            blob = pickle.dumps({b"data": x, b"labels": [0] * len(x), b"batch_label": name.encode()})
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    monkeypatch.setenv("DDPM_CACHE", str(cache))
-    monkeypatch.setattr(ddpm, "CIFAR10_MD5", ddpm.file_digest(path, "md5"))
-    if corrupt:
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 2)
-    return data
-
-
-def test_cifar10_loads_official_format(tmp_path, monkeypatch):
-    """The train split is data_batch_1..5 in order, the test split test_batch, each row R..G..B turned into NHWC."""
-    data = fake_cifar10(tmp_path / "cache", monkeypatch)
-    train, test = ddpm.load_data("cifar10", "train"), ddpm.load_data("cifar10", "test", resolution=32, in_channels=3)
-    assert train.shape == (15, 32, 32, 3) and test.shape == (2, 32, 32, 3) and train.dtype == np.uint8
-    row = data["data_batch_2"][1]  # the official layout: 1024 red, then 1024 green, then 1024 blue, row-major
-    assert np.array_equal(train[4, 5, 7], [row[5 * 32 + 7], row[1024 + 5 * 32 + 7], row[2048 + 5 * 32 + 7]])
-    assert np.array_equal(test.reshape(2, -1, 3).transpose(0, 2, 1).reshape(2, -1), data["test_batch"])
-
-
-def test_cifar10_bad_md5_and_offline(tmp_path, monkeypatch):
-    """A truncated archive fails its md5 with advice; with no archive and no network the error says where to put it."""
-    fake_cifar10(tmp_path / "cache", monkeypatch, corrupt=True)
-    with pytest.raises(ValueError, match="wrong md5.*delete it"):
-        ddpm.load_data("cifar10")
-    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "empty"))
-
-    def offline(*args, **kwargs):
-        raise OSError("Network is unreachable")
-    monkeypatch.setattr("urllib.request.urlopen", offline)
-    with pytest.raises(ConnectionError, match="copy cifar-10-python.tar.gz"):
-        ddpm.load_data("cifar10")
-
-
-def test_digits_split_and_scaling():
-    """digits: 1,500 train and 297 held-out test images, 0..16 scaled to 0..255, as [N, 8, 8, 1], with their labels."""
-    train, test = ddpm.load_data("digits", "train", resolution=8, in_channels=1), ddpm.load_data("digits", "test")
-    assert train.shape == (1500, 8, 8, 1) and test.shape == (297, 8, 8, 1)
-    assert np.array_equal(np.concatenate([train, test])[..., 0], np.round(sklearn_datasets.load_digits().images * 255 / 16))
-    (x, y), labels = ddpm.load_digits("test", labels=True), evaluate.digits_labels("train")
-    assert np.array_equal(x, test) and y.dtype == labels.dtype == np.int64 and not labels.flags.writeable
-    assert np.array_equal(np.concatenate([labels, y]), sklearn_datasets.load_digits().target)
-
-
-def test_folder_and_arrays(tmp_path):
-    """A folder of PNGs, a .npy and a .npz all load as the same uint8 NHWC array; --resize fits other sizes."""
-    x = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-    os.makedirs(tmp_path / "imgs" / "sub")
-    for i, image in enumerate(x):
-        Image.fromarray(image).save(tmp_path / "imgs" / ("sub" if i == 2 else "") / f"{i}.png")
-    np.save(tmp_path / "x.npy", x)
-    np.savez(tmp_path / "x.npz", arr_0=x)
-    for source in ("imgs", "x.npy", "x.npz"):
-        assert np.array_equal(ddpm.load_data(str(tmp_path / source), "test", resolution=8, in_channels=3), x), source
-    assert ddpm.load_data(str(tmp_path / "x.npy"), resolution=16, resize=True).shape == (3, 16, 16, 3)
-    os.makedirs(tmp_path / "gray")
-    Image.fromarray(x[0, :, :, 0]).save(tmp_path / "gray" / "0.png")
-    assert np.array_equal(ddpm.load_data(str(tmp_path / "gray")), x[:1, :, :, :1])  # all grayscale: C = 1
-    Image.fromarray(x[0, :, :, 0]).save(tmp_path / "imgs" / "gray.png")
-    assert ddpm.load_data(str(tmp_path / "imgs")).shape == (4, 8, 8, 3)  # mixed modes: all RGB
-
-
-def test_bad_inputs_get_one_clear_sentence(tmp_path, images):
-    """Missing path, mixed sizes, a non-image, a channel mismatch and too few images each raise a specific message."""
-    with pytest.raises(FileNotFoundError, match="no such file or folder"):
-        ddpm.load_data(str(tmp_path / "missing"))
-    os.makedirs(tmp_path / "mixed")
-    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
-    Image.new("RGB", (8, 6)).save(tmp_path / "mixed" / "b.png")
-    with pytest.raises(ValueError, match="mixed sizes.*--resize"):
-        ddpm.load_data(str(tmp_path / "mixed"))
-    (tmp_path / "mixed" / "notes.txt").write_text("not a picture")
-    with pytest.raises(ValueError, match="notes.txt is not an image"):
-        ddpm.load_data(str(tmp_path / "mixed"), resize=True, resolution=8)
-    with pytest.raises(ValueError, match="RGB images but the model takes grayscale.*--model.in-channels 3"):
-        ddpm.load_data(images, in_channels=1)
-    with pytest.raises(ValueError, match="8x8 images but the model is 32x32.*--resize"):
-        ddpm.load_data(images, resolution=32)
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        ddpm.train(tiny_config(tmp_path / "run", images, batch_size=32))
-    np.save(tmp_path / "floats.npy", np.zeros((4, 8, 8, 3), np.float32))
-    with pytest.raises(ValueError, match="must be uint8 images"):
-        ddpm.load_data(str(tmp_path / "floats.npy"))
-    with pytest.raises(SystemExit, match="^error: .*no such file or folder"):  # one sentence, no traceback
-        ddpm.main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
-
-
-def test_data_and_samples_files_that_cannot_serve_get_one_line(tmp_path, capsys):
-    """A text file named .npy, a samples file with 0 or 1 images for FID, fewer samples than IS splits, and RGB
-    data for a grayscale model in `evaluate.py nll` each get one line whose fix is a flag of that command."""
-    (tmp_path / "text.npy").write_text("not an array")
-    _one_line_error(capsys, ddpm.main, ["train", "--preset", "digits", "--data", str(tmp_path / "text.npy"),
-                                        "--out", str(tmp_path / "run")],
-                    r"cannot read .*text\.npy: it is not a numpy \.npy/\.npz file", "save the images")
-    _one_line_error(capsys, evaluate.main, ["is", str(tmp_path / "text.npy")], "it is not a numpy .npy/.npz file")
-    for n in (0, 1):
-        np.savez(tmp_path / f"{n}.npz", arr_0=np.zeros((n, 8, 8, 3), np.uint8))
-        _one_line_error(capsys, evaluate.main, ["fid", str(tmp_path / f"{n}.npz"), "--ref", str(tmp_path / "1.npz")],
-                        rf"{n}\.npz holds {n} image\(s\)", r"FID .*needs at least 2", "pass more")
-    np.savez(tmp_path / "20.npz", arr_0=np.zeros((20, 8, 8, 3), np.uint8))
-    _one_line_error(capsys, evaluate.main, ["is", str(tmp_path / "20.npz"), "--splits", "50"],
-                    r"holds 20 image\(s\)", "--splits 50 needs at least 50", "lower --splits or pass more samples")
-    _tiny_model_checkpoint(tmp_path / "ckpt.pt")  # grayscale 8x8
-    message = _one_line_error(capsys, evaluate.main, ["nll", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data",
-                                                      str(tmp_path / "20.npz"), "--out", str(tmp_path / "eval")],
-                              "holds 8x8x3 images", "the model takes 8x8x1", "pass --data images of that shape")
-    assert "--model" not in message and "--resize" not in message  # flags evaluate.py does not have
-
-
-# ---- 13. Sampling: the loops' plumbing and sample_images ----
-
-
-def test_sampling_loop_shapes_range_and_determinism():
-    """p_sample_loop returns [N,C,H,W], the same for the same generator seed, and its progressive form ends where
-    the loop ends."""
-    d = diffusion_for(25)
-    model = tiny_unet().eval()
-    a = d.p_sample_loop(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
-    b = d.p_sample_loop(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
-    assert a.shape == (2, 1, 8, 8) and torch.equal(a, b)
-    steps = list(d.p_sample_loop_progressive(model, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)))
-    assert [s["t"] for s in steps] == list(range(24, -1, -1))
-    assert torch.equal(steps[-1]["sample"], a)
-    # the loop runs under inference_mode; its output and the schedule tensors it cached still train
-    assert a.is_inference() and d.calc_bpd_loop(model, a)["total_bpd"].is_inference()
-    dk = diffusion_for(25, loss_type="kl")
-    x = dk.p_sample_loop(model, (2, 1, 8, 8))
-    loss = dk.training_losses(model.train(), x, torch.tensor([0, 12]))["loss"].sum()
-    loss.backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad) and torch.isfinite(loss)
-
-
-def test_progressive_frames_start_at_t_equals_T():
-    """sample_images' Figure 6 frames: the x0 estimates at the given indices, from T-1 (t = T) down to 0: the first
-    is the estimate from the pure noise x_T that the seed draws (Eq. 15, recomputed here), the last the sample."""
-    # A gentle schedule, abar_T = 0.95^10 = 0.60: at a real schedule's abar_T ~ 1e-5 nearly every x0 estimate at
-    # t = T is clipped to +-1, which would hide a wrong x_T, t or formula. O(1) weights: eps_hat far from 0.
-    betas = np.full(10, 0.05)
-    d, model = ddpm.GaussianDiffusion(betas=betas), busy(tiny_unet()).float()
-    frames = ddpm.sample_images(model, d, 2, seed=3, frames={9, 8, 4, 0})
-    assert frames.shape == (2, 4, 1, 8, 8)  # t = 9, 8, 4, 0
-    assert_close(frames[:, -1], ddpm.sample_images(model, d, 2, seed=3), rtol=0, atol=0)
-    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))  # sample_images' first draw
-    with torch.no_grad():
-        eps = model(x_T, torch.full((2,), 9)).double()
-    abar_T = np.prod(1 - betas)
-    x0_hat = ((x_T.double() - math.sqrt(1 - abar_T) * eps) / math.sqrt(abar_T)).clamp(-1, 1)
-    assert (x0_hat.abs() < 1).double().mean() > 0.3  # mostly inside [-1, 1]: the values themselves are compared
-    assert_close(frames[:, 0], x0_hat, rtol=0, atol=1e-5)  # float32 arithmetic on O(1) values against float64
-
-
-def test_sample_batch_refuses_non_finite_samples():
-    """A diverged model's NaN samples raise FloatingPointError (exit 1, one line, from every command) instead of
-    becoming black uint8 pixels."""
-    model = tiny_unet()
-    with torch.no_grad():
-        model.conv_out.bias.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match=r"\d+ non-finite pixels in a batch of 2 samples.*earlier checkpoint"):
-        ddpm.sample_batch(model, diffusion_for(10, "cosine"), seed=0, i=0, n=2)
-
-
-# ---- 14. Configuration and the command line ----
+# ---- 13. Configuration and the command line ----
 
 
 def test_presets_round_trip_and_reject_unknown_fields():
@@ -2106,7 +2101,7 @@ def test_the_device_is_checked_at_start(capsys, no_work):
         _one_line_error(capsys, evaluate.main, ["nll", "--checkpoint", "c.pt", "--device", device], "use cpu")
 
 
-# ---- 15. evaluate.py sample: resumable chunks, their records, Ctrl-C ----
+# ---- 14. evaluate.py sample: resumable chunks, their records, Ctrl-C ----
 
 
 def _sample_cli(ckpt, out, *flags):
@@ -2240,7 +2235,7 @@ def test_ctrl_c_during_sample_says_what_is_kept(tmp_path, capsys, monkeypatch):
     assert sorted(os.listdir(tmp_path / "out")) == kept + ["settings.json"]
 
 
-# ---- 16. evaluate.py nll: the bound, rate and distortion, Table 4, resume ----
+# ---- 15. The NLL: ddpm.dataset_bpd through evaluate.py nll, rate and distortion, Table 4, resume ----
 
 
 def test_nll_agrees_with_calc_bpd_loop(tmp_path):
@@ -2375,7 +2370,7 @@ def test_nll_cli_end_to_end(tmp_path, capsys):
         assert json.load(f)["num_examples"] == 4
 
 
-# ---- 17. evaluate.py: the Inception network, FID and IS ----
+# ---- 16. evaluate.py: the Inception network, FID and IS ----
 
 
 def _random_cov(rng, d, rank=None):
@@ -2606,7 +2601,7 @@ def test_inception_bad_input(tmp_path, inception_standin):
                        "--inception", str(tmp_path / "nope.pt")])
 
 
-# ---- 18. evaluate.py figures: Figures 6-8 and the loss curve ----
+# ---- 17. evaluate.py figures: Figures 6-8 and the loss curve ----
 
 
 def test_figures_cli(tmp_path, capsys):
@@ -2635,7 +2630,7 @@ def test_figures_cli(tmp_path, capsys):
                        "--metrics", str(tmp_path / "empty.jsonl"), "--device", "cpu"])
 
 
-# ---- 19. evaluate.py: released weights (the official/pesser layout and diffusers' port) ----
+# ---- 18. evaluate.py: released weights (the official/pesser layout and diffusers' port) ----
 
 
 def ddpm_unet2d(block_out_channels, attn_level, sample_size, dropout):
@@ -2854,7 +2849,7 @@ def test_p_sample_equals_diffusers_ddpm_scheduler_at_every_t(variance_type):
     assert scheduler._get_variance(0).item() == pytest.approx(diffusers_var0, rel=1e-6)
 
 
-# ---- 20. evaluate.py: the digits score (the pinned classifier, DigitsScore, PixelCategorical) ----
+# ---- 19. evaluate.py: the digits score (the pinned classifier, DigitsScore, PixelCategorical) ----
 
 
 @pytest.fixture(scope="module")
@@ -2957,7 +2952,7 @@ def test_pixel_categorical_against_counts():
     assert refs["uniform_levels"] == pytest.approx(math.log2(17)) and refs["uniform_256"] == 8.0
 
 
-# ---- 21. The experiments: Table 2 and steps (and digits-score on their checkpoint) ----
+# ---- 20. The experiments: Table 2 and steps (and digits-score on their checkpoint) ----
 
 
 def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_score):
@@ -3056,7 +3051,7 @@ def test_every_command_draws_the_same_images(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
 
 
-# ---- 22. bench.py: ours against diffusers' UNet2DModel ----
+# ---- 21. bench.py: ours against diffusers' UNet2DModel ----
 
 
 def test_bench_networks_match_and_run():
