@@ -1,15 +1,17 @@
 """The tests of ddpm.py, evaluate.py and bench.py, in the code's order: the math check first, then the harness.
 
-`pytest -m math` runs the math check alone, in seconds, with torch, numpy, pytest and hypothesis only: each
-formula of ddpm.py's sections 1-5 (schedules, Gaussians, the diffusion, respacing and DDIM, the U-Net), the EMA and
-the lr warmup against an independent computation (float64 numpy written below from the paper's and the official
-code's equations, closed forms, the official reference values, torch.distributions, Monte Carlo with a tolerance
-derived from the sample size), each tolerance with its reason. Then ddpm.py's harness (training, the NLL over a data
+`pytest -m math` runs the math check alone, in seconds, with torch, numpy, scipy, pytest and hypothesis only: each
+formula of ddpm.py's sections 1-5 (schedules, Gaussians, the diffusion, respacing and DDIM, the U-Net and its
+initialisation), the training step (t, flips, data order, loss mean, clipping, EMA, lr warmup), the data scaling and
+evaluate.py's formulas (FID, IS, the bootstrap, rate and distortion, the categorical baseline) against an independent
+computation (float64 numpy written below from the paper's and the official code's equations, closed forms, the
+official reference values, torch.distributions, brute force, Monte Carlo with a tolerance derived from the sample
+size), each tolerance with its reason. Then ddpm.py's harness (training, the NLL over a data
 set, checkpoints, data, sampling, the command line and its bad input), evaluate.py (sample, NLL, Inception/FID/IS,
 figures, released weights, the digits score), the experiments (Table 2, steps) and bench.py. Each bad-input test
 sits beside the feature it tests and matches the key phrase of the message: what is wrong and the fix.
 
-Dependencies, one rule: the math check needs torch, numpy, pytest and hypothesis; everything else needs
+Dependencies, one rule: the math check needs torch, numpy, scipy, pytest and hypothesis; everything else needs
 requirements-dev.txt (`make install`; `make test` runs the whole suite with it). Those packages are named once,
 below (DevRequirement): where one is missing the math check still runs and every test that uses it fails, naming
 the package. No test skips. Run everything with `make test` (python -m pytest -q test_ddpm.py).
@@ -1438,7 +1440,8 @@ def test_unet_initialisation_matches_the_official_scales():
     layers = [(name, mod) for name, mod in m.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
     names = [name for name, _ in layers]
     assert {"temb.dense.0", "temb.dense.1", "conv_in", "conv_out", "down.0.downsample.conv", "up.1.upsample.conv",
-            "down.1.block.0.nin_shortcut", "down.1.attn.0.q", "mid.attn_1.proj_out", "up.0.block.2.temb_proj"} <= set(names)
+            "down.1.block.0.nin_shortcut", "down.1.attn.0.q", "mid.attn_1.proj_out",
+            "up.0.block.2.temb_proj"} <= set(names)
     # 12 resblocks x 3 + 7 nin shortcuts + 6 attention blocks x 4 + 2 temb dense + conv_in, conv_out and 2 resamplers
     assert len(names) == 12 * 3 + 7 + 6 * 4 + 2 + 4  # every layer of this network, checked one by one below
     for name, mod in layers:
@@ -1447,7 +1450,8 @@ def test_unet_initialisation_matches_the_official_scales():
         fan_in, fan_out = w.shape[1] * receptive, w.shape[0] * receptive
         scale = 1e-10 if name.split(".")[-1] in ZERO_INIT else 1.0
         bound, n = math.sqrt(3 * scale / ((fan_in + fan_out) / 2)), w.numel()
-        # P(max |w| < (1 - 30/n) b) = (1 - 30/n)^n < e^-30; Var(w^2) = 4 b^4 / 45, so mean(w^2) has sd 0.89 (b^2/3)/sqrt(n)
+        # P(max |w| < (1 - 30/n) b) = (1 - 30/n)^n < e^-30; Var(w^2) = 4 b^4 / 45, so mean(w^2) has
+        # sd 0.89 (b^2/3) / sqrt(n)
         assert (1 - 30 / n) * bound < w.abs().max() <= bound * (1 + 1e-6), name
         assert abs(w.mean().item()) < 6 * bound / math.sqrt(3 * n), name
         assert abs(w.square().mean().item() / (bound ** 2 / 3) - 1) < 6 * 0.895 / math.sqrt(n), name
@@ -1563,7 +1567,8 @@ def test_training_steps_follow_the_official_recipe(tmp_path, images, monkeypatch
         # float32 forward and backward against float64: ~1e-6 relative; a sum instead of a mean is 8x off
         assert (got - want).norm() <= 1e-4 * want.norm()
         norm = got.norm().item()  # the global norm over all tensors, before clipping
-        assert float(s["returned"]) == pytest.approx(norm, rel=1e-5) and record["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        assert float(s["returned"]) == pytest.approx(norm, rel=1e-5)  # float32 sums against float64
+        assert record["grad_norm"] == pytest.approx(norm, rel=1e-5)
         scale = min(1.0, 1e-3 / (norm + 1e-6))
         assert_close(flat(s["after"]), got * scale, rtol=1e-5, atol=1e-12)  # fp32 scaling of fp32 gradients
         assert record["loss"] == pytest.approx(s["losses"].mean().item(), rel=1e-6)  # the batch mean is logged
