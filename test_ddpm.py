@@ -1551,7 +1551,7 @@ def test_training_steps_follow_the_official_recipe(tmp_path, images, monkeypatch
     def update_ema(ema_params, params, decay):
         ema_params, params = list(ema_params), list(params)
         original_ema(ema_params, params, decay)
-        steps[-1]["ema"], steps[-1]["theta"] = flat(ema_params), flat(params)  # after the update
+        steps[-1]["ema"], steps[-1]["theta"], steps[-1]["decay"] = flat(ema_params), flat(params), decay
 
     monkeypatch.setattr(ddpm.GaussianDiffusion, "training_losses", training_losses)
     monkeypatch.setattr(ddpm, "update_ema", update_ema)
@@ -1577,8 +1577,9 @@ def test_training_steps_follow_the_official_recipe(tmp_path, images, monkeypatch
     torch.manual_seed(config.train.seed)
     init = flat(ddpm.create_model_and_diffusion(config)[0].parameters())
     assert torch.equal(steps[0]["theta"], init) and not torch.equal(steps[1]["theta"], init)
-    # decay 1e-10 leaves 1e-10 of the initial weights, far below float32 resolution here
-    assert_close(steps[0]["ema"], steps[0]["theta"], rtol=1e-6, atol=1e-9)
+    # the official first update: decay 1e-10, a copy (here update 0 has lr 0, so the values alone cannot tell)
+    assert [s["decay"] for s in steps] == [1e-10, 0.9, 0.9, 0.9]
+    assert_close(steps[0]["ema"], steps[0]["theta"], rtol=1e-6, atol=1e-9)  # 1e-10 of the initial weights: nothing
     for prev, s in zip(steps, steps[1:]):  # later updates, the first after the resume too: the same lerp
         assert_close(s["ema"], 0.9 * prev["ema"] + 0.1 * s["theta"], rtol=1e-5, atol=1e-7)
     # the resumed step drew what step 2 of an uninterrupted run draws: the same data order, t, noise and flips
