@@ -1,19 +1,22 @@
 """The tests of ddpm.py, evaluate.py, experiments.py and bench.py, in the code's order: the math check first, then the harness.
 
-`pytest -m math` runs the math check alone, in seconds, with torch, numpy, pytest and hypothesis only: each
-formula of ddpm.py's sections 1-5 (schedules, Gaussians, the diffusion, respacing and DDIM, the U-Net), the EMA and
-the lr warmup against an independent computation (float64 numpy written below from the paper's and the official
-code's equations, closed forms, the official reference values, torch.distributions, Monte Carlo with a tolerance
-derived from the sample size), each tolerance with its reason. Then ddpm.py's harness (checkpoints, data, sampling,
-training, the configuration and the command line with its bad input), evaluate.py (sample, the NLL, Inception/FID/IS,
-figures, released weights, the digits score), the experiments (Table 2, steps) and bench.py. Each bad-input test
+`pytest -m math` runs the math check alone, in seconds, with torch, numpy, scipy, pytest and hypothesis only: each
+formula of ddpm.py's sections 1-5 (schedules, Gaussians, the diffusion, respacing and DDIM, the U-Net and its
+initialisation), the training step (t, flips, data order, loss mean, clipping, EMA, lr warmup), the data scaling and
+evaluate.py's formulas (FID, IS, the bootstrap, rate and distortion, the categorical baseline) against an independent
+computation (float64 numpy written below from the paper's and the official code's equations, closed forms, the
+official reference values, torch.distributions, brute force, Monte Carlo with a tolerance derived from the sample
+size), each tolerance with its reason. Then ddpm.py's harness (checkpoints, data, sampling, training, the
+configuration and the command line with its bad input), evaluate.py (sample, the NLL, Inception/FID/IS, figures,
+released weights, the digits score), the experiments (Table 2, steps) and bench.py. Each bad-input test
 sits beside the feature it tests and matches the key phrase of the message: what is wrong and the fix.
 
-Dependencies, one rule: the math check needs torch, numpy, pytest and hypothesis; everything else needs
+Dependencies, one rule: the math check needs torch, numpy, scipy, pytest and hypothesis; everything else needs
 requirements-dev.txt (`make install`; `make test` runs the whole suite with it). Those packages are named once,
 below (DevRequirement): where one is missing the math check still runs and every test that uses it fails, naming
 the package. No test skips. Run everything with `make test` (python -m pytest -q test_ddpm.py).
 """
+import copy
 import dataclasses
 import importlib
 import io
@@ -78,7 +81,7 @@ sklearn_datasets = DevRequirement("sklearn.datasets")
 # wrong formula fails every time and a passing run is reproducible (the examples still vary widely).
 CI = settings(max_examples=25, deadline=None, derandomize=True)
 LN2 = math.log(2.0)
-math_check = pytest.mark.math  # `pytest -m math`: every test of sections 3-8 carries it, and no other test
+math_check = pytest.mark.math  # `pytest -m math`: every test of sections 3-9 carries it, and no other test
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -255,7 +258,7 @@ def no_work(monkeypatch):
 
 # ---- 2. The math check's float64 references ----
 # Written from the paper and the official code (diffusion_utils_2.py, utils.py, improved-diffusion's learned_range,
-# respace.py and DDIM), in numpy, never from ddpm.py's buffers. Every test from here to section 8 is marked `math`.
+# respace.py and DDIM), in numpy, never from ddpm.py's buffers. Every test from here to section 9 is marked `math`.
 
 
 random_betas = arrays(np.float64, st.integers(1, 30), elements=st.floats(1e-5, 0.999))  # any valid schedule
@@ -1421,23 +1424,43 @@ def test_unet_uses_the_official_variable_names():
     assert not any(k.startswith("down.3.downsample") or k.startswith("up.0.upsample") for k in keys)
 
 
+ZERO_INIT = ("conv2", "proj_out", "conv_out")  # the official init_scale=0 layers: 1e-10, not 0
+
+
 @math_check
 def test_unet_initialisation_matches_the_official_scales():
-    """Weights are U(+-sqrt(3 scale / fan_avg)): 0.07134 for conv_in, 0.05103 for 3x3 128->128, ~7e-7 (scale 1e-10,
-    not 0) for conv_out; biases 0, GroupNorm 1 and 0 with 32 groups and eps 1e-6."""
+    """Every Conv2d and Linear weight (the temb dense layers, conv_in, every resblock's conv1, conv2, temb_proj and
+    nin_shortcut, attention's q, k, v, proj_out, the resamplers and conv_out) is U(+-b) with the official
+    default_init bound b = sqrt(3 scale / ((fan_in + fan_out) / 2)), fan = k k channels, scale 1e-10 for conv2,
+    proj_out and conv_out and 1 elsewhere (0.07134 for conv_in, 0.05103 for 3x3 128->128, ~7e-7 for conv_out):
+    max |w| <= b, reaching 1 - 30/n of b, E w = 0 and E w^2 = b^2/3 to 6 standard errors over the n weights;
+    biases 0, GroupNorm 1 and 0 with 32 groups and eps 1e-6."""
     torch.manual_seed(0)
     m = ddpm.UNet(ch_mult=(1, 2), attn_resolutions=(16,), dropout=0.0)  # the CIFAR-10 widths, two levels
-    assert 0.07 < m.conv_in.weight.abs().max() <= 0.07134
-    w = m.down[0].block[0].conv1.weight
-    assert 0.050 < w.abs().max() <= 0.051031 and abs(w.std().item() - 0.05103 / math.sqrt(3)) < 1e-3
-    bound = math.sqrt(3e-10 / ((128 + 3) * 9 / 2))  # 7.0e-7 for conv_out 128 -> 3
-    assert 0.9 * bound < m.conv_out.weight.abs().max() <= bound
-    assert 0 < m.down[1].attn[0].proj_out.weight.abs().max() < 1e-5
+    layers = [(name, mod) for name, mod in m.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+    names = [name for name, _ in layers]
+    assert {"temb.dense.0", "temb.dense.1", "conv_in", "conv_out", "down.0.downsample.conv", "up.1.upsample.conv",
+            "down.1.block.0.nin_shortcut", "down.1.attn.0.q", "mid.attn_1.proj_out",
+            "up.0.block.2.temb_proj"} <= set(names)
+    # 12 resblocks x 3 + 7 nin shortcuts + 6 attention blocks x 4 + 2 temb dense + conv_in, conv_out and 2 resamplers
+    assert len(names) == 12 * 3 + 7 + 6 * 4 + 2 + 4  # every layer of this network, checked one by one below
+    for name, mod in layers:
+        w = mod.weight.detach()  # float32 sums over <= 1e6 weights: ~1e-6 relative, far inside the tolerances
+        receptive = w[0, 0].numel() if w.dim() == 4 else 1
+        fan_in, fan_out = w.shape[1] * receptive, w.shape[0] * receptive
+        scale = 1e-10 if name.split(".")[-1] in ZERO_INIT else 1.0
+        bound, n = math.sqrt(3 * scale / ((fan_in + fan_out) / 2)), w.numel()
+        # P(max |w| < (1 - 30/n) b) = (1 - 30/n)^n < e^-30; Var(w^2) = 4 b^4 / 45, so mean(w^2) has
+        # sd 0.89 (b^2/3) / sqrt(n)
+        assert (1 - 30 / n) * bound < w.abs().max() <= bound * (1 + 1e-6), name
+        assert abs(w.mean().item()) < 6 * bound / math.sqrt(3 * n), name
+        assert abs(w.square().mean().item() / (bound ** 2 / 3) - 1) < 6 * 0.895 / math.sqrt(n), name
+        assert (mod.bias == 0).all(), name
+    assert math.sqrt(3 / ((3 + 128) * 9 / 2)) == pytest.approx(0.07134, abs=1e-5)  # the spec's example bounds
+    assert math.sqrt(3 / (128 * 9)) == pytest.approx(0.05103, abs=1e-5)
     for name, p in m.named_parameters():
-        if name.endswith("bias"):
-            assert (p == 0).all(), name
-        elif "norm" in name:
-            assert (p == 1).all(), name
+        if "norm" in name:
+            assert (p == (1 if name.endswith("weight") else 0)).all(), name
     norms = [n for n in m.modules() if isinstance(n, torch.nn.GroupNorm)]
     assert norms and all(n.eps == 1e-6 and n.num_groups == 32 for n in norms)
 
@@ -1468,7 +1491,7 @@ def test_unet_rejects_a_wrong_input_size_with_the_expected_one():
     ddpm.UNet(ch=32, resolution=40)  # 40, 20, 10, 5: fine
 
 
-# ---- 8. The EMA and the learning-rate warmup (ddpm.py section 10; the last of the math check) ----
+# ---- 8. The training step and data scaling: EMA, lr warmup, the update, draw_batch, data order (ddpm.py 8, 10) ----
 
 
 @math_check
@@ -1486,28 +1509,396 @@ def test_update_ema_is_official_formula():
         assert_close(e, p, rtol=1e-6, atol=1e-7)
 
 
+def _q_sample64(betas, x, t, noise):
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Eq. 4) in float64, from Ref's loop-built abar."""
+    abar = Ref(betas).abar[t.numpy()].reshape(-1, 1, 1, 1)
+    return np.sqrt(abar) * np64(x).astype(np.float64) + np.sqrt(1 - abar) * np64(noise).astype(np.float64)
+
+
 @math_check
-def test_ema_and_warmup_follow_the_official_recipe(tmp_path, images, tiny_run):
-    """The EMA is a copy of the weights after the first update, then ema = d*ema + (1-d)*theta; under warmup the
-    k-th update (k from 0) has lr = lr * min(k / warmup, 1): 0 (the weights stay as initialised), then rising by
-    lr / warmup per step up to lr, then constant."""
-    run = ddpm.train(tiny_config(tmp_path / "a", images, steps=2, warmup=0, ckpt_every=1, keep_ckpts=2, ema_decay=0.9))
-    c1, c2 = (torch.load(os.path.join(run, f"ckpt-{s:07d}.pt"), weights_only=True) for s in (1, 2))
-    for k in c1["ema"]:  # decay 1e-10 leaves 1e-10 of the initial weights, far below float32 resolution here
-        assert_close(c1["ema"][k], c1["model"][k], rtol=1e-6, atol=1e-9)
-    for k in c2["ema"]:  # the same lerp up to float32 rounding
-        assert_close(c2["ema"][k], 0.9 * c1["ema"][k] + 0.1 * c2["model"][k], rtol=1e-5, atol=1e-7)
-    assert not states_equal(c1["model"], c2["model"])
-    assert [c["optimizer"]["param_groups"][0]["lr"] for c in (c1, c2)] == [1e-3] * 2  # no warmup: lr throughout
-    torch.manual_seed(0)
-    init = ddpm.create_model_and_diffusion(tiny_config(tmp_path, images))[0].state_dict()
-    warm = [torch.load(os.path.join(tiny_run, f"ckpt-{s:07d}.pt"), weights_only=True) for s in range(1, 5)]  # warmup 2
-    assert states_equal(warm[0]["model"], init) and not states_equal(warm[1]["model"], init)
-    lrs = [c["optimizer"]["param_groups"][0]["lr"] for c in warm]  # the lr of update k = 0..3
+def test_training_steps_follow_the_official_recipe(tmp_path, images, monkeypatch):
+    """Each update backpropagates the mean over batch and pixels of ||eps - eps_theta(x_t, t)||^2 (a float64
+    reimplementation), clips the trained parameters' gradients at global norm grad_clip (scaled by
+    grad_clip / (norm + 1e-6), torch's formula) and logs the pre-clip norm and the batch-mean loss; the k-th update
+    (k from 0) has lr * min(k / warmup, 1) (0 at first, so the weights stay as initialised); the EMA is a copy after
+    the first update, then d * ema + (1 - d) * theta, also at the first update after a resume; and a resumed run
+    continues the data, t, noise and flip stream of an uninterrupted one."""
+    config = tiny_config(tmp_path / "run", images, steps=2, warmup=2, log_every=1, ckpt_every=100,
+                         ema_decay=0.9, grad_clip=1e-3)  # far below the gradient norm (~0.3-3): clipping is active
+    config.model = dataclasses.replace(config.model, dropout=0.0)  # so the test can recompute the forward
+    betas, steps = ddpm.get_beta_schedule("cosine", 10), []
+    original_losses, original_clip = ddpm.GaussianDiffusion.training_losses, torch.nn.utils.clip_grad_norm_
+    original_ema, flat = ddpm.update_ema, lambda tensors: torch.cat([p.detach().flatten() for p in tensors])
+
+    def training_losses(self, model, x, t, noise=None, **kw):
+        out = original_losses(self, model, x, t, noise=noise, **kw)
+        steps.append(dict(model=model, x=x.detach().clone(), t=t.clone(), noise=noise.detach().clone(),
+                          losses=out["loss"].detach().double()))
+        return out
+
+    def clip_grad_norm_(parameters, max_norm, *args, **kw):
+        s, parameters = steps[-1], list(parameters)
+        s["clipped"], s["max_norm"] = [id(p) for p in parameters], max_norm
+        s["grad"] = [p.grad.detach().double().clone() for p in parameters]
+        reference = copy.deepcopy(s["model"]).double()  # the weights before this update
+        out = reference(torch.from_numpy(_q_sample64(betas, s["x"], s["t"], s["noise"])), s["t"])
+        loss = ((s["noise"].double() - out) ** 2).mean()  # one mean over batch, channels and pixels
+        s["want"] = torch.autograd.grad(loss, list(reference.parameters()))
+        s["norm"] = s["returned"] = original_clip(parameters, max_norm, *args, **kw)
+        s["after"] = [p.grad.detach().double().clone() for p in parameters]
+        return s["returned"]
+
+    def update_ema(ema_params, params, decay):
+        ema_params, params = list(ema_params), list(params)
+        original_ema(ema_params, params, decay)
+        steps[-1]["ema"], steps[-1]["theta"], steps[-1]["decay"] = flat(ema_params), flat(params), decay
+
+    monkeypatch.setattr(ddpm.GaussianDiffusion, "training_losses", training_losses)
+    monkeypatch.setattr(ddpm, "update_ema", update_ema)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_grad_norm_)
+    run = ddpm.train(config)
+    ddpm.train(dataclasses.replace(config, train=dataclasses.replace(config.train, steps=4)), resume=True)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    assert len(steps) == 4 and [r["step"] for r in logged] == [1, 2, 3, 4]
+    for s, record in zip(steps, logged):
+        assert s["clipped"] == [id(p) for p in s["model"].parameters()] and s["max_norm"] == 1e-3
+        got, want = torch.cat([g.flatten() for g in s["grad"]]), torch.cat([g.flatten() for g in s["want"]])
+        # float32 forward and backward against float64: ~1e-6 relative; a sum instead of a mean is 8x off
+        assert (got - want).norm() <= 1e-4 * want.norm()
+        norm = got.norm().item()  # the global norm over all tensors, before clipping
+        assert float(s["returned"]) == pytest.approx(norm, rel=1e-5)  # float32 sums against float64
+        assert record["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        scale = min(1.0, 1e-3 / (norm + 1e-6))
+        assert_close(flat(s["after"]), got * scale, rtol=1e-5, atol=1e-12)  # fp32 scaling of fp32 gradients
+        assert record["loss"] == pytest.approx(s["losses"].mean().item(), rel=1e-6)  # the batch mean is logged
+    lrs = [r["lr"] for r in logged]  # the lr of update k = 0..3, warmup 2
     np.testing.assert_allclose(lrs, [0, 1e-3 / 2, 1e-3, 1e-3], rtol=1e-12, atol=0)
+    torch.manual_seed(config.train.seed)
+    init = flat(ddpm.create_model_and_diffusion(config)[0].parameters())
+    assert torch.equal(steps[0]["theta"], init) and not torch.equal(steps[1]["theta"], init)
+    # the official first update: decay 1e-10, a copy (here update 0 has lr 0, so the values alone cannot tell)
+    assert [s["decay"] for s in steps] == [1e-10, 0.9, 0.9, 0.9]
+    assert_close(steps[0]["ema"], steps[0]["theta"], rtol=1e-6, atol=1e-9)  # 1e-10 of the initial weights: nothing
+    for prev, s in zip(steps, steps[1:]):  # later updates, the first after the resume too: the same lerp
+        assert_close(s["ema"], 0.9 * prev["ema"] + 0.1 * s["theta"], rtol=1e-5, atol=1e-7)
+    # the resumed step drew what step 2 of an uninterrupted run draws: the same data order, t, noise and flips
+    generator, data = torch.Generator().manual_seed(config.train.seed), np.load(images)
+    for step in range(4):
+        x, t, noise = ddpm.draw_batch(data, step, generator, config, 0, 1, "cpu")
+        assert torch.equal(x, steps[step]["x"]) and torch.equal(t, steps[step]["t"])
+        assert torch.equal(noise, steps[step]["noise"])
 
 
-# ---- 9. Checkpoints ----
+@math_check
+def test_draw_batch_t_is_uniform_on_0_to_T_minus_1_and_flips_the_width_with_probability_one_half():
+    """draw_batch's x_0 is data[batch_indices(step)] scaled by x/127.5 - 1 (float64) and flipped along the width
+    (dim 3 of NCHW) for a fraction 1/2 of the images, t takes every index 0..T-1 with probability 1/T and nothing
+    outside, eps is N(0, I); with randflip off nothing flips; two ranks' slices are the one-process batch."""
+    B, T, N, step = 4096, 10, 50, 3
+    config = tiny_config("unused", "unused", batch_size=B, seed=5)
+    data = np.random.default_rng(1).integers(0, 256, (N, 8, 8, 3), dtype=np.uint8)
+    x, t, noise = ddpm.draw_batch(data, step, torch.Generator().manual_seed(0), config, 0, 1, "cpu")
+    want = torch.from_numpy(data[ddpm.batch_indices(step, B, N, 5)].transpose(0, 3, 1, 2) / 127.5 - 1)
+    x = x.double()
+    same = ((x - want).abs().amax((1, 2, 3)) < 1e-6).numpy()  # float32 rounding only
+    flipped = ((x - want.flip(3)).abs().amax((1, 2, 3)) < 1e-6).numpy()
+    assert (same ^ flipped).all()  # every image is its data image, as it is or mirrored left-right
+    # a binomial(B, 1/2) fraction: 6 standard errors (0.047) around 1/2
+    assert abs(flipped.mean() - 0.5) < 6 * math.sqrt(0.25 / B)
+    counts = np.bincount(t.numpy(), minlength=T)
+    assert t.min() == 0 and t.max() == T - 1 and len(counts) == T
+    assert (np.abs(counts - B / T) < 6 * math.sqrt(B * (1 / T) * (1 - 1 / T))).all()  # multinomial, 6 sd each
+    e = noise.double()
+    assert abs(e.mean()) < 6 / math.sqrt(e.numel()) and abs(e.var() - 1) < 6 * math.sqrt(2 / e.numel())
+    off = dataclasses.replace(config, train=dataclasses.replace(config.train, randflip=False))
+    x_off = ddpm.draw_batch(data, step, torch.Generator().manual_seed(0), off, 0, 1, "cpu")[0].double()
+    assert (x_off - want).abs().max() < 1e-6
+    ranks = [ddpm.draw_batch(data, step, torch.Generator().manual_seed(0), config, r, 2, "cpu") for r in (0, 1)]
+    for whole, halves in zip((x, t, noise), zip(*ranks)):
+        assert torch.equal(torch.cat(halves).to(whole.dtype), whole)
+
+
+@math_check
+def test_batch_indices_shuffle_anew_every_epoch_and_continue_across_any_batching():
+    """The data order is an endless chain of permutations of 0..n-1, a different one each epoch and for each
+    seed, and a function of the position only: any batch size (and so a resumed run) reads the same chain."""
+    n, seed, epochs = 10, 3, 6
+    chain = np.concatenate([ddpm.batch_indices(s, 1, n, seed) for s in range(epochs * n)])  # one index per step
+    blocks = chain.reshape(epochs, n)
+    assert all(sorted(b) == list(range(n)) for b in blocks)
+    assert len({tuple(b) for b in blocks}) == epochs and not (blocks == np.arange(n)).all(1).any()
+    for B in (3, 7, 10, 25):
+        for step in range(epochs * n // B):
+            assert np.array_equal(ddpm.batch_indices(step, B, n, seed), chain[step * B:(step + 1) * B])
+    assert not np.array_equal(ddpm.batch_indices(0, n, n, seed + 1), blocks[0])
+
+
+@math_check
+def test_data_scaling_is_x_over_127_5_minus_1_and_back_truncated_and_clipped():
+    """normalize_data maps uint8 NHWC v to NCHW v/127.5 - 1 (float64 reference, all 256 values); unnormalize_data
+    maps NCHW y to NHWC floor(clip((y+1) 127.5, 0, 255)), out-of-range inputs included; the round trip returns v,
+    or v - 1 exactly where float32 arithmetic (numpy) puts (v/127.5 - 1 + 1) 127.5 below v."""
+    v = np.random.default_rng(0).permutation(np.arange(1024) % 256).astype(np.uint8).reshape(2, 4, 8, 16)  # NHWC
+    for images in (v, torch.from_numpy(v)):
+        got = ddpm.normalize_data(images)
+        assert got.dtype == torch.float32 and got.shape == (2, 16, 4, 8)
+        # two float32 roundings of values in [-1, 2]: at most 2.4e-7 apart; 1/128 instead of 1/127.5 moves 0.008
+        assert_close(got, v.transpose(0, 3, 1, 2) / 127.5 - 1, rtol=0, atol=2.4e-7)
+    assert ddpm.normalize_data(np.array([0, 255], np.uint8).reshape(1, 1, 2, 1)).flatten().tolist() == [-1.0, 1.0]
+    # half-way between two levels (float32 error ~1e-5 cannot cross a level), the ends, and beyond them
+    y = np.concatenate([(np.arange(-20, 276) + 0.5) / 127.5 - 1, [-1, 1, 0, -0.5, -1.0001, 1.0001, -3, 5, -1e9, 1e9]])
+    y = np.resize(y, 2 * 3 * 4 * 13).astype(np.float32).reshape(2, 3, 4, 13)  # NCHW
+    got = ddpm.unnormalize_data(torch.from_numpy(y))
+    want = np.floor(np.clip((y.astype(np.float64) + 1) * 127.5, 0, 255)).transpose(0, 2, 3, 1)
+    assert got.dtype == np.uint8 and got.shape == (2, 4, 13, 3) and np.array_equal(got, want)
+    levels = np.arange(256, dtype=np.uint8)
+    back = ddpm.unnormalize_data(ddpm.normalize_data(levels.reshape(1, 1, 256, 1))).ravel()
+    f32 = np.float32
+    emulated = np.floor((levels.astype(f32) / f32(127.5) - f32(1) + f32(1)) * f32(127.5)).astype(np.uint8)
+    assert np.array_equal(back, emulated) and ((back == levels) | (back == levels - 1)).all()
+    assert back[0] == 0 and back[255] == 255
+
+
+# ---- 9. The evaluation formulas (evaluate.py: Fréchet distance, Inception Score, bootstrap, rate/distortion) ----
+# The last of the math check: evaluate.py's formulas on small synthetic inputs, with numpy and scipy only (the
+# digits images come from a synthetic uint8 set, so scikit-learn is not needed).
+
+
+def ref_inception_score(probs, num_splits):
+    """The OpenAI Inception Score in plain Python: per consecutive split (sizes N k // splits), p(y) is the split's
+    mean row, score = exp(mean over its rows of sum_y p log(p / p(y))), 0 log 0 = 0; (mean, population std)."""
+    N, scores = len(probs), []
+    for k in range(num_splits):
+        part = [list(map(float, row)) for row in probs[k * N // num_splits:(k + 1) * N // num_splits]]
+        p_y = [sum(row[y] for row in part) / len(part) for y in range(len(part[0]))]
+        kls = [sum(p * math.log(p / q) for p, q in zip(row, p_y) if p > 0) for row in part]
+        scores.append(math.exp(sum(kls) / len(kls)))
+    mean = sum(scores) / len(scores)
+    return mean, math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
+
+
+def _random_cov(rng, d, rank=None):
+    a = rng.standard_normal((d, rank or d))
+    return a @ a.T / (rank or d) + (0 if rank else 0.1 * np.eye(d))
+
+
+def frechet_by_eigh(mu1, sigma1, mu2, sigma2):
+    """The Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) a second way: the trace of
+    (S1^1/2 S2 S1^1/2)^1/2 from symmetric eigendecompositions (numpy), not scipy's sqrtm of S1 S2."""
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
+    inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1).clip(min=0)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(inner).sum())
+
+
+@math_check
+def test_frechet_identical_statistics_is_zero():
+    """Identical statistics are at Fréchet distance 0."""
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.standard_normal(8), _random_cov(rng, 8)
+    # sqrtm(sigma^2) == sigma up to float64 round-off on a well-conditioned 8x8 matrix
+    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+
+
+@math_check
+def test_frechet_mean_shift_is_squared_norm():
+    """Equal covariances and a pure mean shift give ||mu1 - mu2||^2."""
+    rng = np.random.default_rng(1)
+    mu1, mu2, sigma = rng.standard_normal(6), rng.standard_normal(6), _random_cov(rng, 6)
+    expected = float(((mu1 - mu2) ** 2).sum())
+    assert evaluate.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+@math_check
+def test_frechet_diagonal_covariances_scalar_formula():
+    """Diagonal covariances give sum_i (mu1_i - mu2_i)^2 + (sqrt(s1_i) - sqrt(s2_i))^2."""
+    rng = np.random.default_rng(2)
+    mu1, mu2 = rng.standard_normal(5), rng.standard_normal(5)
+    s1, s2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
+    expected = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum())
+    got = evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+    assert got == pytest.approx(expected, rel=1e-9)  # float64 throughout: round-off only
+
+
+@math_check
+def test_frechet_symmetric_and_matches_eigenvalue_route():
+    """d(a, b) = d(b, a), and Tr sqrt(S1 S2) equals the sum of the square roots of the eigenvalues of
+    sqrt(S1) S2 sqrt(S1), an independent way to compute the same trace."""
+    rng = np.random.default_rng(3)
+    mu1, mu2, s1, s2 = rng.standard_normal(7), rng.standard_normal(7), _random_cov(rng, 7), _random_cov(rng, 7)
+    ab, ba = evaluate.frechet_distance(mu1, s1, mu2, s2), evaluate.frechet_distance(mu2, s2, mu1, s1)
+    expected = frechet_by_eigh(mu1, s1, mu2, s2)
+    assert ab == pytest.approx(ba, rel=1e-9) and ab == pytest.approx(expected, rel=1e-8)  # two float64 routes
+
+
+@math_check
+def test_frechet_singular_covariances_stay_finite():
+    """Rank-deficient covariances (fewer samples than features, or zero) give a finite distance, and the
+    eps offset for an exactly singular product shifts it by no more than ~D * eps."""
+    rng = np.random.default_rng(4)
+    s1, s2 = _random_cov(rng, 16, rank=3), _random_cov(rng, 16, rank=3)
+    low = evaluate.frechet_distance(np.zeros(16), s1, np.ones(16), s2)
+    assert np.isfinite(low) and low > 0
+    with pytest.warns(UserWarning, match="singular"):
+        got = evaluate.frechet_distance(np.zeros(4), np.zeros((4, 4)), np.ones(4), np.zeros((4, 4)))
+    assert got == pytest.approx(4.0, abs=1e-4)  # ||mu||^2 = 4; the 1e-6 * I offset changes it by ~8e-6
+
+
+@math_check
+def test_frechet_rejects_mismatched_shapes():
+    """Statistics of different sizes raise instead of broadcasting."""
+    with pytest.raises(ValueError, match="shape"):
+        evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+@math_check
+def test_feature_statistics_are_the_mean_and_np_cov():
+    """feature_statistics, summed in 10,000-row chunks, equals np.mean and the unbiased np.cov."""
+    features = np.random.default_rng(8).standard_normal((25_000, 3)).astype(np.float32) * [1, 2, 3] + 5
+    mu, sigma = evaluate.feature_statistics(features)
+    # both in float64 from the same float32 values; only summation order differs
+    np.testing.assert_allclose(mu, features.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(features.astype(np.float64), rowvar=False), rtol=1e-10)
+
+
+@math_check
+def test_inception_score_bounds():
+    """Identical predictions give IS 1; one-hot predictions spread uniformly over K classes give IS K."""
+    rng = np.random.default_rng(5)
+    p = rng.dirichlet(np.ones(7))
+    mean, std = evaluate.inception_score(np.tile(p, (50, 1)), num_splits=10)
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)  # KL(p || p) = 0 exactly
+    K = 5
+    onehot = np.eye(K)[np.arange(10 * 4 * K) % K]  # every split holds each class 4 times
+    mean, std = evaluate.inception_score(onehot, num_splits=10)
+    assert mean == pytest.approx(K, rel=1e-12) and std == pytest.approx(0.0, abs=1e-9)  # exp(log K)
+    with pytest.raises(ValueError, match="probability"):
+        evaluate.inception_score(rng.standard_normal((20, 3)))  # logits, not probabilities
+
+
+@math_check
+def test_inception_score_is_per_split_against_a_plain_loop():
+    """On rows that differ within and across splits (a different class mix per split, zeros included), each
+    split's score uses its own p(y), the score is exp of the mean KL (not the mean of exp), and the result is the
+    mean and the population std over the splits, for splits that do not divide N."""
+    rng = np.random.default_rng(6)
+    probs = np.concatenate([rng.dirichlet(alpha, size) for alpha, size in
+                            (([5, 1, 1, 1, 0.2], 6), ([0.3, 0.3, 4, 2, 1], 6), ([1, 1, 1, 1, 1], 11))])
+    probs[::4, 1] = 0  # some exact zeros: 0 log 0 = 0
+    probs /= probs.sum(1, keepdims=True)
+    for splits in (1, 3, 4, 7):
+        want = ref_inception_score(probs, splits)
+        # float64 sums in another order: round-off ~1e-15 relative
+        assert evaluate.inception_score(probs, splits) == pytest.approx(want, rel=1e-10, abs=1e-12), splits
+
+
+class _TinyDigitsClassifier(nn.Module):
+    """A stand-in for the pinned digits classifier: 3 random linear features of the 64 pixels and a softmax head
+    over 10 classes (3 features, so a few images give a nonsingular covariance)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.head = nn.Linear(64, 3), nn.Linear(3, 10)
+
+    def features(self, x):
+        return self.fc(x.flatten(1))
+
+
+def _synthetic_digits(n, seed, high=256):
+    return np.random.default_rng(seed).integers(0, high, (n, 8, 8, 1), dtype=np.uint8)
+
+
+@math_check
+def test_digits_score_is_the_frechet_distance_to_the_train_split_and_its_bootstrap(monkeypatch):
+    """DigitsScore's reference is the train split's feature mean and unbiased covariance; digits-FD and digits-IS
+    are the Fréchet distance to it and the one-split Inception Score, and each +- is the ddof=1 std over resamples
+    drawn with replacement by rng.integers(0, N, N) from default_rng(seed): all recomputed by brute force (float64
+    statistics, the eigendecomposition route to the matrix root, the plain-loop Inception Score)."""
+    classifier, train, images = _TinyDigitsClassifier().eval(), _synthetic_digits(40, 1), _synthetic_digits(12, 2, 128)
+    monkeypatch.setattr(evaluate, "load_digits_classifier", lambda path=None: (classifier, 0.5))
+    monkeypatch.setattr(evaluate, "digits_images", lambda split: train if split == "train" else _synthetic_digits(9, 3))
+
+    def outputs(x):  # the network's features and class probabilities, in float64
+        with torch.no_grad():
+            f = classifier.features(torch.from_numpy(x.transpose(0, 3, 1, 2) / 127.5 - 1).float())
+            return f.double().numpy(), classifier.head(f).double().softmax(1).numpy()
+
+    score = evaluate.DigitsScore(seed=4, num_bootstrap=15)
+    train_features = outputs(train)[0]
+    stats = lambda f: (f.mean(0), np.cov(f, rowvar=False))
+    mu, sigma = stats(train_features)
+    np.testing.assert_allclose(score.reference[0], mu, rtol=1e-6, atol=1e-7)  # float32 features, float64 sums
+    np.testing.assert_allclose(score.reference[1], sigma, rtol=1e-6, atol=1e-7)
+    assert abs(score(train)["fd"]) < 1e-6  # the train split itself: sqrtm round-off only
+    features, probs = outputs(images)
+    rng = np.random.default_rng(4)
+    resamples = [rng.integers(0, 12, 12) for _ in range(15)]
+    fds = [frechet_by_eigh(*stats(features[i]), mu, sigma) for i in resamples]
+    iss = [ref_inception_score(probs[i], 1)[0] for i in resamples]
+    got = score(images)
+    # float32 features, two matrix-root routes on 3x3 covariances: ~1e-6 relative
+    assert got["fd"] == pytest.approx(frechet_by_eigh(*stats(features), mu, sigma), rel=1e-5)
+    assert got["is"] == pytest.approx(ref_inception_score(probs, 1)[0], rel=1e-5) and got["n"] == 12
+    assert got["fd_std"] == pytest.approx(np.std(fds, ddof=1), rel=1e-4)
+    assert got["is_std"] == pytest.approx(np.std(iss, ddof=1), rel=1e-4)
+
+
+@math_check
+def test_pixel_categorical_bits_per_dim_against_counts(monkeypatch):
+    """The per-pixel categorical baseline on a synthetic uint8 set with 4 grey levels: -log2 of add-one smoothed
+    frequencies (count + 1) / (N + K) counted pixel by pixel in a loop, averaged over pixels; its samples'
+    frequencies at a pixel match its probabilities (Monte Carlo, 5 standard errors); the reference points' uniform
+    entries are log2 K and 8 bits."""
+    levels = np.array([0, 7, 100, 255], np.uint8)
+    rng = np.random.default_rng(7)
+    train = levels[rng.choice(4, (30, 3, 3, 1), p=[0.5, 0.3, 0.15, 0.05])]
+    test = levels[rng.integers(0, 4, (4, 3, 3, 1))]
+    model = evaluate.PixelCategorical(train)
+    flat_train, flat_test = train.reshape(30, -1), test.reshape(4, -1)
+    for n in range(4):
+        bits = [-math.log2(((flat_train[:, d] == flat_test[n, d]).sum() + 1) / (30 + 4)) for d in range(9)]
+        assert model.nll_bpd(test[n:n + 1])[0] == pytest.approx(np.mean(bits), rel=1e-12)
+    samples = model.sample(4000, seed=1).reshape(4000, -1)
+    for d in (0, 4):
+        for k, level in enumerate(levels):
+            p = ((flat_train[:, d] == level).sum() + 1) / 34
+            assert abs((samples[:, d] == level).mean() - p) <= 5 * math.sqrt(p * (1 - p) / 4000), (d, level)
+    monkeypatch.setattr(evaluate, "digits_images", lambda split: train)  # digits_nll_references fits the train split
+    refs = evaluate.digits_nll_references(test)
+    assert refs["uniform_levels"] == 2.0 and refs["uniform_256"] == 8.0 and refs["num_levels"] == 4
+
+
+@math_check
+def test_rate_distortion_and_the_nll_summary_against_loops():
+    """rate[i] = mean over examples of prior + sum_{j > i} vb[:, j], rmse[i] = 127.5 sqrt(mean xstart_mse[:, i])
+    (plain loops); the summary's rate is L_1..L_{T-1} + the prior, its distortion L_0 (vb[:, 0]), each with the
+    standard error std(ddof=1)/sqrt(N), and rate + distortion = the total; Table 4's rows sit at reverse times T,
+    0.9 T, ..., 0.1 T, paper t = T - r + 1, index T - r."""
+    rng = np.random.default_rng(9)
+    N, T = 5, 7
+    vb, prior, mse = rng.uniform(0, 2, (N, T)), rng.uniform(0, 1e-3, N), rng.uniform(0, 0.5, (N, T))
+    rate, rmse = evaluate.rate_distortion(vb, prior, mse)
+    for i in range(T):
+        loop = sum(prior[n] + sum(vb[n, j] for j in range(i + 1, T)) for n in range(N)) / N
+        assert rate[i] == pytest.approx(loop, rel=1e-12)
+        assert rmse[i] == pytest.approx(127.5 * math.sqrt(sum(mse[n, i] for n in range(N)) / N), rel=1e-12)
+    total = vb.sum(1) + prior
+    s = evaluate.nll_summary({"vb": vb, "prior_bpd": prior, "xstart_mse": mse, "total_bpd": total})
+    se = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1) / math.sqrt(len(v))))
+    for key, values in (("total_bpd", total), ("prior_bpd", prior), ("rate_bpd", vb[:, 1:].sum(1) + prior),
+                        ("distortion_bpd", vb[:, 0])):
+        assert s[key] == pytest.approx(se(values), rel=1e-12), key
+    assert s["rate_bpd"][0] + s["distortion_bpd"][0] == pytest.approx(s["total_bpd"][0], rel=1e-12)
+    assert s["rate_bpd"][0] == pytest.approx(rate[0], rel=1e-12) and s["xstart_rmse"] == pytest.approx(rmse[0])
+    assert evaluate.mean_and_stderr([3.0]) == (3.0, 0.0) and s["num_examples"] == N
+    rows = evaluate.table4_rows(np.arange(1000.0), np.arange(1000.0) + 0.5)
+    assert rows == [(r, 1000 - r + 1, float(1000 - r), 1000 - r + 0.5) for r in range(1000, 0, -100)]
+    assert [r[0] for r in evaluate.table4_rows(np.zeros(25), np.zeros(25))] == [25, 23, 20, 18, 15, 13, 10, 8, 5, 3]
+
+
+# ---- 10. Checkpoints ----
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
@@ -1577,7 +1968,7 @@ def test_a_file_that_is_not_a_ddpm_checkpoint_gets_one_line(tmp_path, capsys):
                                         "--respacing", "ddim0"], "'ddim0' asks for 0 of 25 steps", "1 <= N <= 25")
 
 
-# ---- 10. Data ----
+# ---- 11. Data ----
 
 
 def fake_cifar10(cache, monkeypatch, corrupt=False):
@@ -1700,7 +2091,7 @@ def test_data_and_samples_files_that_cannot_serve_get_one_line(tmp_path, capsys)
     assert "--model" not in message and "--resize" not in message  # flags evaluate.py does not have
 
 
-# ---- 11. Sampling: the loops' plumbing and sample_images ----
+# ---- 12. Sampling: the loops' plumbing and sample_images ----
 
 
 def test_sampling_loop_shapes_range_and_determinism():
@@ -1752,7 +2143,7 @@ def test_sample_batch_refuses_non_finite_samples():
         ddpm.sample_batch(model, diffusion_for(10, "cosine"), seed=0, i=0, n=2)
 
 
-# ---- 12. Training (Algorithm 1): learning, its config, resume, the NaN guard, DDP, signals, bf16, compile ----
+# ---- 13. Training (Algorithm 1): learning, its config, resume, the NaN guard, DDP, signals, bf16, compile ----
 
 
 def test_a_tiny_model_overfits_one_batch():
@@ -2005,7 +2396,7 @@ def test_compiled_agrees_with_eager():
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
-# ---- 13. Configuration and the command line ----
+# ---- 14. Configuration and the command line ----
 
 
 def test_presets_round_trip_and_reject_unknown_fields():
@@ -2101,7 +2492,7 @@ def test_the_device_is_checked_at_start(capsys, no_work):
         _one_line_error(capsys, evaluate.main, ["nll", "--checkpoint", "c.pt", "--device", device], "use cpu")
 
 
-# ---- 14. evaluate.py sample: resumable chunks, their records, Ctrl-C ----
+# ---- 15. evaluate.py sample: resumable chunks, their records, Ctrl-C ----
 
 
 def _sample_cli(ckpt, out, *flags):
@@ -2235,7 +2626,7 @@ def test_ctrl_c_during_sample_says_what_is_kept(tmp_path, capsys, monkeypatch):
     assert sorted(os.listdir(tmp_path / "out")) == kept + ["settings.json"]
 
 
-# ---- 15. The NLL: ddpm.dataset_bpd through evaluate.py nll, rate and distortion, Table 4, resume ----
+# ---- 16. The NLL: ddpm.dataset_bpd through evaluate.py nll, rate and distortion, Table 4, resume ----
 
 
 def test_nll_agrees_with_calc_bpd_loop(tmp_path):
@@ -2370,98 +2761,7 @@ def test_nll_cli_end_to_end(tmp_path, capsys):
         assert json.load(f)["num_examples"] == 4
 
 
-# ---- 16. evaluate.py: the Inception network, FID and IS ----
-
-
-def _random_cov(rng, d, rank=None):
-    a = rng.standard_normal((d, rank or d))
-    return a @ a.T / (rank or d) + (0 if rank else 0.1 * np.eye(d))
-
-
-def frechet_by_eigh(mu1, sigma1, mu2, sigma2):
-    """The Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) a second way: the trace of
-    (S1^1/2 S2 S1^1/2)^1/2 from symmetric eigendecompositions (numpy), not scipy's sqrtm of S1 S2."""
-    w, v = np.linalg.eigh(sigma1)
-    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
-    inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1).clip(min=0)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(inner).sum())
-
-
-def test_frechet_identical_statistics_is_zero():
-    """Identical statistics are at Fréchet distance 0."""
-    rng = np.random.default_rng(0)
-    mu, sigma = rng.standard_normal(8), _random_cov(rng, 8)
-    # sqrtm(sigma^2) == sigma up to float64 round-off on a well-conditioned 8x8 matrix
-    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
-
-
-def test_frechet_mean_shift_is_squared_norm():
-    """Equal covariances and a pure mean shift give ||mu1 - mu2||^2."""
-    rng = np.random.default_rng(1)
-    mu1, mu2, sigma = rng.standard_normal(6), rng.standard_normal(6), _random_cov(rng, 6)
-    expected = float(((mu1 - mu2) ** 2).sum())
-    assert evaluate.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(expected, rel=1e-9, abs=1e-9)
-
-
-def test_frechet_diagonal_covariances_scalar_formula():
-    """Diagonal covariances give sum_i (mu1_i - mu2_i)^2 + (sqrt(s1_i) - sqrt(s2_i))^2."""
-    rng = np.random.default_rng(2)
-    mu1, mu2 = rng.standard_normal(5), rng.standard_normal(5)
-    s1, s2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
-    expected = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum())
-    got = evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
-    assert got == pytest.approx(expected, rel=1e-9)  # float64 throughout: round-off only
-
-
-def test_frechet_symmetric_and_matches_eigenvalue_route():
-    """d(a, b) = d(b, a), and Tr sqrt(S1 S2) equals the sum of the square roots of the eigenvalues of
-    sqrt(S1) S2 sqrt(S1), an independent way to compute the same trace."""
-    rng = np.random.default_rng(3)
-    mu1, mu2, s1, s2 = rng.standard_normal(7), rng.standard_normal(7), _random_cov(rng, 7), _random_cov(rng, 7)
-    ab, ba = evaluate.frechet_distance(mu1, s1, mu2, s2), evaluate.frechet_distance(mu2, s2, mu1, s1)
-    expected = frechet_by_eigh(mu1, s1, mu2, s2)
-    assert ab == pytest.approx(ba, rel=1e-9) and ab == pytest.approx(expected, rel=1e-8)  # two float64 routes
-
-
-def test_frechet_singular_covariances_stay_finite():
-    """Rank-deficient covariances (fewer samples than features, or zero) give a finite distance, and the
-    eps offset for an exactly singular product shifts it by no more than ~D * eps."""
-    rng = np.random.default_rng(4)
-    s1, s2 = _random_cov(rng, 16, rank=3), _random_cov(rng, 16, rank=3)
-    low = evaluate.frechet_distance(np.zeros(16), s1, np.ones(16), s2)
-    assert np.isfinite(low) and low > 0
-    with pytest.warns(UserWarning, match="singular"):
-        got = evaluate.frechet_distance(np.zeros(4), np.zeros((4, 4)), np.ones(4), np.zeros((4, 4)))
-    assert got == pytest.approx(4.0, abs=1e-4)  # ||mu||^2 = 4; the 1e-6 * I offset changes it by ~8e-6
-
-
-def test_frechet_rejects_mismatched_shapes():
-    """Statistics of different sizes raise instead of broadcasting."""
-    with pytest.raises(ValueError, match="shape"):
-        evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
-
-
-def test_feature_statistics_are_the_mean_and_np_cov():
-    """feature_statistics, summed in 10,000-row chunks, equals np.mean and the unbiased np.cov."""
-    features = np.random.default_rng(8).standard_normal((25_000, 3)).astype(np.float32) * [1, 2, 3] + 5
-    mu, sigma = evaluate.feature_statistics(features)
-    # both in float64 from the same float32 values; only summation order differs
-    np.testing.assert_allclose(mu, features.astype(np.float64).mean(0), rtol=1e-12)
-    np.testing.assert_allclose(sigma, np.cov(features.astype(np.float64), rowvar=False), rtol=1e-10)
-
-
-def test_inception_score_bounds():
-    """Identical predictions give IS 1; one-hot predictions spread uniformly over K classes give IS K."""
-    rng = np.random.default_rng(5)
-    p = rng.dirichlet(np.ones(7))
-    mean, std = evaluate.inception_score(np.tile(p, (50, 1)), num_splits=10)
-    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)  # KL(p || p) = 0 exactly
-    K = 5
-    onehot = np.eye(K)[np.arange(10 * 4 * K) % K]  # every split holds each class 4 times
-    mean, std = evaluate.inception_score(onehot, num_splits=10)
-    assert mean == pytest.approx(K, rel=1e-12) and std == pytest.approx(0.0, abs=1e-9)  # exp(log K)
-    with pytest.raises(ValueError, match="probability"):
-        evaluate.inception_score(rng.standard_normal((20, 3)))  # logits, not probabilities
+# ---- 17. evaluate.py: the Inception network, FID and IS ----
 
 
 class _InceptionStandIn(nn.Module):
@@ -2601,7 +2901,7 @@ def test_inception_bad_input(tmp_path, inception_standin):
                        "--inception", str(tmp_path / "nope.pt")])
 
 
-# ---- 17. evaluate.py figures: Figures 6-8 and the loss curve ----
+# ---- 18. evaluate.py figures: Figures 6-8 and the loss curve ----
 
 
 def test_figures_cli(tmp_path, capsys):
@@ -2630,7 +2930,7 @@ def test_figures_cli(tmp_path, capsys):
                        "--metrics", str(tmp_path / "empty.jsonl"), "--device", "cpu"])
 
 
-# ---- 18. evaluate.py: released weights (the official/pesser layout and diffusers' port) ----
+# ---- 19. evaluate.py: released weights (the official/pesser layout and diffusers' port) ----
 
 
 def ddpm_unet2d(block_out_channels, attn_level, sample_size, dropout):
@@ -2849,7 +3149,7 @@ def test_p_sample_equals_diffusers_ddpm_scheduler_at_every_t(variance_type):
     assert scheduler._get_variance(0).item() == pytest.approx(diffusers_var0, rel=1e-6)
 
 
-# ---- 19. evaluate.py: the digits score (the pinned classifier, DigitsScore, PixelCategorical) ----
+# ---- 20. evaluate.py: the digits score (the pinned classifier, DigitsScore, PixelCategorical) ----
 
 
 @pytest.fixture(scope="module")
@@ -2952,7 +3252,7 @@ def test_pixel_categorical_against_counts():
     assert refs["uniform_levels"] == pytest.approx(math.log2(17)) and refs["uniform_256"] == 8.0
 
 
-# ---- 20. The experiments: Table 2 and steps (and digits-score on their checkpoint) ----
+# ---- 21. The experiments: Table 2 and steps (and digits-score on their checkpoint) ----
 
 
 def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_score):
@@ -3051,7 +3351,7 @@ def test_every_command_draws_the_same_images(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
 
 
-# ---- 21. bench.py: ours against diffusers' UNet2DModel ----
+# ---- 22. bench.py: ours against diffusers' UNet2DModel ----
 
 
 def test_bench_networks_match_and_run():
