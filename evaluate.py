@@ -238,10 +238,10 @@ class ResumeFolder:
     settings: {name: value}, everything that decides the result (weights' sha256, seed, batch size, ...), in
     JSON types. The first piece written records them in folder/settings.json (with `info`, which is shown but
     never compared: paths, names); a later run with other settings is refused before any work, in one sentence
-    naming the first differing setting and `flags[name]`, the flag that sets it. A piece is a dict of numpy arrays
-    (name *.npz) or a JSON value (name *.json), written atomically (ddpm.atomic_write), so a killed run leaves whole
-    pieces; one that cannot be read (a disk that filled up, a copy cut short) is renamed *.unreadable and made
-    again, with one printed line. A piece in a folder without settings.json is refused, not taken or replaced.
+    naming the first differing setting and `flags[name]`, the flag that sets it. A piece is a numpy array or a dict
+    of them (name *.npz; one array is stored as 'arr_0') or a JSON value (name *.json), written atomically
+    (ddpm.atomic_write), so a killed run leaves whole pieces; one that cannot be read (a disk that filled up, a
+    copy cut short) is renamed *.unreadable and made again, with one printed line. A piece in a folder without settings.json is refused, not taken or replaced.
     """
 
     def __init__(self, folder, settings, flags=None, what="results", info=None):
@@ -285,8 +285,7 @@ class ResumeFolder:
 
     def load(self, name):
         """Piece `name` as saved (an array, or {key: array}, for *.npz), or None when it is missing or unreadable
-        (then renamed
-        *.unreadable, with a printed line, so it is made again)."""
+        (then renamed *.unreadable, with a printed line, so it is made again)."""
         path = self.path(name)
         if not os.path.exists(path):
             return None
@@ -885,7 +884,7 @@ def cmd_figures(args):
         sources = ddpm.normalize_data(images[:2 * args.n]).to(device)
     out = args.out or os.path.join("runs", "eval", model_name(args))
     os.makedirs(out, exist_ok=True)
-    # batch 0's seed, so Figure 6's last column is the first --n images of `sample` with this --seed
+    # batch 0's seed, so Figure 6's last column is the images of `sample --n N --seed S` with a --batch-size >= N
     generator = torch.Generator(device=device).manual_seed(ddpm.batch_seed(args.seed, 0))
     written = []
 
