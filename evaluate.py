@@ -241,7 +241,8 @@ class ResumeFolder:
     naming the first differing setting and `flags[name]`, the flag that sets it. A piece is a numpy array or a dict
     of them (name *.npz; one array is stored as 'arr_0') or a JSON value (name *.json), written atomically
     (ddpm.atomic_write), so a killed run leaves whole pieces; one that cannot be read (a disk that filled up, a
-    copy cut short) is renamed *.unreadable and made again, with one printed line. A piece in a folder without settings.json is refused, not taken or replaced.
+    copy cut short) is renamed *.unreadable and made again, with one printed line. A piece in a folder without
+    settings.json is refused, not taken or replaced.
     """
 
     def __init__(self, folder, settings, flags=None, what="results", info=None):
