@@ -28,7 +28,9 @@ import json
 import math
 import os
 import pickle
+import platform
 import re
+import shutil
 import signal
 import sys
 import tarfile
@@ -55,8 +57,11 @@ def get_beta_schedule(name, num_timesteps):
     'linear' runs 1e-4 -> 0.02 at T=1000 (the paper); at other T both ends are scaled by 1000/T, as
     improved-diffusion's get_named_beta_schedule does, so that the total noise stays comparable.
     'quad', 'const', 'warmup10' and 'warmup50' keep the official fixed ends 1e-4 and 0.02 at any T, as the
-    official get_beta_schedule does (only improved-diffusion's 'linear' is rescaled). 'jsd' is 1/T .. 1 and
-    'cosine' is improved-diffusion's, both defined for any T.
+    official get_beta_schedule does (only improved-diffusion's 'linear' is rescaled). 'jsd' is 1/T .. 1/2 and
+    'cosine' is improved-diffusion's. Every beta is below 1: at beta = 1, alpha-bar_T = 0 and eps-prediction's
+    x0 = (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar) divides by zero. So 'jsd' ends at 0.999, not the
+    official 1, and 'cosine' is capped at 0.999 as improved-diffusion does; 'linear' needs T >= 21; the rest work
+    at every T >= 1.
     """
     T = num_timesteps
     if not isinstance(T, int) or T < 1:
@@ -64,16 +69,16 @@ def get_beta_schedule(name, num_timesteps):
     beta_start, beta_end = 1e-4, 0.02
     if name == "linear":
         scale = 1000 / T
-        if beta_end * scale > 1:
-            raise ValueError(f"the 'linear' schedule scaled by 1000/T ends at beta = {beta_end * scale:g} > 1 for "
-                             f"T={T}; use num_timesteps >= 20 or the 'cosine' schedule")
+        if T < 21:  # its last beta, 0.02 * 1000/T, is 1 at T = 20: nothing of x_0 is left at t = T
+            raise ValueError(f"the 'linear' schedule, scaled by 1000/T, needs T >= 21 (its last beta 0.02 * 1000/T "
+                             f"reaches 1 at T = 20), got T = {T}; use T >= 21, or 'cosine', which works at every T")
         betas = np.linspace(beta_start * scale, beta_end * scale, T, dtype=np.float64)
     elif name == "quad":
         betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float64) ** 2
     elif name == "const":
         betas = beta_end * np.ones(T, dtype=np.float64)
-    elif name == "jsd":  # 1/T, 1/(T-1), ..., 1
-        betas = 1.0 / np.linspace(T, 1, T, dtype=np.float64)
+    elif name == "jsd":  # 1/T, 1/(T-1), ..., 1/2, then 0.999 for the official 1 (the cap cosine uses)
+        betas = np.minimum(1.0 / np.linspace(T, 1, T, dtype=np.float64), 0.999)
     elif name in ("warmup10", "warmup50"):
         betas = beta_end * np.ones(T, dtype=np.float64)
         n = int(T * (0.1 if name == "warmup10" else 0.5))
@@ -84,7 +89,7 @@ def get_beta_schedule(name, num_timesteps):
         betas = np.minimum(1 - f((i + 1) / T) / f(i / T), 0.999)
     else:
         raise ValueError(f"unknown beta schedule {name!r}; choose one of {', '.join(BETA_SCHEDULES)}")
-    assert betas.shape == (T,)
+    assert betas.shape == (T,) and ((betas > 0) & (betas < 1)).all()
     return betas
 
 
@@ -176,7 +181,7 @@ class GaussianDiffusion:
         self.model_mean_type, self.model_var_type, self.loss_type = model_mean_type, model_var_type, loss_type
 
         betas = np.asarray(betas, dtype=np.float64)
-        assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all(), "need 0 < beta <= 1"
+        assert betas.ndim == 1 and (betas > 0).all() and (betas < 1).all(), "need 0 < beta < 1"
         self.betas = betas
         self.num_timesteps = T = len(betas)
         alphas = 1.0 - betas
@@ -456,8 +461,8 @@ def space_timesteps(num_timesteps, section_counts):
     for i, count in enumerate(section_counts):
         size = size_per + (i < extra)  # the first `extra` sections are one step longer
         if not 1 <= count <= size:
-            raise ValueError(f"cannot take {count} steps from a section of {size} (T={num_timesteps}); "
-                             f"use fewer steps or fewer sections")
+            raise ValueError(f"cannot take {count} steps from a section of {size} steps (T={num_timesteps}); each "
+                             f"section takes 1 to {size}")
         stride = (size - 1) / (count - 1) if count > 1 else 1
         # the stride summed step by step, then rounded, as improved-diffusion does ([10, 15, 20] of 300 keeps 149)
         kept += [start + round(x) for x in itertools.accumulate([0.0] + [stride] * (count - 1))]
@@ -703,6 +708,15 @@ class UNet(nn.Module):
 # ---- 6. Configuration: one dataclass per concern, and the paper's recipes as presets -------------------------------
 
 PRECISIONS = ("fp32", "bf16")  # how the U-Net runs in training (autocast); fp32 is the paper's
+MAX_SEED = 2 ** 32 - 1  # seeds are 0..MAX_SEED in every command
+
+
+def check_range(flag, value, low, high=math.inf):
+    """Raise a one-sentence ValueError naming `flag` unless low <= value <= high (NaN fails)."""
+    if not low <= value <= high:
+        raise ValueError(f"{flag} must be " + (f"at least {low}" if high == math.inf else f"in [{low}, {high}]")
+                         + f", got {value}")
+
 
 @dataclass
 class ModelConfig:
@@ -763,19 +777,19 @@ class Config:
                             ("--ckpt-every", t.ckpt_every), ("--keep-ckpts", t.keep_ckpts), ("--model.ch", m.ch),
                             ("--model.num-res-blocks", m.num_res_blocks), ("--model.in-channels", m.in_channels),
                             ("--model.resolution", m.resolution), ("--diffusion.num-timesteps", d.num_timesteps)):
-            if value < 1:
-                raise ValueError(f"{flag} must be at least 1, got {value}")
+            check_range(flag, value, 1)
         for flag, value in (("--steps", t.steps), ("--warmup", t.warmup), ("--sample-every", t.sample_every)):
-            if value < 0:  # 0 means: until stopped, no warmup, no grids
-                raise ValueError(f"{flag} must be at least 0, got {value}")
-        if not t.lr > 0:  # 0 would leave the weights as initialised (and NaN fails here too)
-            raise ValueError(f"--lr must be greater than 0, got {t.lr}")
+            check_range(flag, value, 0)  # 0 means: until stopped, no warmup, no grids
+        check_range("--diffusion.num-timesteps", d.num_timesteps, 1, 10 ** 6)  # 1000x the paper's T, 1 GB per array
+        if m.in_channels not in (1, 3):  # what images have (load_data)
+            raise ValueError(f"--model.in-channels must be 1 (grayscale) or 3 (RGB), got {m.in_channels}")
+        if not 0 < t.lr < math.inf:  # 0 would leave the weights as initialised (and NaN fails here too)
+            raise ValueError(f"--lr must be a finite number greater than 0, got {t.lr}")
+        check_range("--seed", t.seed, 0, MAX_SEED)
         if not t.grad_clip > 0:
             raise ValueError(f"--grad-clip must be greater than 0, got {t.grad_clip}")
-        if not 0 <= t.ema_decay <= 1:
-            raise ValueError(f"--ema-decay must be in [0, 1], got {t.ema_decay}")
-        if not 0 <= m.dropout <= 0.999:
-            raise ValueError(f"--model.dropout must be in [0, 0.999], got {m.dropout}")
+        check_range("--ema-decay", t.ema_decay, 0, 1)
+        check_range("--model.dropout", m.dropout, 0, 0.999)
         if t.precision not in PRECISIONS:
             raise ValueError(f"--precision: unknown precision {t.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if not m.ch_mult or min(m.ch_mult) < 1:
@@ -786,7 +800,11 @@ class Config:
                              f"no level of this U-Net; use some of {','.join(map(str, levels))}, or '' for none")
         UNet.check_shape(m.ch, m.ch_mult, m.resolution)
         GaussianDiffusion.check_types(d.model_mean_type, d.model_var_type, d.loss_type)
-        get_beta_schedule(d.beta_schedule, d.num_timesteps)  # an unknown schedule or a beta > 1 raises here
+        try:
+            get_beta_schedule(d.beta_schedule, d.num_timesteps)
+        except ValueError as e:  # the schedule's own rule, in the flags' words
+            raise ValueError(f"--diffusion.beta-schedule {d.beta_schedule} --diffusion.num-timesteps "
+                             f"{d.num_timesteps}: {e}") from None
 
     def to_dict(self):
         """Plain nested dict of ints, floats, strings and lists: safe for torch.load(weights_only=True)."""
@@ -906,12 +924,38 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as its own RuntimeError
-        full = "the disk is full" if getattr(e, "errno", None) == 28 else "the disk is full or cannot be written"
-        raise OSError(f"could not write {path}: {full} ({(str(e).strip().splitlines() or [''])[-1][:80]})") from None
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as its own RuntimeError, without errno
+        raise OSError(f"could not write {path}: {_write_failure(e, tmp)}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _write_failure(e, tmp):
+    """Why writing `tmp` failed, with the fix: a file-size limit, a full disk, or the system's own words."""
+    size, errno = os.path.getsize(tmp) if os.path.exists(tmp) else 0, getattr(e, "errno", None)
+    try:
+        import resource  # POSIX
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        limited = limit != resource.RLIM_INFINITY and size >= limit
+    except ImportError:
+        limit, limited = None, False
+    if errno == 27 or limited:
+        return f"this process may not write files over {limit} bytes (ulimit -f); raise the limit and rerun"
+    if errno == 28 or shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free < (1 << 20):
+        return "the disk is full; free space and rerun"
+    return (str(e).strip().splitlines() or [type(e).__name__])[-1][:120]
+
+
+def set_aside(path, why, then="making it again"):
+    """Rename a file that cannot be used to path.unreadable (.unreadable2, ... when taken: nothing is ever deleted or
+    written over), with one printed line: '<path> <why>; renamed it to <name> and <then>'."""
+    aside, k = f"{path}.unreadable", 1
+    while os.path.exists(aside):
+        k += 1
+        aside = f"{path}.unreadable{k}"
+    os.replace(path, aside)
+    print(f"{path} {why}; renamed it to {os.path.basename(aside)} and {then}", flush=True)
 
 
 def check_out(path, folder=True):
@@ -929,6 +973,45 @@ def check_out(path, folder=True):
     except OSError as e:
         raise ValueError(f"cannot write --out {path} ({parent}: {e.strerror}); pass an --out you can write to") \
             from None
+
+
+_LOCKS = {}  # real path of a folder -> the open lock file by which this process holds it
+
+
+def lock_folder(folder):
+    """Create `folder` if needed and hold it for this process: an exclusive lock on folder/.lock (flock; on Windows
+    msvcrt.locking), so a second process that would write the folder is refused at once, in one sentence. The
+    kernel drops the lock when the process ends, however it ends, so no stale lock is left. A process may lock a
+    folder it holds again; release_locks() lets all go. Called after the checks, just before the first write."""
+    key = os.path.realpath(folder)
+    if key in _LOCKS:
+        return
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        try:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            import msvcrt
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip()
+        f.close()
+        raise ValueError(f"{folder} is being written by another process{f' ({owner})' if owner else ''}; wait for "
+                         f"it to end, or pass another --out") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {platform.node()}")
+    f.flush()
+    _LOCKS[key] = f
+
+
+def release_locks():
+    """Let go of every folder this process holds (lock_folder)."""
+    while _LOCKS:
+        _LOCKS.popitem()[1].close()
 
 
 def save_checkpoint(path, state):
@@ -966,8 +1049,19 @@ def load_model(path, device="cpu"):
                          f"pass released weights with --weights")
     config = Config.from_dict(ckpt["config"])
     model, diffusion = create_model_and_diffusion(config)
-    model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
+    load_state(model, ckpt["ema"] if "ema" in ckpt else ckpt["model"], path)
     return model.to(device, memory_format=torch.channels_last).eval(), diffusion, config
+
+
+def load_state(module, state_dict, path):
+    """module.load_state_dict(state_dict) (a module or an optimizer), refused in one sentence when the checkpoint
+    `path` holds weights that do not fit the config saved in it."""
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, KeyError) as e:  # torch lists every misfit, over many lines
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise ValueError(f"{path} holds weights that do not fit the config saved in it ({first[:120]}); the file was "
+                         f"edited or damaged: pass another checkpoint") from None
 
 
 # ---- 8. Data: uint8 NHWC arrays in memory, scaled to [-1, 1] per batch as the official tpu_utils does --------------
@@ -994,9 +1088,18 @@ def file_digest(path, algorithm="sha256"):
 
 def download(url, path, algorithm, digest, fix):
     """`path`, downloaded from `url` the first time (kept only when its digest is `digest`) and checked on every
-    call, so a corrupt or substituted file is refused before it is used. `fix` says what to do without network."""
+    call: a file with another digest (cut short, damaged or substituted) is set aside as *.unreadable and downloaded
+    again, never used. `fix` says what to do without network."""
+    if os.path.exists(path) and file_digest(path, algorithm) != digest:  # cut short, damaged, or another file
+        set_aside(path, f"has the wrong {algorithm}", "downloading it again")
     if not os.path.exists(path):
         import urllib.request
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tempfile.TemporaryFile(dir=os.path.dirname(path)).close()
+        except OSError as e:
+            raise ValueError(f"cannot write the cache folder {os.path.dirname(path)} ({e.strerror}); set DDPM_CACHE "
+                             f"to a folder you can write") from None
         print(f"downloading {url} to {path}", file=sys.stderr)
         try:
             with urllib.request.urlopen(url, timeout=60) as response:
@@ -1007,11 +1110,7 @@ def download(url, path, algorithm, digest, fix):
             raise ValueError(f"the file downloaded from {url} has the wrong {algorithm} (expected {digest}); the "
                              f"download is corrupt or the address serves another file, so nothing was kept: run "
                              f"again, or {fix}")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write(path, lambda f: f.write(data))
-    if file_digest(path, algorithm) != digest:
-        raise ValueError(f"{path} has the wrong {algorithm} (corrupt, truncated or another file); delete it to "
-                         f"download it again, or {fix}")
     return path
 
 
@@ -1036,14 +1135,21 @@ def load_digits(split="train", labels=False):
     """scikit-learn's bundled 8x8 digits (1,797 images, 0..16) as uint8 [N, 8, 8, 1] scaled to 0..255; with
     labels=True, (images, labels) with the classes 0..9 as int64 [N] in the same order.
     The split is fixed: the first 1,500 images train, the last 297 (other writers) are held out as 'test'."""
+    images, targets = _sklearn_digits()
+    part = slice(DIGITS_NUM_TRAIN) if split == "train" else slice(DIGITS_NUM_TRAIN, None)
+    x = np.round(images[part] * (255 / 16)).astype(np.uint8)[..., None]
+    return (x, targets[part].astype(np.int64)) if labels else x
+
+
+@functools.lru_cache(maxsize=1)
+def _sklearn_digits():
+    """scikit-learn's digits (images, targets), parsed once per process (it reads a CSV on every call)."""
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError:
         raise ImportError("--data digits needs scikit-learn: pip install scikit-learn") from None
     digits = sklearn_digits()
-    part = slice(DIGITS_NUM_TRAIN) if split == "train" else slice(DIGITS_NUM_TRAIN, None)
-    x = np.round(digits.images[part] * (255 / 16)).astype(np.uint8)[..., None]
-    return (x, digits.target[part].astype(np.int64)) if labels else x
+    return digits.images, digits.target
 
 
 def _resize(x, resolution):
@@ -1055,9 +1161,10 @@ def _resize(x, resolution):
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def load_image_folder(path, resolution=None, resize=False):
+def load_image_folder(path, resolution=None, resize=False, in_channels=None):
     """Every image under `path` (sorted, recursively) as uint8 [N, H, W, C]: C=1 if all are grayscale,
-    else 3. Images of mixed sizes need resize=True, which center-crops and resizes them to `resolution`."""
+    else 3; for a grayscale model (in_channels=1) a color image among them is refused by name. Images of mixed
+    sizes need resize=True, which center-crops and resizes them to `resolution`."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
@@ -1072,7 +1179,12 @@ def load_image_folder(path, resolution=None, resize=False):
                 images.append(im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"))
         except (UnidentifiedImageError, OSError):
             raise ValueError(f"{f} is not an image Pillow can read; remove it from {path}") from None
-    mode = "L" if all(im.mode == "L" for im in images) else "RGB"
+    color = [f for f, im in zip(files, images) if im.mode != "L"]
+    if color and in_channels == 1 and len(color) < len(files):
+        raise ValueError(f"{color[0]}{f' and {len(color) - 1} more' if len(color) > 1 else ''} in {path} "
+                         f"{'are' if len(color) > 1 else 'is'} in color, the other {len(files) - len(color)} "
+                         f"grayscale, and the model takes grayscale; convert or remove {'them' if len(color) > 1 else 'it'}")
+    mode = "RGB" if color else "L"
     arrays = [np.asarray(im.convert(mode)).reshape(im.height, im.width, -1) for im in images]
     sizes = sorted({a.shape[:2] for a in arrays})
     if resize and resolution and sizes != [(resolution, resolution)]:
@@ -1104,7 +1216,7 @@ def load_data(source, split="train", *, resolution=None, in_channels=None, resiz
                 "pass a data set name, a folder of images, or a .npy/.npz file")
         raise FileNotFoundError(f"{source!r} is not 'cifar10' or 'digits' and no such file or folder exists; {hint}")
     elif os.path.isdir(source):
-        x = load_image_folder(source, resolution, resize)
+        x = load_image_folder(source, resolution, resize, in_channels)
     elif source.endswith((".npy", ".npz")):
         try:  # a .npy is memory-mapped; a .npz is an archive of arrays, the images under 'arr_0' (or its only one)
             x = np.load(source, mmap_mode="r")
@@ -1165,16 +1277,20 @@ def image_grid(images, nrow=8, gap=128):
     return grid
 
 
-def save_image_grid(images, path, nrow=8):
-    """Write uint8 images [N, H, W, C] as one PNG (image_grid); images under 32 px are enlarged (nearest) so 8x8
-    digits can be seen."""
+def save_image_grid(images, path, nrow=8, record=None):
+    """Write uint8 images [N, H, W, C] as one PNG (image_grid), atomically, with `record` (a dict of the settings
+    that made them) as JSON in its text chunk 'ddpm'; images under 32 px are enlarged (nearest) so 8x8 digits can
+    be seen."""
     try:
-        from PIL import Image
+        from PIL import Image, PngImagePlugin
     except ImportError:
         raise ImportError("writing PNG grids needs Pillow: pip install pillow") from None
-    grid, scale = image_grid(images, nrow), max(1, 32 // images.shape[1])
-    Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).resize(
-        (grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    grid, scale, info = image_grid(images, nrow), max(1, 32 // images.shape[1]), PngImagePlugin.PngInfo()
+    if record is not None:
+        info.add_text("ddpm", json.dumps(record))
+    image = Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid)
+    image = image.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info))
 
 
 def sample_images(model, diffusion, n, seed=0, progress=False, ddim_eta=None, frames=None, generator=None):
@@ -1219,15 +1335,81 @@ def atomic_savez(path, **arrays):
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def save_samples(out, images, record=None):
-    """Write uint8 images [N, H, W, C] as out/samples_file(...) (under 'arr_0', as the FID tools read them; with
-    `record`, a dict of the settings that made them, as JSON under 'record') and the first 64 as out/samples.png;
-    returns the .npz path."""
+def weights_sha256(model):
+    """sha256 of a model's state dict (names, then values in logical order): the weights' content, whatever their
+    path or memory layout."""
+    h = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# Everything that decides a sample run's images, with the flag that sets it. The device too: CPU and CUDA generators
+# draw different noise from the same seed.
+SAMPLE_FLAGS = {"weights_sha256": "weights (--checkpoint/--weights)", "diffusion": "diffusion config",
+                "respacing": "--respacing", "ddim_eta": "--ddim-eta", "clip_denoised": "x0 clipping",
+                "seed": "--seed", "batch_size": "--batch-size", "device": "--device", "n": "--n"}
+
+
+def sample_settings(model, config, respacing, ddim_eta, seed, batch_size):
+    """The SAMPLE_FLAGS settings of a sample run (all but n), as JSON values: what its result file records."""
+    return json.loads(json.dumps({
+        "weights_sha256": weights_sha256(model), "diffusion": dataclasses.asdict(config.diffusion),
+        "respacing": respacing, "ddim_eta": ddim_eta, "clip_denoised": True, "seed": seed, "batch_size": batch_size,
+        "device": _model_device(model).type}))
+
+
+def made_with(path, record):
+    """Whether the result file `path` (a samples .npz or a PNG) was made with `record`'s settings (all but
+    'source'), so a command that would write it has nothing to do. False when there is none, or it cannot be read
+    (then it is set aside as *.unreadable, with one line). One made with other settings, or with none recorded, is
+    refused in one sentence: no command replaces a result it was not asked for."""
+    if not os.path.exists(path):
+        return False
+    try:
+        if path.endswith(".png"):
+            from PIL import Image
+            with Image.open(path) as image:
+                text = image.info.get("ddpm")
+        else:
+            with np.load(path) as f:
+                text = str(f["record"]) if "record" in f.files else None
+        old = json.loads(text) if text else None
+    except Exception as e:  # cut short, empty, not an image or archive
+        set_aside(path, f"cannot be read ({type(e).__name__})")
+        return False
+    if old is None:
+        raise ValueError(f"{path} exists but records no settings, so it may come from another model; delete it, "
+                         f"or pass another --out")
+    differ = [key for key in record if key != "source" and old.get(key) != record[key]]
+    if differ:
+        key = differ[0]
+        raise ValueError(f"{path} holds samples made with other {SAMPLE_FLAGS.get(key, key)} "
+                         f"({str(old.get(key))[:40]}, now {str(record[key])[:40]}); pass another --out, or delete it "
+                         f"to make it again")
+    return True
+
+
+def check_fits(num_bytes, what):
+    """Refuse, in one sentence, `what` when its num_bytes cannot fit in this machine's memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): an allocation failure says it later
+        return
+    if num_bytes > total:
+        raise ValueError(f"{what} need {num_bytes / 2 ** 30:,.1f} GiB of memory, more than this machine's "
+                         f"{total / 2 ** 30:,.1f} GiB; ask for fewer")
+
+
+def save_samples(out, images, record):
+    """Write uint8 images [N, H, W, C] as out/samples_file(...) (under 'arr_0', as the FID tools read them, and
+    `record`, the dict of the settings that made them, as JSON under 'record'), and the first 64 as a PNG of the
+    same name; returns the .npz path."""
     path = os.path.join(out, samples_file(images.shape))
-    atomic_savez(path, **({"arr_0": images} if record is None else
-                          {"arr_0": images, "record": np.array(json.dumps(record))}))
-    save_image_grid(images[:64], os.path.join(out, "samples.png"))
-    print(f"wrote {path} (uint8 {images.shape}, key 'arr_0') and {os.path.join(out, 'samples.png')}")
+    atomic_savez(path, arr_0=images, record=np.array(json.dumps(record)))
+    save_image_grid(images[:64], path[:-4] + ".png", record=record)
+    print(f"wrote {path} (uint8 {images.shape}, key 'arr_0') and {path[:-4]}.png")
     return path
 
 
@@ -1248,23 +1430,32 @@ def progressive_frames(T, num_frames):
     return sorted({int(round(i)) for i in np.linspace(T - 1, 0, num_frames)}, reverse=True)
 
 
-def save_progressive(model, diffusion, n, seed, out, ddim_eta=None, num_frames=21):
-    """Figure 6 as out/progressive.png: one row per sample of batch 0 (batch_seed(seed, 0), so the last column is
-    the images of `sample --n n` with a --batch-size of n or more), the x0 estimates at progressive_frames."""
+def save_progressive(model, diffusion, n, seed, path, ddim_eta=None, record=None, num_frames=21):
+    """Figure 6 as the PNG `path`: one row per sample of batch 0 (batch_seed(seed, 0), so the last column is the
+    images of `sample --n n` with a --batch-size of n or more), the x0 estimates at progressive_frames."""
     frames = progressive_frames(diffusion.num_timesteps, num_frames)
     x = sample_images(model, diffusion, n, batch_seed(seed, 0), True, ddim_eta, frames=frames)
-    path = os.path.join(out, "progressive.png")
-    save_image_grid(unnormalize_data(x.flatten(0, 1)), path, x.shape[1])
+    save_image_grid(unnormalize_data(x.flatten(0, 1)), path, x.shape[1], record)
     print(f"wrote {path}: {n} rows of x0 estimates, t = T .. 1")
 
 
-def sample_command(model, diffusion, out, n=64, batch_size=256, seed=0, progressive=False, ddim_eta=None,
-                   done=None, record=None):
+def sample_command(model, diffusion, out, n, batch_size, seed, progressive, ddim_eta, record, done=None):
     """The sampler behind `ddpm.py sample` and `evaluate.py sample`: n samples in batches (sample_batches, resumed
-    from `done`) written by save_samples with `record`, or with progressive=True Figure 6 (save_progressive)."""
-    os.makedirs(out, exist_ok=True)
+    from `done`) written by save_samples with `record` (sample_settings, n and the source), or with progressive=True
+    Figure 6 (save_progressive) as out/progressive.png. Before any work it refuses a --ddim-eta outside [0, 1],
+    samples that cannot fit in memory, and a result in `out` of other settings (made_with); the same settings
+    again have nothing to do. It holds `out` (lock_folder) while it writes there."""
+    if ddim_eta is not None:
+        check_range("--ddim-eta", ddim_eta, 0, 1)  # DDIM's eta: 0 is deterministic, 1 the posterior's variance
+    shape = (n, model.resolution, model.resolution, model.in_channels)
+    check_fits(math.prod(shape), f"--n {n} samples of {'x'.join(map(str, shape[1:]))} (uint8)")
+    lock_folder(out)
+    path = os.path.join(out, "progressive.png" if progressive else samples_file(shape))
+    if made_with(path, record):
+        print(f"{path} already exists with these settings; nothing to do")
+        return path
     if progressive:
-        return save_progressive(model, diffusion, n, seed, out, ddim_eta)
+        return save_progressive(model, diffusion, n, seed, path, ddim_eta, record)
     return save_samples(out, sample_batches(model, diffusion, n, batch_size, seed, ddim_eta, done), record)
 
 
@@ -1378,8 +1569,7 @@ def resume_train_state(state, config, out, rank, world):
             break
         except ValueError as e:
             ckpt = None
-            os.replace(path, path + ".unreadable")
-            print(f"skipping unreadable checkpoint: {e}; renamed it to {os.path.basename(path)}.unreadable")
+            set_aside(path, f"is an unreadable checkpoint ({e})", "skipping it")
     if world > 1:
         box = [ckpt]
         dist.broadcast_object_list(box, src=0)
@@ -1392,9 +1582,8 @@ def resume_train_state(state, config, out, rank, world):
     if diff:
         raise ValueError(f"the checkpoint in {out} was trained with another config ({'; '.join(diff)}); "
                          f"resume with the run's own flags, or start a new --out")
-    state.model.load_state_dict(ckpt["model"])
-    state.ema.load_state_dict(ckpt["ema"])
-    state.opt.load_state_dict(ckpt["optimizer"])
+    for module, key in ((state.model, "model"), (state.ema, "ema"), (state.opt, "optimizer")):
+        load_state(module, ckpt[key], os.path.join(out, f"ckpt-{ckpt['step']:07d}.pt"))
     _set_rng_state(ckpt["rng"], state.generator, rank, world)
     state.step, state.last_good = ckpt["step"], f"ckpt-{ckpt['step']:07d}.pt"
 
@@ -1487,15 +1676,22 @@ def load_training_data(config, out, resume, rank, world):
     config.check()
     if tc.batch_size % world:
         raise ValueError(f"--batch-size {tc.batch_size} does not split across {world} ranks; use a multiple of {world}")
-    if rank == 0 and list_checkpoints(out) and not resume:
-        raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue that run or a new --out")
     if rank == 0:
         check_out(out)
+        _refuse_another_run(out, resume)
     data = load_data(tc.data, "train", resolution=m.resolution, in_channels=m.in_channels, resize=tc.resize)
     if len(data) < tc.batch_size:
         raise ValueError(f"--data {tc.data} holds {len(data)} images, fewer than one batch of {tc.batch_size}; "
                          f"lower --batch-size or add images")
+    if rank == 0:
+        lock_folder(out)  # the run directory is this process's from here on
+        _refuse_another_run(out, resume)  # again, now that no other run can write it
     return data
+
+
+def _refuse_another_run(out, resume):
+    if list_checkpoints(out) and not resume:
+        raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue that run or a new --out")
 
 
 def write_run_config(config, out, model, data, world, device):
@@ -1554,6 +1750,10 @@ def train(config, resume=False):
     out = tc.out or os.path.join("runs", config.preset)
     data = load_training_data(config, out, resume, rank, world)
     state, diffusion = start_train_state(config, out, rank, world, device)
+    if tc.steps and state.step >= tc.steps:  # before config.json is written: the run stays as it is
+        print(f"{out} is already at step {state.step}, which --steps {tc.steps} does not pass: nothing to do; "
+              f"pass a larger --steps to train on")
+        return out
     model = state.model  # what runs (wrapped for DDP and compiled); state.model is what is saved
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -1646,15 +1846,17 @@ def default_device():
 
 def sample_checkpoint(args):
     """`ddpm.py sample`: sample_command on a training checkpoint's EMA weights, respaced when asked."""
-    if args.n < 1 or args.batch_size < 1:
-        raise ValueError("--n and --batch-size must be at least 1")
+    check_flags(args)
     device = parse_device(args.device or default_device())
     out = args.out or os.path.splitext(args.checkpoint)[0] + "-samples"
     check_out(out)
-    model, diffusion, _ = load_model(args.checkpoint, device)
+    model, diffusion, config = load_model(args.checkpoint, device)
     if args.respacing:  # fewer steps: the model still sees its original indices
         diffusion = respace(diffusion, args.respacing)
-    return sample_command(model, diffusion, out, args.n, args.batch_size, args.seed, args.progressive, args.ddim_eta)
+    record = dict(sample_settings(model, config, args.respacing, args.ddim_eta, args.seed, args.batch_size),
+                  n=args.n, source=os.path.abspath(args.checkpoint))
+    return sample_command(model, diffusion, out, args.n, args.batch_size, args.seed, args.progressive, args.ddim_eta,
+                          record)
 
 
 CHOICES = {"beta_schedule": BETA_SCHEDULES, "model_mean_type": MODEL_MEAN_TYPES, "model_var_type": MODEL_VAR_TYPES,
@@ -1668,12 +1870,17 @@ def _int_tuple(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,2,2, got {text!r}") from None
 
 
-def add_config_flags(parser):
+ZERO_MEANS = {"steps": "; 0: until stopped", "warmup": "; 0: none", "sample_every": "; 0: never"}
+
+
+def add_config_flags(parser, preset):
     """One flag per Config field: train fields as --name (--batch-size 64), model and diffusion fields as
-    --section.name (--model.ch-mult 1,2,2,2, --diffusion.num-timesteps 100); underscores work for dashes."""
+    --section.name (--model.ch-mult 1,2,2,2, --diffusion.num-timesteps 100); underscores work for dashes. The
+    help shows the defaults of `preset`."""
     for section in ("train", "model", "diffusion"):
-        group = parser.add_argument_group(f"{section} config (defaults from --preset)")
-        for f in dataclasses.fields(Config.__dataclass_fields__[section].default_factory):
+        group = parser.add_argument_group(f"{section} config (defaults of --preset {preset})")
+        defaults = getattr(get_preset(preset), section)
+        for f in dataclasses.fields(defaults):
             prefix = "" if section == "train" else section + "."
             names = [f"--{prefix}{f.name.replace('_', '-')}"] + ([f"--{prefix}{f.name}"] if "_" in f.name else [])
             kind = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
@@ -1681,9 +1888,10 @@ def add_config_flags(parser):
                     {"type": f.type, "metavar": f.type.__name__.upper()})
             if f.name in CHOICES:
                 kind.update(choices=CHOICES[f.name], metavar=None)
-            default = ",".join(map(str, f.default)) if f.type is tuple else f.default
+            default = getattr(defaults, f.name) if f.name != "out" else f"runs/{preset}"
+            default = ",".join(map(str, default)) if f.type is tuple else default
             group.add_argument(*names, dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
-                               help=f"cifar10: {default}", **kind)
+                               help=f"default: {default}{ZERO_MEANS.get(f.name, '')}", **kind)
 
 
 def config_from_args(args):
@@ -1719,6 +1927,29 @@ def run_cli(command, args):
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError, ImportError) as e:
         sys.exit(f"error: {e}")
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError; a bug keeps its traceback
+        asked = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]i?B)", str(e))
+        if not (isinstance(e, MemoryError) or asked):
+            raise
+        size = f" {int(asked[1]) / 2 ** 30:,.1f} GiB" if asked and asked[1] else f" {asked[2]}" if asked else ""
+        sys.exit(f"error: out of memory: the model or a batch asked for{size or ' more than there is'}; lower "
+                 f"--batch-size (or --n), or the model's size")
+    finally:
+        release_locks()
+
+
+# The valid range of every numeric flag of ddpm.py sample, evaluate.py and experiments.py, by argparse name (train's
+# are Config fields, which Config.check checks); each command checks the ranges that depend on its model or data.
+FLAG_RANGES = {"n": (1,), "batch_size": (1,), "seed": (0, MAX_SEED), "ddim_eta": (0, 1), "max_examples": (1,),
+               "frames": (1,), "samples_per_latent": (1,), "splits": (1,), "bootstrap": (2,),
+               "steps": (2,), "jobs": (1,), "timesteps": (1,), "interp_t": (1,)}
+
+
+def check_flags(args):
+    """Refuse, before any work, the first numeric flag in `args` outside its FLAG_RANGES range, naming it."""
+    for name, bounds in FLAG_RANGES.items():
+        if getattr(args, name, None) is not None:
+            check_range("--" + name.replace("_", "-"), getattr(args, name), *bounds)
 
 
 def main(argv=None):
@@ -1728,7 +1959,10 @@ def main(argv=None):
     p = commands.add_parser("train", allow_abbrev=False, help="train a DDPM (Algorithm 1); torchrun for DDP")
     p.add_argument("--preset", default="cifar10", choices=list(PRESETS), help="the recipe the flags below change")
     p.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in --out")
-    add_config_flags(p)
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--preset", default="cifar10")
+    preset = first.parse_known_args(argv)[0].preset  # `train --preset digits --help` shows the digits defaults
+    add_config_flags(p, preset if preset in PRESETS else "cifar10")
     p = commands.add_parser("sample", allow_abbrev=False, help="draw samples with the EMA weights (Algorithm 2)")
     p.add_argument("--checkpoint", required=True, help="a ckpt-*.pt written by train")
     p.add_argument("--n", type=int, default=64, help="number of samples (evaluate.py sample: 50,000, resumable)")

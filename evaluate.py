@@ -120,8 +120,9 @@ def _config_from_weights(state_dict, resolution, hint, preset):
         preset = {"celeba": "celebahq256"}.get(names[-1], f"lsun_{names[-1]}256") if names else None
     elif preset is None:
         raise ValueError(f"the weights have ch_mult {ch_mult}, neither the CIFAR-10 (1, 2, 2, 2) nor the 256x256 "
-                         f"(1, 1, 2, 2, 4, 4) U-Net; pass preset=NAME ({', '.join(ddpm.PRESETS)}) to say how it "
-                         f"samples")
+                         f"(1, 1, 2, 2, 4, 4) U-Net of the released models; a checkpoint of ddpm.py train goes with "
+                         f"--checkpoint (in Python, load_pretrained(path, preset=NAME) reads other official-layout "
+                         f"weights with a preset's sampling settings)")
     # Without a dataset name the 256x256 recipe still samples right (eps, fixedsmall): the dataset is only a label.
     config = ddpm.get_preset(preset or "celebahq256")
     if not preset:
@@ -220,16 +221,6 @@ def model_name(args):
     return os.path.splitext(os.path.basename(args.weights.rstrip("/\\")))[0]
 
 
-def weights_sha256(model):
-    """sha256 of a model's state dict (names, then values in logical order): the weights' content, whatever their
-    path or memory layout."""
-    h = hashlib.sha256()
-    for name, value in model.state_dict().items():
-        h.update(name.encode())
-        h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 # ---- 3. Resumable outputs: one folder, one fingerprint, whole pieces -------------------------------------------------
 
 class ResumeFolder:
@@ -241,21 +232,27 @@ class ResumeFolder:
     naming the first differing setting and `flags[name]`, the flag that sets it. A piece is a numpy array or a dict
     of them (name *.npz; one array is stored as 'arr_0') or a JSON value (name *.json), written atomically
     (ddpm.atomic_write), so a killed run leaves whole pieces; one that cannot be read (a disk that filled up, a
-    copy cut short) is renamed *.unreadable and made again, with one printed line. A piece in a folder without
-    settings.json is refused, not taken or replaced.
+    copy cut short) is renamed *.unreadable and made again, with one printed line; so is an unreadable
+    settings.json, and then every piece made before it, whose settings are unknown. A piece in a folder without
+    settings.json is refused, not taken or replaced. The folder is made and held by this process
+    (ddpm.lock_folder) from the start, so a second process is refused at once; lock=False is for a worker whose
+    parent process holds it.
     """
 
-    def __init__(self, folder, settings, flags=None, what="results", info=None):
+    def __init__(self, folder, settings, flags=None, what="results", info=None, lock=True):
         self.folder, self.what, self.flags, self.info = os.fspath(folder), what, flags or {}, info or {}
+        if lock:
+            ddpm.lock_folder(self.folder)
         self.settings = json.loads(json.dumps(settings))  # as a rerun reads them back: tuples become lists
-        self.recorded = os.path.isfile(self.path("settings.json"))
+        self.recorded, self.unknown, self.written = os.path.isfile(self.path("settings.json")), False, set()
         if self.recorded:
             try:
                 with open(self.path("settings.json")) as f:
                     old = json.load(f)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{self.path('settings.json')} cannot be read ({e}), so what {self.folder} holds "
-                                 f"is unknown; delete the folder or use another --out") from None
+            except (OSError, ValueError) as e:  # its pieces are of unknown settings: each is set aside when read
+                ddpm.set_aside(self.path("settings.json"), f"cannot be read ({type(e).__name__})",
+                               "setting aside each piece made with it")
+                self.recorded, self.unknown, old = False, True, self.settings
             differ = [key for key, value in self.settings.items() if old.get(key) != value]
             if differ:
                 key = differ[0]
@@ -277,6 +274,7 @@ class ResumeFolder:
         """Write piece `name` (an array or a dict of arrays for *.npz, else JSON) atomically; returns its path."""
         self.record()
         path = self.path(name)
+        self.written.add(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if name.endswith(".npz"):
             ddpm.atomic_savez(path, **(value if isinstance(value, dict) else {"arr_0": value}))
@@ -290,19 +288,19 @@ class ResumeFolder:
         path = self.path(name)
         if not os.path.exists(path):
             return None
-        if not self.recorded:
+        if not self.recorded and not self.unknown:
             raise ValueError(f"{path} exists but {self.folder} holds no record of the settings it was made with "
                              f"(no settings.json); delete it, or use another --out")
         try:
+            if self.unknown and name not in self.written:  # made before the record was lost: settings unknown
+                raise ValueError("its settings.json was unreadable")
             if not name.endswith(".npz"):
                 with open(path) as f:
                     return json.load(f)
             with np.load(path) as f:
                 return f["arr_0"] if f.files == ["arr_0"] else {key: f[key] for key in f.files}
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # truncated, empty, not a file
-            os.replace(path, path + ".unreadable")
-            print(f"{path} cannot be read ({type(e).__name__}: {str(e)[:80]}); renamed it to "
-                  f"{os.path.basename(path)}.unreadable and making it again", flush=True)
+            ddpm.set_aside(path, f"cannot be read ({type(e).__name__}: {str(e)[:80]})")
             return None
 
     def pieces(self, names):
@@ -336,13 +334,6 @@ def chain_sha256(diffusion):
     return hashlib.sha256(np.asarray(diffusion.betas, dtype=np.float64).tobytes() + kept.tobytes()).hexdigest()
 
 
-# Everything that decides `sample`'s images, with the flag that sets it; --n changes only the last chunk's size.
-# The device too: CPU and CUDA generators draw different noise from the same seed.
-SAMPLE_FLAGS = {"weights_sha256": "weights (--checkpoint/--weights)", "diffusion": "diffusion config",
-                "respacing": "--respacing", "ddim_eta": "--ddim-eta", "clip_denoised": "x0 clipping",
-                "seed": "--seed", "batch_size": "--batch-size", "device": "--device"}
-
-
 def cmd_sample(args):
     """`evaluate.py sample`: --n samples (50,000 for Table 1) from a checkpoint or released weights, the same images
     as `ddpm.py sample` with the same flags: ddpm.sample_command, its batches kept as chunk files in a ResumeFolder
@@ -354,35 +345,25 @@ def cmd_sample(args):
     ddpm.check_out(out)
     model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, torch.device(args.device),
                                                  args.respacing)
+    settings = ddpm.sample_settings(model, config, args.respacing, args.ddim_eta, args.seed, args.batch_size)
+    record = dict(settings, n=args.n, source=source)
     if args.progressive:
-        return ddpm.sample_command(model, diffusion, out, args.n, seed=args.seed, progressive=True,
-                                   ddim_eta=args.ddim_eta)
-    settings = {"weights_sha256": weights_sha256(model), "diffusion": dataclasses.asdict(config.diffusion),
-                "respacing": args.respacing, "ddim_eta": args.ddim_eta, "clip_denoised": True, "seed": args.seed,
-                "batch_size": args.batch_size, "device": ddpm._model_device(model).type}
-    folder = ResumeFolder(out, settings, SAMPLE_FLAGS, "samples", info={"weights_sha256": source})
-    H, C = config.model.resolution, config.model.in_channels
-    final = ddpm.samples_file((args.n, H, H, C))
-    made = folder.load(final)
-    if made is not None:  # a file of this name from other settings (`ddpm.py sample` into this folder) is no result
-        record = json.loads(str(made["record"])) if "record" in made else {}
-        if {k: v for k, v in record.items() if k != "source"} != json.loads(json.dumps(dict(settings, n=args.n))):
-            raise ValueError(f"{folder.path(final)} holds samples made with other settings than this folder's "
-                             f"(ddpm.py sample writes no record); delete that file, or use another --out")
-        print(f"{folder.path(final)} already exists with these settings; nothing to do")
-        return folder.path(final)
+        return ddpm.sample_command(model, diffusion, out, args.n, args.batch_size, args.seed, True, args.ddim_eta,
+                                   record)
+    folder = ResumeFolder(out, settings, ddpm.SAMPLE_FLAGS, "samples", info={"weights_sha256": source})
     names = {i: f"chunk-seed{args.seed}-batch{args.batch_size}-{i:05d}.npz"
              for i in range(-(-args.n // args.batch_size))}
     done = folder.pieces(names)  # refuses pieces of unknown settings before any work
     try:
         path = ddpm.sample_command(model, diffusion, out, args.n, args.batch_size, args.seed, False, args.ddim_eta,
-                                   done, dict(settings, n=args.n, source=source))
+                                   record, done)
     except KeyboardInterrupt:
         kept = sum(os.path.exists(folder.path(name)) for name in names.values())
         raise KeyboardInterrupt(f"{kept} of {len(names)} chunks are kept in {out}; rerun the same command to "
                                 f"continue") from None
     for chunk in names.values():
-        os.remove(folder.path(chunk))
+        if os.path.exists(folder.path(chunk)):
+            os.remove(folder.path(chunk))
     return path
 
 
@@ -420,7 +401,7 @@ def evaluate_nll(model, diffusion, x_start, *, batch_size=256, seed=0, clip_deno
     if out_dir is not None:
         settings = dict(num_examples=N, batch_size=batch_size, seed=seed, chain_sha256=chain_sha256(diffusion),
                         device=ddpm._model_device(model).type, clip_denoised=clip_denoised,
-                        weights_sha256=weights_sha256(model),
+                        weights_sha256=ddpm.weights_sha256(model),
                         data_sha256=hashlib.sha256(x_start.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
         folder = ResumeFolder(out_dir, settings, NLL_FLAGS, "batches", run_info)
         done = folder.pieces({b: f"batch-{b:05d}.npz" for b in range(math.ceil(N / batch_size))})
@@ -518,7 +499,7 @@ def cmd_nll(args):
         images = images[:args.max_examples]
     x_start = ddpm.normalize_data(images)
     out = args.out or os.path.join("runs", "eval", model_name(args))
-    os.makedirs(out, exist_ok=True)
+    ddpm.lock_folder(out)
     T = diffusion.num_timesteps
     print(f"NLL of {args.checkpoint or args.weights} on {args.data} {args.split} ({len(x_start)} images, "
           f"T={T}, EMA weights, x0 clipped, batch {args.batch_size}, seed {args.seed}, {device})", flush=True)
@@ -738,12 +719,20 @@ def cmd_fid_stats(args):
     if args.max_examples is not None:
         images = images[:args.max_examples]
     check_count(images, 2, args.data, "the statistics (a covariance)")
+    name = os.path.splitext(os.path.basename(args.data.rstrip("/\\")))[0]
+    out = args.out or os.path.join("runs", "eval", f"fid_stats_{name}_{args.split}.npz")
+    if os.path.exists(out):  # the same statistics are made again; others are not written over them
+        try:
+            old = load_fid_stats(out)[2]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            old = {}
+        if (old.get("source"), old.get("num_images")) != (f"{args.data} {args.split}", len(images)):
+            raise ValueError(f"{out} holds other statistics ({old.get('num_images', '?')} images of "
+                             f"{old.get('source', '?')}); pass another --out, or delete it to replace it")
     network, digest = load_inception(args.inception, args.device)
     features = inception_outputs(network, images, batch_size=args.batch_size, device=args.device,
                                  progress=not args.no_progress)
     mu, sigma = feature_statistics(features)
-    name = os.path.splitext(os.path.basename(args.data.rstrip("/\\")))[0]
-    out = args.out or os.path.join("runs", "eval", f"fid_stats_{name}_{args.split}.npz")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     save_fid_stats(out, mu, sigma, num_images=len(images), source=f"{args.data} {args.split}", inception_sha256=digest)
     print(f"wrote {out}: mu {mu.shape}, sigma {sigma.shape} of {len(images):,} images ({args.data} {args.split})")
@@ -871,6 +860,7 @@ def cmd_figures(args):
     T, C, R = diffusion.num_timesteps, config.model.in_channels, config.model.resolution
     if args.interp_t is not None and not 1 <= args.interp_t <= T:
         raise ValueError(f"--interp-t must be a paper timestep 1..{T}, got {args.interp_t}")
+    ddpm.check_range("--frames", args.frames, 1, T)  # Figure 6 shows at most every step
     metrics = args.metrics or (os.path.join(os.path.dirname(args.checkpoint), "metrics.jsonl")
                                if args.checkpoint else None)
     if args.metrics and not os.path.isfile(args.metrics):
@@ -884,7 +874,11 @@ def cmd_figures(args):
             raise ValueError(f"{args.data} {args.split} has {len(images)} images; figures need 2 x --n = {2 * args.n}")
         sources = ddpm.normalize_data(images[:2 * args.n]).to(device)
     out = args.out or os.path.join("runs", "eval", model_name(args))
-    os.makedirs(out, exist_ok=True)
+    settings = {"weights_sha256": ddpm.weights_sha256(model), "chain_sha256": chain_sha256(diffusion),
+                **{k: getattr(args, k) for k in ("seed", "n", "frames", "samples_per_latent", "interp_t", "data",
+                                                 "split", "device")}}
+    ResumeFolder(out, settings, {**{k: "--" + k.replace("_", "-") for k in settings}, **SCORE_FLAGS}, "figures",
+                 info={"weights_sha256": args.checkpoint or args.weights}).record()
     # batch 0's seed, so Figure 6's last column is the images of `sample --n N --seed S` with a --batch-size >= N
     generator = torch.Generator(device=device).manual_seed(ddpm.batch_seed(args.seed, 0))
     written = []
@@ -1186,7 +1180,7 @@ def digits_samples(model, diffusion, n, seed, folder, sampler="ancestral"):
     rerun on the same model reads them, and samples of other models or settings are never replaced.
     Raises FloatingPointError for non-finite samples (a diverged learned variance)."""
     T = diffusion.num_timesteps
-    settings = {"weights_sha256": weights_sha256(model), "sampler": sampler, "n": n, "seed": seed,
+    settings = {"weights_sha256": ddpm.weights_sha256(model), "sampler": sampler, "n": n, "seed": seed,
                 "chain_sha256": chain_sha256(diffusion), "batch_size": DIGITS_SAMPLE_BATCH,
                 "device": ddpm._model_device(model).type}  # CPU and CUDA generators draw other noise
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -1200,6 +1194,24 @@ def digits_samples_folder(out):
     """Where digits_samples keeps a model's samples: digits-samples/ beside the command's output folder, shared by
     digits-score and steps on one checkpoint."""
     return os.path.join(os.path.dirname(os.path.abspath(out)), "digits-samples")
+
+
+# What decides a digits score's numbers (digits-score, steps), with the flag that sets it.
+SCORE_FLAGS = {"weights_sha256": "weights (--checkpoint/--weights)", "chain_sha256": "--respacing", "n": "--n",
+               "nll_images": "--nll-images", "seed": "--seed", "bootstrap": "--bootstrap", "device": "--device",
+               "counts": "--counts"}
+
+
+def score_folder(args, model, diffusion, what, **settings):
+    """The output folder of digits-score or steps (`what`): --out, else <checkpoint or weights>-<what> beside it. A
+    ResumeFolder of SCORE_FLAGS (with `settings`), recorded before any work: one folder holds one model's score at
+    one set of settings, so a rerun with others is refused rather than replacing it."""
+    source = args.checkpoint or args.weights
+    out = args.out or os.path.splitext(os.path.normpath(source))[0] + f"-{what}"
+    settings = dict(weights_sha256=ddpm.weights_sha256(model), chain_sha256=chain_sha256(diffusion), n=args.n,
+                    seed=args.seed, bootstrap=args.bootstrap, device=ddpm._model_device(model).type, **settings)
+    ResumeFolder(out, settings, SCORE_FLAGS, f"a {what} result", info={"weights_sha256": source}).record()
+    return out
 
 
 def digits_test_nll(model, diffusion, num_images, seed=0):
@@ -1231,8 +1243,7 @@ def cmd_digits_score(args):
     model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
     source = args.checkpoint or args.weights
     check_digits_model(config, source)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(source)), "digits-score")
-    os.makedirs(out, exist_ok=True)
+    out = score_folder(args, model, diffusion, "digits-score", nll_images=args.nll_images)
     d = config.diffusion
     print(f"digits evidence for {source}: {d.model_mean_type} / {d.model_var_type} / {d.loss_type}, "
           f"{diffusion.num_timesteps} sampling steps, EMA weights", flush=True)
@@ -1366,15 +1377,13 @@ def cli(parser, argv=None):
     disk or Ctrl-C ends in one line, never a traceback."""
     args = parser.parse_args(argv)
     warnings.formatwarning = lambda message, *_args, **_kwargs: f"WARNING: {message}\n"  # one line, no source
-    for name in ("batch_size", "max_examples", "n", "frames", "samples_per_latent", "splits"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
     return ddpm.run_cli(run, args)  # bad input, a full disk, Ctrl-C: one line, no traceback
 
 
 def run(args):
-    """args.func(args), after checking --device and --out: before any work."""
+    """args.func(args), after checking every numeric flag's range (ddpm.check_flags), --device and --out: before
+    any work."""
+    ddpm.check_flags(args)
     if getattr(args, "device", None):
         ddpm.parse_device(args.device)
     if getattr(args, "out", None):

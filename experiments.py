@@ -24,7 +24,7 @@ import ddpm
 from evaluate import (DIGITS_SCORE_N, DigitsScore, ResumeFolder, add_bootstrap_arg, add_model_args, atomic_json,
                       check_digits_counts, check_digits_model, cli, command_parser, digits_images,
                       digits_nll_references, digits_samples, digits_samples_folder, digits_score_scale,
-                      digits_test_nll, load_for_sampling, pm, print_digits_scale, pyplot, save_figure)
+                      digits_test_nll, load_for_sampling, pm, print_digits_scale, pyplot, save_figure, score_folder)
 
 
 # ---- 1. Table 2 in miniature: seven objectives trained, sampled and scored on digits, and Table 1's NLL contrast -----
@@ -93,7 +93,7 @@ def table2_task(key, task, settings, out, threads=None, log=False):
     result, also written to out/<key>/<task>.json, the cache a rerun reads instead of running the task again.
     A worker process passes log=True (its output goes to out/<key>/<task>.log) and its share of the CPU threads."""
     row, folder = next(r for r in TABLE2_ROWS if r.key == key), os.path.join(out, key)
-    pieces = ResumeFolder(out, settings, TABLE2_FLAGS, "rows")  # refuses other settings, as cmd_table2 does
+    pieces = ResumeFolder(out, settings, TABLE2_FLAGS, "rows", lock=False)  # cmd_table2's process holds `out`
     os.makedirs(folder, exist_ok=True)
     if log:
         _redirect_output(os.path.join(folder, f"{task}.log"))
@@ -257,8 +257,11 @@ def cmd_table2(args):
     settings = dict(steps=args.steps, n=args.n, nll_images=args.nll_images, timesteps=args.timesteps, seed=args.seed,
                     bootstrap=args.bootstrap)
     check_digits_counts(args.n, args.nll_images)
-    if args.steps < 2 or args.jobs < 1:
-        raise ValueError(f"--steps must be at least 2 and --jobs at least 1, got {args.steps} and {args.jobs}")
+    schedule = ddpm.get_preset("digits").diffusion.beta_schedule
+    try:
+        ddpm.get_beta_schedule(schedule, args.timesteps)
+    except ValueError as e:  # in the words of this command's flag
+        raise ValueError(f"--timesteps {args.timesteps} ({schedule} schedule): {e}") from None
     for row in TABLE2_ROWS:  # --timesteps and the rows' settings, as training would check them, before any write
         table2_config(row, settings, args.out).check()
     score = DigitsScore(args.seed, args.bootstrap)  # the pinned classifier, refused if changed, before any work
@@ -300,20 +303,19 @@ def cmd_steps(args):
     if not counts or counts[-1] < 1 or counts[0] > T:
         raise ValueError(f"--counts must be comma-separated step counts in [1, {T}] (the model's T), "
                          f"got {args.counts!r}")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(source)), "steps")
+    chains = [(sampler, count, ddpm.respace(diffusion, f"ddim{count}" if sampler == "ddim" else str(count)))
+              for sampler in ("ancestral", "ddim") for count in counts]  # a count DDIM cannot stride fails here
+    out = score_folder(args, model, diffusion, "steps", counts=counts)
     samples = digits_samples_folder(out)  # shared with digits-score
-    os.makedirs(out, exist_ok=True)
     scale = digits_score_scale(score, args.n, args.seed)
     print(f"digits-FD against network evaluations for {source} ({args.n} samples each, seed {args.seed})")
     rows = []
-    for sampler in ("ancestral", "ddim"):
-        for count in counts:
-            spaced = ddpm.respace(diffusion, f"ddim{count}" if sampler == "ddim" else str(count))
-            start = time.time()
-            images = digits_samples(model, spaced, args.n, args.seed, samples, sampler)
-            rows.append(dict(sampler=sampler, evaluations=count, seconds=time.time() - start, **score(images)))
-            print(f"  {sampler:9s} {count:5d}  digits-FD {pm(rows[-1]['fd'], rows[-1]['fd_std']):>16}  "
-                  f"digits-IS {pm(rows[-1]['is'], rows[-1]['is_std'])}  ({rows[-1]['seconds']:.0f} s)", flush=True)
+    for sampler, count, spaced in chains:
+        start = time.time()
+        images = digits_samples(model, spaced, args.n, args.seed, samples, sampler)
+        rows.append(dict(sampler=sampler, evaluations=count, seconds=time.time() - start, **score(images)))
+        print(f"  {sampler:9s} {count:5d}  digits-FD {pm(rows[-1]['fd'], rows[-1]['fd_std']):>16}  "
+              f"digits-IS {pm(rows[-1]['is'], rows[-1]['is_std'])}  ({rows[-1]['seconds']:.0f} s)", flush=True)
     print_digits_scale(scale)
     print_steps_table(rows, counts)
     atomic_json(os.path.join(out, "steps.json"), {"rows": rows, "scale": scale, "source": source, "n": args.n})

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import re
 import shutil
 import signal
@@ -247,6 +248,13 @@ def _one_line_error(capsys, main, argv, *patterns):
     return message
 
 
+@pytest.fixture(autouse=True)
+def release_locks():
+    """Every test lets go of the folders it held (ddpm.lock_folder), as a command does when it ends."""
+    yield
+    ddpm.release_locks()
+
+
 @pytest.fixture
 def no_work(monkeypatch):
     """Loading a model or data fails the test: what is checked with it must be checked before any work."""
@@ -391,7 +399,7 @@ def test_linear_schedule_and_buffers_match_the_official_reference_values():
 
 @math_check
 @CI
-@given(T=st.one_of(st.sampled_from([20, 37, 100, 999, 1000]), st.integers(20, 1500)))
+@given(T=st.one_of(st.sampled_from([21, 37, 100, 999, 1000]), st.integers(21, 1500)))
 def test_schedules_follow_their_definitions(T):
     """Each named schedule equals its formula, written here as a loop, at any T (1000/T need not be whole): only
     'linear' is rescaled by 1000/T (improved-diffusion); quad, const and warmup keep the ends 1e-4, 0.02 (official)."""
@@ -400,13 +408,13 @@ def test_schedules_follow_their_definitions(T):
     quad = [(1e-4 ** 0.5 + i * (0.02 ** 0.5 - 1e-4 ** 0.5) / (T - 1)) ** 2 for i in range(T)]
     abar = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
     warm = lambda n: [1e-4 + i * (0.02 - 1e-4) / (n - 1) for i in range(n)] + [0.02] * (T - n)
-    expected = {"linear": lin, "quad": quad, "const": [0.02] * T, "jsd": [1 / (T - i) for i in range(T)],
+    expected = {"linear": lin, "quad": quad, "const": [0.02] * T, "jsd": [min(1 / (T - i), 0.999) for i in range(T)],
                 "warmup10": warm(int(T * 0.1)), "warmup50": warm(int(T * 0.5)),
                 "cosine": [min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)]}
     assert set(expected) == set(ddpm.BETA_SCHEDULES)
     for name, values in expected.items():
         betas = ddpm.get_beta_schedule(name, T)
-        assert betas.dtype == np.float64 and ((betas > 0) & (betas <= 1)).all()
+        assert betas.dtype == np.float64 and ((betas > 0) & (betas < 1)).all()
         np.testing.assert_allclose(betas, values, rtol=1e-12, atol=0, err_msg=name)  # float64 rounding only
 
 
@@ -426,7 +434,7 @@ def official_beta_schedule(name, beta_start, beta_end, T):
 
 
 @math_check
-@pytest.mark.parametrize("T", [20, 50, 100, 1000, 4000])
+@pytest.mark.parametrize("T", [21, 50, 100, 1000, 4000])
 def test_only_linear_is_rescaled_for_other_T(T):
     """At any T, 'linear' is the official schedule with both ends scaled by 1000/T (improved-diffusion's
     get_named_beta_schedule), and 'quad', 'const', 'warmup10', 'warmup50' are the official schedule with the fixed
@@ -437,21 +445,51 @@ def test_only_linear_is_rescaled_for_other_T(T):
     for name in ("quad", "const", "warmup10", "warmup50"):
         np.testing.assert_array_equal(ddpm.get_beta_schedule(name, T), official_beta_schedule(name, 1e-4, 0.02, T),
                                       err_msg=name)
-    with pytest.raises(ValueError, match="num_timesteps >= 20"):  # only linear's rescaled end can pass beta = 1
-        ddpm.get_beta_schedule("linear", 19)
+    with pytest.raises(ValueError, match="needs T >= 21"):  # only linear's rescaled end can reach beta = 1
+        ddpm.get_beta_schedule("linear", 20)
     assert ddpm.get_beta_schedule("quad", 10)[-1] == ddpm.get_beta_schedule("const", 10)[-1] == 0.02
 
 
 @math_check
 def test_schedule_reference_values_and_the_smallest_linear_T():
-    """improved-diffusion's cosine values; linear is 1e-4..0.02 at T=1000 and reaches beta = 1 exactly at T=20."""
+    """improved-diffusion's cosine values; linear is 1e-4..0.02 at T=1000, ends at 20/21 at T=21 and would reach
+    beta = 1 exactly at T=20, which is refused with the smallest T that works."""
     cos = ddpm.get_beta_schedule("cosine", 1000)
     assert abs(cos[0] - 4.128e-5) < 1e-8 and cos[-1] == 0.999  # improved-diffusion's values (4 digits given)
     assert abs(ddpm.get_beta_schedule("cosine", 4000)[0] - 9.866e-6) < 1e-9
     np.testing.assert_allclose(ddpm.get_beta_schedule("linear", 1000)[[0, -1]], [1e-4, 0.02], rtol=1e-15)
-    assert ddpm.get_beta_schedule("linear", 20)[-1] == 1.0  # 0.02 * 1000/20: allowed, beta <= 1
-    with pytest.raises(ValueError, match="num_timesteps >= 20"):
-        ddpm.get_beta_schedule("linear", 19)
+    assert abs(ddpm.get_beta_schedule("linear", 21)[-1] - 20 / 21) < 1e-15
+    with pytest.raises(ValueError, match=r"needs T >= 21 .*got T = 20; use T >= 21, or 'cosine'"):
+        ddpm.get_beta_schedule("linear", 20)
+    assert ddpm.get_beta_schedule("jsd", 5)[-1] == 0.999 and ddpm.get_beta_schedule("jsd", 5)[-2] == 0.5
+
+
+@math_check
+def test_every_schedule_at_every_T_works_or_names_the_smallest_T_that_does():
+    """Each schedule at every T from 1 to 1000: either every beta is in (0, 1), so alpha-bar_T > 0 and eps-prediction's
+    x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) is finite at every step (computed here from the betas in float64),
+    or a ValueError that names the smallest T that works, which does, as does every T above it."""
+    for name in ddpm.BETA_SCHEDULES:
+        smallest = None
+        for T in range(1, 1001):
+            try:
+                betas = ddpm.get_beta_schedule(name, T)
+            except ValueError as e:
+                assert smallest is None, f"{name} refused at T={T} after working at T={smallest}"
+                named = int(re.search(r"needs T >= (\d+)", str(e))[1])
+                continue
+            if smallest is None:
+                smallest = T
+                assert T == 1 or named == T, (name, T)  # the refusal named exactly this T
+            abar = np.cumprod(1 - betas)
+            assert ((betas > 0) & (betas < 1)).all() and abar[-1] > 0, (name, T)
+            assert np.isfinite(np.sqrt(1 / abar)).all() and np.isfinite(np.sqrt(1 / abar - 1)).all(), (name, T)
+        assert smallest == (21 if name == "linear" else 1), name
+    for name, T in (("linear", 21), ("jsd", 1), ("cosine", 1), ("const", 1)):  # the smallest chains sample finite x0
+        diffusion = ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule(name, T))
+        zero = lambda x, t: torch.zeros_like(x)
+        x = diffusion.p_sample_loop(zero, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(x).all(), (name, T)
 
 
 @math_check
@@ -1968,6 +2006,70 @@ def test_a_file_that_is_not_a_ddpm_checkpoint_gets_one_line(tmp_path, capsys):
                                         "--respacing", "ddim0"], "'ddim0' asks for 0 of 25 steps", "1 <= N <= 25")
 
 
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused_in_one_sentence(tmp_path, capsys):
+    """A checkpoint whose config was edited (model.ch 32 -> 64) is refused by both sample commands in one sentence
+    that names the first misfit, before anything is written; never torch's many-line size-mismatch traceback."""
+    _tiny_model_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = ddpm.load_checkpoint(tmp_path / "ckpt.pt")
+    ckpt["config"]["model"]["ch"] = 64
+    ddpm.save_checkpoint(tmp_path / "bad.pt", ckpt)
+    for main in (ddpm.main, evaluate.main):
+        _one_line_error(capsys, main, ["sample", "--checkpoint", str(tmp_path / "bad.pt"), "--device", "cpu", "--out",
+                                       str(tmp_path / "s")],
+                        r"bad.pt holds weights that do not fit the config saved in it \(size mismatch for \S+: "
+                        r"copying a param with shape .*\); the file was edited or damaged: pass another checkpoint$")
+    assert not (tmp_path / "s").exists()
+
+
+HOLD = ("import fcntl, sys, time\n"
+        "f = open(sys.argv[1], 'a')\nfcntl.flock(f, fcntl.LOCK_EX)\nf.write('pid of the holder')\nf.flush()\n"
+        "print('held', flush=True)\ntime.sleep(120)")
+
+
+def _holder(folder):
+    """Another process that holds `folder` as lock_folder does (an exclusive flock on folder/.lock, with a line
+    saying who), holding it when this returns; plain Python, so it starts in milliseconds."""
+    os.makedirs(folder, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, os.path.join(folder, ".lock")], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_folder_that_another_process_writes_is_refused_at_once(tmp_path, images, capsys):
+    """While another process holds a folder, every command that would write it is refused in one sentence naming
+    the folder and the holder, and writes nothing there: train, both samples, nll, figures, digits-score, table2.
+    Killed with SIGKILL (no cleanup runs), the holder leaves no stale lock: the same train then runs. And two real
+    processes: while this one holds a folder, `python ddpm.py sample` into it exits 1 with that sentence."""
+    ckpt, out = tmp_path / "ckpt.pt", tmp_path / "out"
+    _tiny_model_checkpoint(ckpt)
+    train = ["train", *TINY_FLAGS, "--data", images, "--steps", "1", "--out", str(out)]
+    model = ["--checkpoint", str(ckpt), "--device", "cpu", "--out", str(out)]
+    holder = _holder(out)
+    try:
+        for main, argv in ((ddpm.main, train), (ddpm.main, ["sample", *model, "--n", "1"]),
+                           (evaluate.main, ["sample", *model, "--n", "1"]),
+                           (evaluate.main, ["nll", *model, "--data", "digits", "--max-examples", "1"]),
+                           (evaluate.main, ["figures", *model, "--n", "1"]),
+                           (evaluate.main, ["digits-score", *model, "--n", "2", "--nll-images", "1"]),
+                           (experiments.main, ["table2", "--steps", "2", "--timesteps", "25", "--out", str(out)])):
+            _one_line_error(capsys, main, argv, rf"^error: {re.escape(str(out))} is being written by another process "
+                                                rf"\(pid of the holder\); wait for it to end, or pass another --out$")
+        assert os.listdir(out) == [".lock"]
+    finally:
+        holder.kill()  # SIGKILL
+        holder.wait()
+    ddpm.main(train)
+    assert ddpm.list_checkpoints(str(out)) == [str(out / "ckpt-0000001.pt")]
+    ddpm.lock_folder(tmp_path / "held")  # this process writes it
+    proc = subprocess.run([sys.executable, DDPM_PY, "sample", *model[:-1], str(tmp_path / "held"), "--n", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'held'} is being written by another process (pid {os.getpid()} on {platform.node()}); "
+        f"wait for it to end, or pass another --out"]
+    assert os.listdir(tmp_path / "held") == [".lock"]
+
+
 # ---- 11. Data ----
 
 
@@ -2002,17 +2104,24 @@ def test_cifar10_loads_official_format(tmp_path, monkeypatch):
     assert np.array_equal(test.reshape(2, -1, 3).transpose(0, 2, 1).reshape(2, -1), data["test_batch"])
 
 
-def test_cifar10_bad_md5_and_offline(tmp_path, monkeypatch):
-    """A truncated archive fails its md5 with advice; with no archive and no network the error says where to put it."""
+def test_cifar10_bad_md5_offline_and_an_unwritable_cache(tmp_path, monkeypatch, capsys):
+    """A truncated archive fails its md5 and is set aside as *.unreadable with one line (never used, never deleted)
+    and downloaded again; with no network the error says where to put it. A cache folder that cannot be written
+    (here under a regular file) is refused before the download, naming DDPM_CACHE."""
     fake_cifar10(tmp_path / "cache", monkeypatch, corrupt=True)
-    with pytest.raises(ValueError, match="wrong md5.*delete it"):
-        ddpm.load_data("cifar10")
-    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "empty"))
 
     def offline(*args, **kwargs):
         raise OSError("Network is unreachable")
     monkeypatch.setattr("urllib.request.urlopen", offline)
     with pytest.raises(ConnectionError, match="copy cifar-10-python.tar.gz"):
+        ddpm.load_data("cifar10")
+    assert "has the wrong md5; renamed it to cifar-10-python.tar.gz.unreadable and downloading it again" in \
+        capsys.readouterr().out
+    assert os.listdir(tmp_path / "cache") == ["cifar-10-python.tar.gz.unreadable"]
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(ValueError, match=r"cannot write the cache folder .*file/cache \(Not a directory\); set "
+                                         r"DDPM_CACHE to a folder you can write"):
         ddpm.load_data("cifar10")
 
 
@@ -2089,6 +2198,19 @@ def test_data_and_samples_files_that_cannot_serve_get_one_line(tmp_path, capsys)
                                                       str(tmp_path / "20.npz"), "--out", str(tmp_path / "eval")],
                               "holds 8x8x3 images", "the model takes 8x8x1", "pass --data images of that shape")
     assert "--model" not in message and "--resize" not in message  # flags evaluate.py does not have
+
+
+def test_a_color_image_among_grayscale_ones_is_named(tmp_path):
+    """A folder of grayscale PNGs with one RGB file is refused for a grayscale model in one sentence naming that
+    file; for an RGB model every image is read as RGB."""
+    os.makedirs(tmp_path / "grey")
+    for i in range(5):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "grey" / f"{i}.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "grey" / "3b.png")
+    with pytest.raises(ValueError, match=r"grey/3b.png in .*grey is in color, the other 5 grayscale, and the model "
+                                         r"takes grayscale; convert or remove it$"):
+        ddpm.load_data(str(tmp_path / "grey"), resolution=8, in_channels=1)
+    assert ddpm.load_data(str(tmp_path / "grey"), in_channels=3).shape == (6, 8, 8, 3)
 
 
 # ---- 12. Sampling: the loops' plumbing and sample_images ----
@@ -2178,7 +2300,7 @@ def test_batch_indices_visit_every_example_once_per_epoch(n, batch_size, steps):
     ("train", "ema_decay", 2.0, r"--ema-decay .*in \[0, 1\]"), ("train", "precision", "fp16", "unknown precision"),
     ("model", "ch", 0, "--model.ch .*at least 1"), ("model", "resolution", 0, "--model.resolution must be"),
     ("model", "ch_mult", (), "--model.ch-mult needs one positive"), ("model", "ch", 48, "multiple of 32"),
-    ("diffusion", "beta_schedule", "linear", "use num_timesteps >= 20"), ("diffusion", "loss_type", "kl2", "unknown loss_type")])
+    ("diffusion", "beta_schedule", "linear", "--diffusion.beta-schedule linear --diffusion.num-timesteps 10: .*needs T >= 21"), ("diffusion", "loss_type", "kl2", "unknown loss_type")])
 def test_train_checks_its_config_before_any_work(tmp_path, section, field, value, message):
     """train() called from Python checks the config as the command line does, before reading data or writing."""
     config = tiny_config(tmp_path / "run", str(tmp_path / "missing.npy"))
@@ -2218,7 +2340,8 @@ def test_resume_is_bit_for_bit(tmp_path, images, capsys, tiny_run):
     with open(tmp_path / "b" / "ckpt-0000005.pt", "wb") as f:  # a half-written file from a crash
         f.write(open(tmp_path / "b" / "ckpt-0000003.pt", "rb").read()[:1000])
     ddpm.train(tiny_config(tmp_path / "b", images, steps=6, ckpt_every=3), resume=True)
-    assert "skipping unreadable checkpoint" in capsys.readouterr().out
+    assert re.search(r"ckpt-0000005.pt is an unreadable checkpoint \(.*\); renamed it to ckpt-0000005.pt.unreadable "
+                     r"and skipping it", capsys.readouterr().out)
     resumed = torch.load(tmp_path / "b" / "ckpt-0000006.pt", weights_only=True)
     for key in ("model", "ema", "optimizer", "rng", "step"):
         assert states_equal(whole[key], resumed[key]), key
@@ -2264,8 +2387,11 @@ def test_nan_guard_keeps_last_good_checkpoint(tmp_path, images):
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
                                      RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")])
 def test_a_full_disk_while_a_checkpoint_is_written_names_the_good_one(tmp_path, images, capsys, monkeypatch, failure):
-    """A write that fails (ENOSPC, or torch's own RuntimeError for it) stops the run with one sentence that says
-    the disk is full and which checkpoint is still good; that checkpoint is whole and nothing half-written stays."""
+    """A write that fails (ENOSPC, or torch's own RuntimeError for it, which carries no errno: then the free space
+    says it) stops the run with one sentence that says the disk is full and which checkpoint is still good; that
+    checkpoint is whole and nothing half-written stays."""
+    if isinstance(failure, RuntimeError):  # the disk torch could not write to has no space left
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100 << 30, 100 << 30, 0))
     save, calls = torch.save, []
     def full_disk(obj, f):
         calls.append(1)
@@ -2396,6 +2522,32 @@ def test_compiled_agrees_with_eager():
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
+def test_a_resume_with_nothing_to_do_says_so_and_changes_nothing(tmp_path, images, capsys):
+    """--resume with a --steps the run has reached (1 or 2 for a run at step 2) says so in one line and trains
+    nothing: every file of the run, config.json and metrics.jsonl included, keeps its bytes."""
+    out = tmp_path / "run"
+    argv = ["train", *TINY_FLAGS, "--data", images, "--out", str(out), "--steps", "2", "--log-every", "1"]
+    ddpm.main(argv)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    for steps in ("1", "2"):
+        capsys.readouterr()
+        ddpm.main([*argv, "--resume", "--steps", steps])
+        assert capsys.readouterr().out.splitlines() == [
+            f"resuming from {out / 'ckpt-0000002.pt'}",
+            f"{out} is already at step 2, which --steps {steps} does not pass: nothing to do; pass a larger --steps "
+            f"to train on"]
+        assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_a_model_too_big_for_memory_is_refused_in_one_sentence(tmp_path, capsys):
+    """--model.ch 4194304 asks for a 256 TiB layer (more than any address space, so it fails at once on every machine):
+    one line with the size asked for and what to lower, no traceback."""
+    _one_line_error(capsys, ddpm.main, ["train", "--preset", "digits", "--model.ch", str(2 ** 22), "--out",
+                                        str(tmp_path / "run")],
+                    r"^error: out of memory: the model or a batch asked for [\d,]+\.\d GiB; lower --batch-size "
+                    r"\(or --n\), or the model's size$")
+
+
 # ---- 14. Configuration and the command line ----
 
 
@@ -2430,7 +2582,7 @@ def test_cli_rejects_unknown_flags_and_wrong_types(capsys):
 def test_cli_flags_reach_every_config_field():
     """Every field of every config section has a flag, and flags override the preset with the right types."""
     parser = ddpm.argparse.ArgumentParser()
-    ddpm.add_config_flags(parser)
+    ddpm.add_config_flags(parser, "cifar10")
     dests = {a.dest for a in parser._actions} - {"help"}
     fields = {f"{s}.{f.name}" for s in ("model", "diffusion", "train")
               for f in dataclasses.fields(type(getattr(ddpm.Config(), s)))}
@@ -2450,14 +2602,14 @@ def test_train_and_sample_cli_smoke(tmp_path, images, capsys):
                "--sample-every", "2", "--ckpt-every", "2"])
     log = capsys.readouterr().out
     assert "parameters" in log and "step=2 loss=" in log and "loss_q3=" in log and "img/s=" in log
-    assert sorted(os.listdir(out)) == ["ckpt-0000002.pt", "config.json", "metrics.jsonl", "samples-0000002.png"]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt-0000002.pt", "config.json", "metrics.jsonl", "samples-0000002.png"]
     ckpt = torch.load(out / "ckpt-0000002.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["model"]["ch"] == 32
     assert {"model", "ema", "optimizer", "rng"} <= set(ckpt)
     ddpm.main(["sample", "--checkpoint", str(out / "ckpt-0000002.pt"), "--n", "5", "--batch-size", "2"])
     samples = np.load(out / "ckpt-0000002-samples" / "samples_5x8x8x3.npz")["arr_0"]
     assert samples.shape == (5, 8, 8, 3) and samples.dtype == np.uint8
-    assert sorted(os.listdir(out / "ckpt-0000002-samples")) == ["samples.png", "samples_5x8x8x3.npz"]
+    assert sorted(os.listdir(out / "ckpt-0000002-samples")) == [".lock", "samples_5x8x8x3.npz", "samples_5x8x8x3.png"]
     ddpm.main(["sample", "--checkpoint", str(out / "ckpt-0000002.pt"), "--n", "2", "--progressive"])
     # min(T, 20) = 10 columns and 2 rows of 8 px images with 1 px gaps, enlarged 4x
     assert Image.open(out / "ckpt-0000002-samples" / "progressive.png").size == (10 * 36 - 4, 2 * 36 - 4)
@@ -2490,6 +2642,79 @@ def test_the_device_is_checked_at_start(capsys, no_work):
                                   f"--device '{device}' is not a device of this machine", "use cpu, or cuda")
         assert ("no CUDA GPU" in message) == (device.startswith("cuda") and not torch.cuda.is_available())
         _one_line_error(capsys, evaluate.main, ["nll", "--checkpoint", "c.pt", "--device", device], "use cpu")
+
+
+SEED_RANGE = r"--seed must be in \[0, 4294967295\], got "
+MODEL = ["--checkpoint", "c.pt"]
+
+
+@pytest.mark.parametrize("main, argv, phrase", [
+    (ddpm.main, ["sample", *MODEL, "--n", "0"], "--n must be at least 1, got 0"),
+    (ddpm.main, ["sample", *MODEL, "--batch-size", "-3"], "--batch-size must be at least 1, got -3"),
+    (ddpm.main, ["sample", *MODEL, "--seed", "-1"], SEED_RANGE + "-1"),
+    (ddpm.main, ["sample", *MODEL, "--seed", str(2 ** 32)], SEED_RANGE + "4294967296"),
+    (ddpm.main, ["sample", *MODEL, "--ddim-eta", "1.5"], r"--ddim-eta must be in \[0, 1\], got 1.5"),
+    (ddpm.main, ["sample", *MODEL, "--ddim-eta", "nan"], r"--ddim-eta must be in \[0, 1\], got nan"),
+    (ddpm.main, ["train", "--seed", "-1"], SEED_RANGE + "-1"),
+    (ddpm.main, ["train", "--lr", "inf"], "--lr must be a finite number greater than 0, got inf"),
+    (ddpm.main, ["train", "--diffusion.num-timesteps", "20"], "--diffusion.num-timesteps 20: .*needs T >= 21"),
+    (evaluate.main, ["sample", *MODEL, "--ddim-eta", "-0.1"], r"--ddim-eta must be in \[0, 1\], got -0.1"),
+    (evaluate.main, ["sample", *MODEL, "--seed", "-2"], SEED_RANGE + "-2"),
+    (evaluate.main, ["nll", *MODEL, "--max-examples", "0"], "--max-examples must be at least 1, got 0"),
+    (evaluate.main, ["nll", *MODEL, "--seed", "-1"], SEED_RANGE + "-1"),
+    (evaluate.main, ["figures", *MODEL, "--frames", "0"], "--frames must be at least 1, got 0"),
+    (evaluate.main, ["figures", *MODEL, "--samples-per-latent", "0"], "--samples-per-latent must be at least 1"),
+    (evaluate.main, ["figures", *MODEL, "--interp-t", "0"], "--interp-t must be at least 1, got 0"),
+    (evaluate.main, ["digits-score", *MODEL, "--bootstrap", "-1"], "--bootstrap must be at least 2, got -1"),
+    (evaluate.main, ["digits-score", *MODEL, "--bootstrap", "1"], "--bootstrap must be at least 2, got 1"),
+    (evaluate.main, ["digits-score", *MODEL, "--nll-images", "-5"], r"--nll-images must be in \[1, 297\]"),
+    (evaluate.main, ["digits-score", *MODEL, "--nll-images", "5000"], r"--nll-images must be in \[1, 297\]"),
+    (evaluate.main, ["is", "x.npz", "--splits", "0"], "--splits must be at least 1, got 0"),
+    (evaluate.main, ["fid-stats", "--max-examples", "-1"], "--max-examples must be at least 1, got -1"),
+    (experiments.main, ["table2", "--steps", "1"], "--steps must be at least 2, got 1"),
+    (experiments.main, ["table2", "--jobs", "0"], "--jobs must be at least 1, got 0"),
+    (experiments.main, ["table2", "--seed", "-1"], SEED_RANGE + "-1"),
+    (experiments.main, ["table2", "--timesteps", "-3"], "--timesteps must be at least 1, got -3"),
+    (experiments.main, ["steps", *MODEL, "--bootstrap", "0"], "--bootstrap must be at least 2, got 0"),
+    (experiments.main, ["steps", *MODEL, "--n", "0"], "--n must be at least 1, got 0")])
+def test_every_numeric_flag_is_range_checked_before_any_work(tmp_path, capsys, no_work, main, argv, phrase):
+    """Each command's numeric flags at 0, below 0, too large or NaN: one line naming the flag the user typed, its
+    range and the value, before a model or data is read and before anything is written."""
+    out = {"is": [], "fid-stats": ["--out", str(tmp_path / "out.npz")]}.get(argv[0], ["--out", str(tmp_path / "out")])
+    _one_line_error(capsys, main, [*argv, *out], phrase)
+    assert os.listdir(tmp_path) == []
+
+
+def test_messages_name_the_real_cause_and_a_fix_that_can_be_typed(tmp_path, capsys):
+    """A file-size limit (ulimit -f) is not called a full disk; --respacing 0 is not told to use fewer steps; plain
+    weights of a model that is no released one are not told to pass a flag the command lacks; and `train --help`
+    shows the chosen preset's defaults and what 0 means."""
+    import resource
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, limits[1]))  # Python ignores SIGXFSZ: the write fails
+    try:
+        with pytest.raises(OSError, match=r"could not write .*big.pt: this process may not write files over 65536 "
+                                          r"bytes \(ulimit -f\); raise the limit and rerun"):
+            ddpm.save_checkpoint(tmp_path / "big.pt", {"w": torch.zeros(1 << 15)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert os.listdir(tmp_path) == []
+    model, _, _ = _tiny_model_checkpoint(tmp_path / "c.pt")
+    message = _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", str(tmp_path / "c.pt"), "--respacing",
+                                                  "0", "--out", str(tmp_path / "s")],
+                              r"cannot take 0 steps from a section of 25 steps \(T=25\); each section takes 1 to 25$")
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    message = _one_line_error(capsys, evaluate.main, ["sample", "--weights", str(tmp_path / "plain.pt"), "--out",
+                                                      str(tmp_path / "s")],
+                              r"ch_mult \(1, 2\), neither .* a checkpoint of ddpm.py train goes with --checkpoint")
+    assert "pass preset=" not in message and not (tmp_path / "s").exists()
+    with pytest.raises(SystemExit) as e:
+        ddpm.main(["train", "--preset", "digits", "--help"])
+    shown = capsys.readouterr().out
+    assert e.value.code == 0 and "defaults of --preset digits" in shown
+    for flag, text in (("--steps INT", "default: 1000; 0: until stopped"), ("--lr FLOAT", "default: 0.002"),
+                       ("--out STR", "default: runs/digits"), ("--model.ch INT", "default: 32")):
+        assert re.search(rf"{re.escape(flag)}\s+{re.escape(text)}", shown), flag
 
 
 # ---- 15. evaluate.py sample: resumable chunks, their records, Ctrl-C ----
@@ -2543,7 +2768,7 @@ def test_sample_never_mixes_chunks_of_other_settings(tmp_path, one_thread, monke
     assert last_line.startswith("interrupted: ") and f"1 of 2 chunks are kept in {tmp_path / 'out'}" in last_line
     assert "rerun the same command" in last_line
     monkeypatch.setattr(ddpm, "sample_images", sample_images)
-    assert sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz", "settings.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == [".lock", "chunk-seed0-batch2-00000.npz", "settings.json"]
     chunk = np.load(tmp_path / "out" / "chunk-seed0-batch2-00000.npz")["arr_0"]
     for flags, setting in ((["--respacing", "10"], "--respacing"), (["--ddim-eta", "0"], "--ddim-eta")):
         calls.clear()
@@ -2551,7 +2776,7 @@ def test_sample_never_mixes_chunks_of_other_settings(tmp_path, one_thread, monke
         with pytest.raises(SystemExit, match=f"^error: .*out holds samples made with other {setting} "
                                              f".*use another --out"):
             _sample_cli(tmp_path / "ckpt.pt", tmp_path / "out", *flags)
-        assert calls == [] and sorted(os.listdir(tmp_path / "out")) == ["chunk-seed0-batch2-00000.npz", "settings.json"]
+        assert calls == [] and sorted(os.listdir(tmp_path / "out")) == [".lock", "chunk-seed0-batch2-00000.npz", "settings.json"]
         assert np.array_equal(np.load(tmp_path / "out" / "chunk-seed0-batch2-00000.npz")["arr_0"], chunk)
     monkeypatch.setattr(ddpm, "sample_images", sample_images)
     other = ddpm.load_checkpoint(tmp_path / "ckpt.pt")  # the same config with other weights, at the same path
@@ -2580,25 +2805,38 @@ def test_sample_refuses_a_stale_final_file(tmp_path, one_thread, capsys):
     capsys.readouterr()
     assert np.array_equal(_sample_cli(tmp_path / "copy.pt", tmp_path / "out"), made)
     assert "already exists with these settings; nothing to do" in capsys.readouterr().out
-    os.remove(tmp_path / "out" / "settings.json")  # a file with no record (`ddpm.py sample`'s): not taken as done
+    os.remove(tmp_path / "out" / "settings.json")  # a file with no record (another tool's): not taken as done
     np.savez(tmp_path / "out" / "samples_3x8x8x1.npz", arr_0=made)
-    with pytest.raises(SystemExit, match="samples_3x8x8x1.npz exists but .* holds no record of the settings it was "
-                                         "made with .*; delete it"):
+    with pytest.raises(SystemExit, match="samples_3x8x8x1.npz exists but records no settings, so it may come from "
+                                         "another model; delete it, or pass another --out"):
         _sample_cli(tmp_path / "a.pt", tmp_path / "out")
 
 
-def test_sample_never_reports_another_command_s_file_as_done(tmp_path, capsys):
-    """A samples file that `ddpm.py sample` (which keeps no record) wrote over `evaluate.py sample`'s, with other
-    settings, is refused by the next `evaluate.py sample`, not reported as done with the wrong images."""
+def test_no_sample_command_writes_over_samples_of_other_settings(tmp_path, capsys):
+    """One rule for both sample commands: `ddpm.py sample` into a folder that holds `evaluate.py sample`'s samples of
+    other settings (--seed 1) is refused in one sentence naming --seed, before any sampling, and the file stays; with
+    the same settings each finds the other's file done. Figure 6's PNG records its settings and follows the same rule.
+    A result file that cannot be read is set aside as *.unreadable, with one line, and made again."""
     _tiny_model_checkpoint(tmp_path / "a.pt")
-    made = _sample_cli(tmp_path / "a.pt", tmp_path / "out")
-    ddpm.main(["sample", "--checkpoint", str(tmp_path / "a.pt"), "--n", "3", "--batch-size", "2", "--seed", "1",
-               "--out", str(tmp_path / "out"), "--device", "cpu"])
-    other = np.load(tmp_path / "out" / "samples_3x8x8x1.npz")["arr_0"]
-    assert not np.array_equal(other, made)
-    with pytest.raises(SystemExit, match="samples_3x8x8x1.npz holds samples made with other settings.*delete that "
-                                         "file, or use another --out"):
-        _sample_cli(tmp_path / "a.pt", tmp_path / "out")
+    made, out = _sample_cli(tmp_path / "a.pt", tmp_path / "out"), tmp_path / "out"
+    stamp = os.stat(out / "samples_3x8x8x1.npz").st_mtime_ns
+    plain = ["sample", "--checkpoint", str(tmp_path / "a.pt"), "--n", "3", "--batch-size", "2", "--out", str(out),
+             "--device", "cpu"]
+    _one_line_error(capsys, ddpm.main, [*plain, "--seed", "1"], r"samples_3x8x8x1.npz holds samples made with other "
+                    r"--seed \(0, now 1\); pass another --out, or delete it to make it again$")
+    ddpm.main(plain)
+    assert "already exists with these settings; nothing to do" in capsys.readouterr().out
+    assert os.stat(out / "samples_3x8x8x1.npz").st_mtime_ns == stamp
+    ddpm.main([*plain, "--progressive"])
+    _one_line_error(capsys, evaluate.main, [*plain, "--progressive", "--respacing", "5"],
+                    r"progressive.png holds samples made with other --respacing \(, now 5\)")
+    with Image.open(out / "progressive.png") as image:
+        assert json.loads(image.info["ddpm"])["seed"] == 0 and json.loads(image.info["ddpm"])["respacing"] == ""
+    (out / "samples_3x8x8x1.npz").write_bytes(b"")  # a copy cut short
+    ddpm.main(plain)
+    assert "samples_3x8x8x1.npz cannot be read (" in capsys.readouterr().out
+    assert np.array_equal(np.load(out / "samples_3x8x8x1.npz")["arr_0"], made)
+    assert os.path.getsize(out / "samples_3x8x8x1.npz.unreadable") == 0
 
 
 def test_ctrl_c_during_sample_says_what_is_kept(tmp_path, capsys, monkeypatch):
@@ -2623,7 +2861,7 @@ def test_ctrl_c_during_sample_says_what_is_kept(tmp_path, capsys, monkeypatch):
     assert "Traceback" not in err and line.startswith("interrupted: ")
     assert f"{len(kept)} of 1000 chunks are kept in {tmp_path / 'out'}" in line and "rerun the same command" in line
     assert kept == ["chunk-seed0-batch1-00000.npz"]  # the first chunk, whole; the signal came before the second
-    assert sorted(os.listdir(tmp_path / "out")) == kept + ["settings.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == [".lock"] + kept + ["settings.json"]
 
 
 # ---- 16. The NLL: ddpm.dataset_bpd through evaluate.py nll, rate and distortion, Table 4, resume ----
@@ -2699,7 +2937,7 @@ def test_resume_folder_refuses_other_settings_and_sets_aside_unreadable_pieces(t
     settings is refused, not taken."""
     settings, flags = {"seed": 0, "batch_size": 2}, {"seed": "--seed", "batch_size": "--batch-size"}
     folder = evaluate.ResumeFolder(tmp_path / "out", settings, flags, "batches")
-    assert folder.load("a.npz") is None and not os.path.exists(tmp_path / "out")  # nothing written before a piece
+    assert folder.load("a.npz") is None and os.listdir(tmp_path / "out") == [".lock"]  # held; nothing else written
     done = folder.pieces({0: "a.npz", 1: "b.json"})
     done[0], done[1] = {"x": np.arange(3)}, {"ok": True}
     again = evaluate.ResumeFolder(tmp_path / "out", settings, flags, "batches")
@@ -2719,8 +2957,20 @@ def test_resume_folder_refuses_other_settings_and_sets_aside_unreadable_pieces(t
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and all(re.search(r"cannot be read .*; renamed it to \w\.\w+\.unreadable and making it "
                                              r"again$", line) for line in lines), lines
-    assert sorted(os.listdir(tmp_path / "out")) == ["a.npz.unreadable", "b.json.unreadable", "c.npz.unreadable",
+    assert sorted(os.listdir(tmp_path / "out")) == [".lock", "a.npz.unreadable", "b.json.unreadable", "c.npz.unreadable",
                                                     "settings.json"]
+    (tmp_path / "out" / "settings.json").write_text('{"seed": 0, "bat')  # a record cut short
+    np.savez(tmp_path / "out" / "a.npz", x=np.arange(3))  # made with it: its settings are unknown now
+    folder = evaluate.ResumeFolder(tmp_path / "out", settings, flags, "batches")
+    assert folder.pieces({0: "a.npz"}) == {}
+    assert capsys.readouterr().out.splitlines() == [
+        f"{tmp_path / 'out' / 'settings.json'} cannot be read (JSONDecodeError); renamed it to "
+        f"settings.json.unreadable and setting aside each piece made with it",
+        f"{tmp_path / 'out' / 'a.npz'} cannot be read (ValueError: its settings.json was unreadable); renamed it to "
+        f"a.npz.unreadable2 and making it again"]  # the first a.npz.unreadable is kept
+    folder.save("a.npz", np.arange(2))
+    assert np.array_equal(folder.load("a.npz"), np.arange(2))
+    assert np.array_equal(evaluate.ResumeFolder(tmp_path / "out", settings, flags).load("a.npz"), np.arange(2))
     os.makedirs(tmp_path / "unrecorded")
     np.savez(tmp_path / "unrecorded" / "a.npz", x=np.arange(3))
     with pytest.raises(ValueError, match="a.npz exists but .*unrecorded holds no record of the settings it was made "
@@ -2816,6 +3066,12 @@ def test_inception_feature_path_end_to_end(tmp_path, capsys, inception_standin):
         stats = str(tmp_path / "stats.npz")
         _run_cli(capsys, ["fid-stats", "--data", str(tmp_path / "ref.npy"), "--out", stats, "--inception", path,
                           "--batch-size", "7", "--device", "cpu", "--no-progress"])
+        written = (tmp_path / "stats.npz").read_bytes()  # other statistics are not written over them, unasked
+        _one_line_error(capsys, evaluate.main, ["fid-stats", "--data", str(tmp_path / "ref.npy"), "--max-examples",
+                                                "20", "--out", stats, "--inception", path, "--device", "cpu"],
+                        r"stats.npz holds other statistics \(40 images of .*ref.npy train\); pass another --out, or "
+                        r"delete it to replace it$")
+        assert (tmp_path / "stats.npz").read_bytes() == written
         fid, out = _run_cli(capsys, ["fid", str(tmp_path / "samples.npz"), "--ref", stats, "--inception", path,
                                      "--batch-size", "16", "--device", "cpu", "--no-progress"])
         fid_data, _ = _run_cli(capsys, ["fid", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npy"),
@@ -2922,6 +3178,11 @@ def test_figures_cli(tmp_path, capsys):
     assert sizes["fig7-shared-latents.png"] == ((5 * tile - 1) * scale, (4 * tile - 1) * scale)  # x0, xt, 3 samples
     assert sizes["fig8-interpolation.png"] == ((13 * tile - 1) * scale, (2 * tile - 1) * scale)  # x0, 11 lambdas, x0'
     assert "loss.png" in sizes  # matplotlib is in requirements-dev.txt
+    _one_line_error(capsys, evaluate.main, ["figures", "--checkpoint", str(tmp_path / "ckpt.pt"), "--n", "2",
+                                            "--frames", "4", "--samples-per-latent", "3", "--data", "digits",
+                                            "--interp-t", "5", "--out", out, "--device", "cpu", "--seed", "1"],
+                    r"fig holds figures made with other --seed \(0, now 1\)")  # never written over, unasked
+    assert {os.path.basename(p): Image.open(p).size for p in paths} == sizes
     with pytest.raises(SystemExit, match="interp-t"):
         evaluate.main(["figures", "--checkpoint", str(tmp_path / "ckpt.pt"), "--interp-t", "26", "--device", "cpu"])
     (tmp_path / "empty.jsonl").write_text('{"step": 1}\n')  # refused before any sampling
@@ -3023,7 +3284,7 @@ def test_sample_command_draws_from_a_diffusers_snapshot(tmp_path):
                "--respacing", "10"])  # 10 of the 1000 steps keep the test fast; the full loop is the same code
     images = np.load(tmp_path / "s" / "samples_16x32x32x3.npz")["arr_0"]
     assert images.shape == (16, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
-    assert (tmp_path / "s" / "samples.png").exists()
+    assert (tmp_path / "s" / "samples_16x32x32x3.png").exists()
     for run in ("d1", "d2"):  # deterministic DDIM (eta 0) on 10 respaced steps: the same images from the same seed
         evaluate.main(["sample", "--weights", str(snapshot), "--n", "4", "--batch-size", "4", "--out", str(tmp_path / run),
                    "--respacing", "ddim10", "--ddim-eta", "0"])
@@ -3296,7 +3557,8 @@ def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_
 @pytest.mark.parametrize("command, flags, phrase", [
     ("table2", ["--n", "500"], r"--n 500 must be in \[2, 297\]"),
     ("table2", ["--nll-images", "0"], r"--nll-images must be in \[1, 297\]"),
-    ("table2", ["--timesteps", "10"], r"ends at beta = 2 > 1 for T=10"),
+    ("table2", ["--timesteps", "10"], r"--timesteps 10 \(linear schedule\): .*needs T >= 21 .*use T >= 21"),
+    ("table2", ["--timesteps", "0"], r"--timesteps must be at least 1, got 0"),
     ("digits-score", ["--n", "1"], r"--n 1 must be in \[2, 297\]"),
     ("digits-score", ["--nll-images", "400"], r"--nll-images must be in \[1, 297\], .* got 400"),
     ("steps", ["--n", "298"], r"--n 298 must be in \[2, 297\]")])
