@@ -56,7 +56,7 @@ stats:              ## ddpm.py's lines of code by section and the README's lengt
 # second intra-op thread helps training little (docs/training.md). It skips the in-training sample grid (64 samples on one core while
 # the other waits); the scoring that follows draws 256 samples with both cores' threads, prints the test bits/dim and
 # the samples' digits-FD, each beside its reference points (docs/evidence.md), and writes
-# runs/demo/digits-score/samples.png.
+# runs/demo/ckpt-0001000-digits-score/samples.png.
 DEMO_PROCS ?= 2
 demo: install       ## train the digits preset on 2 CPU cores, then test NLL and sample score (about 10 min)
 	rm -rf runs/demo

@@ -709,6 +709,7 @@ class UNet(nn.Module):
 
 PRECISIONS = ("fp32", "bf16")  # how the U-Net runs in training (autocast); fp32 is the paper's
 MAX_SEED = 2 ** 32 - 1  # seeds are 0..MAX_SEED in every command
+MAX_TIMESTEPS = 10 ** 6  # T: 1000 times the paper's; each of the diffusion's arrays is then 8 MB
 
 
 def check_range(flag, value, low, high=math.inf):
@@ -780,11 +781,14 @@ class Config:
             check_range(flag, value, 1)
         for flag, value in (("--steps", t.steps), ("--warmup", t.warmup), ("--sample-every", t.sample_every)):
             check_range(flag, value, 0)  # 0 means: until stopped, no warmup, no grids
-        check_range("--diffusion.num-timesteps", d.num_timesteps, 1, 10 ** 6)  # 1000x the paper's T, 1 GB per array
+        for flag, value, high in (("--diffusion.num-timesteps", d.num_timesteps, MAX_TIMESTEPS),
+                                  ("--model.num-res-blocks", m.num_res_blocks, 100), ("--model.resolution",
+                                                                                      m.resolution, 16384)):
+            check_range(flag, value, 1, high)  # far past any published model, and each builds at once
         if m.in_channels not in (1, 3):  # what images have (load_data)
             raise ValueError(f"--model.in-channels must be 1 (grayscale) or 3 (RGB), got {m.in_channels}")
-        if not 0 < t.lr < math.inf:  # 0 would leave the weights as initialised (and NaN fails here too)
-            raise ValueError(f"--lr must be a finite number greater than 0, got {t.lr}")
+        if not 0 < t.lr <= 1:  # 0 leaves the weights as initialised; Adam moves each weight by up to lr a step
+            raise ValueError(f"--lr must be in (0, 1], got {t.lr}")
         check_range("--seed", t.seed, 0, MAX_SEED)
         if not t.grad_clip > 0:
             raise ValueError(f"--grad-clip must be greater than 0, got {t.grad_clip}")
@@ -805,6 +809,13 @@ class Config:
         except ValueError as e:  # the schedule's own rule, in the flags' words
             raise ValueError(f"--diffusion.beta-schedule {d.beta_schedule} --diffusion.num-timesteps "
                              f"{d.num_timesteps}: {e}") from None
+        try:
+            with torch.device("meta"):  # shapes only: the model's size before any memory is taken
+                params = sum(p.numel() for p in create_model_and_diffusion(self)[0].parameters())
+        except RuntimeError:  # sizes past int64
+            params = math.inf
+        check_fits(16 * params, f"a U-Net of {params:,} parameters (fp32 weights, EMA and Adam's two moments)",
+                   "lower --model.ch, --model.ch-mult or --model.num-res-blocks")
 
     def to_dict(self):
         """Plain nested dict of ints, floats, strings and lists: safe for torch.load(weights_only=True)."""
@@ -1391,15 +1402,15 @@ def made_with(path, record):
     return True
 
 
-def check_fits(num_bytes, what):
-    """Refuse, in one sentence, `what` when its num_bytes cannot fit in this machine's memory."""
+def check_fits(num_bytes, what, fix="ask for fewer"):
+    """Refuse, in one sentence with `fix`, `what` when its num_bytes cannot fit in this machine's memory."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows): an allocation failure says it later
         return
     if num_bytes > total:
         raise ValueError(f"{what} need {num_bytes / 2 ** 30:,.1f} GiB of memory, more than this machine's "
-                         f"{total / 2 ** 30:,.1f} GiB; ask for fewer")
+                         f"{total / 2 ** 30:,.1f} GiB; {fix}")
 
 
 def save_samples(out, images, record):
@@ -1439,16 +1450,23 @@ def save_progressive(model, diffusion, n, seed, path, ddim_eta=None, record=None
     print(f"wrote {path}: {n} rows of x0 estimates, t = T .. 1")
 
 
+def check_sample_request(model, n, ddim_eta):
+    """The shape [n, H, W, C] of n samples of `model`, after refusing a --ddim-eta outside [0, 1] and samples that
+    cannot fit in memory."""
+    if ddim_eta is not None:
+        check_range("--ddim-eta", ddim_eta, 0, 1)  # DDIM's eta: 0 is deterministic, 1 the posterior's variance
+    shape = (n, model.resolution, model.resolution, model.in_channels)
+    check_fits(math.prod(shape), f"--n {n} samples of {'x'.join(map(str, shape[1:]))} (uint8)")
+    return shape
+
+
 def sample_command(model, diffusion, out, n, batch_size, seed, progressive, ddim_eta, record, done=None):
     """The sampler behind `ddpm.py sample` and `evaluate.py sample`: n samples in batches (sample_batches, resumed
     from `done`) written by save_samples with `record` (sample_settings, n and the source), or with progressive=True
     Figure 6 (save_progressive) as out/progressive.png. Before any work it refuses a --ddim-eta outside [0, 1],
     samples that cannot fit in memory, and a result in `out` of other settings (made_with); the same settings
     again have nothing to do. It holds `out` (lock_folder) while it writes there."""
-    if ddim_eta is not None:
-        check_range("--ddim-eta", ddim_eta, 0, 1)  # DDIM's eta: 0 is deterministic, 1 the posterior's variance
-    shape = (n, model.resolution, model.resolution, model.in_channels)
-    check_fits(math.prod(shape), f"--n {n} samples of {'x'.join(map(str, shape[1:]))} (uint8)")
+    shape = check_sample_request(model, n, ddim_eta)
     lock_folder(out)
     path = os.path.join(out, "progressive.png" if progressive else samples_file(shape))
     if made_with(path, record):
@@ -1929,7 +1947,7 @@ def run_cli(command, args):
         sys.exit(f"error: {e}")
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError; a bug keeps its traceback
         asked = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]i?B)", str(e))
-        if not (isinstance(e, MemoryError) or asked):
+        if not (isinstance(e, MemoryError) or asked or "size calculation overflowed" in str(e)):
             raise
         size = f" {int(asked[1]) / 2 ** 30:,.1f} GiB" if asked and asked[1] else f" {asked[2]}" if asked else ""
         sys.exit(f"error: out of memory: the model or a batch asked for{size or ' more than there is'}; lower "
@@ -1941,8 +1959,8 @@ def run_cli(command, args):
 # The valid range of every numeric flag of ddpm.py sample, evaluate.py and experiments.py, by argparse name (train's
 # are Config fields, which Config.check checks); each command checks the ranges that depend on its model or data.
 FLAG_RANGES = {"n": (1,), "batch_size": (1,), "seed": (0, MAX_SEED), "ddim_eta": (0, 1), "max_examples": (1,),
-               "frames": (1,), "samples_per_latent": (1,), "splits": (1,), "bootstrap": (2,),
-               "steps": (2,), "jobs": (1,), "timesteps": (1,), "interp_t": (1,)}
+               "frames": (1,), "samples_per_latent": (1,), "splits": (1,), "bootstrap": (2, 10 ** 5),
+               "steps": (2,), "jobs": (1,), "timesteps": (1, MAX_TIMESTEPS), "interp_t": (1,)}
 
 
 def check_flags(args):

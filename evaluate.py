@@ -345,6 +345,7 @@ def cmd_sample(args):
     ddpm.check_out(out)
     model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, torch.device(args.device),
                                                  args.respacing)
+    ddpm.check_sample_request(model, args.n, args.ddim_eta)  # before the chunk names: --n may be huge
     settings = ddpm.sample_settings(model, config, args.respacing, args.ddim_eta, args.seed, args.batch_size)
     record = dict(settings, n=args.n, source=source)
     if args.progressive:
@@ -877,33 +878,26 @@ def cmd_figures(args):
     settings = {"weights_sha256": ddpm.weights_sha256(model), "chain_sha256": chain_sha256(diffusion),
                 **{k: getattr(args, k) for k in ("seed", "n", "frames", "samples_per_latent", "interp_t", "data",
                                                  "split", "device")}}
-    ResumeFolder(out, settings, {**{k: "--" + k.replace("_", "-") for k in settings}, **SCORE_FLAGS}, "figures",
-                 info={"weights_sha256": args.checkpoint or args.weights}).record()
+    folder = ResumeFolder(out, settings, {**{k: "--" + k.replace("_", "-") for k in settings}, **SCORE_FLAGS},
+                          "figures", info={"weights_sha256": args.checkpoint or args.weights})
     # batch 0's seed, so Figure 6's last column is the images of `sample --n N --seed S` with a --batch-size >= N
     generator = torch.Generator(device=device).manual_seed(ddpm.batch_seed(args.seed, 0))
-    written = []
-
-    rows = ddpm.sample_images(model, diffusion, args.n, frames=ddpm.progressive_frames(T, args.frames),
-                              generator=generator)
-    save_rows(rows, os.path.join(out, "fig6-progressive.png"))
-    written.append("fig6-progressive.png")
-
+    figures = {"fig6-progressive.png": ddpm.sample_images(model, diffusion, args.n, generator=generator,
+                                                          frames=ddpm.progressive_frames(T, args.frames))}
     if sources is None:
         sources = diffusion.p_sample_loop(model, (2 * args.n, C, R, R), generator=generator, device=device)
 
     ts = sorted({max(0, round(f * T) - 1) for f in (1.0, 0.75, 0.5, 0.25)}, reverse=True)  # paper t = 1000,750,500,250
     rows = shared_latents(model, diffusion, sources[0], ts, args.samples_per_latent, generator)
-    rows = torch.cat([sources[0].expand(len(ts), 1, -1, -1, -1), rows], dim=1)  # x_0 | x_t | samples
-    save_rows(rows, os.path.join(out, "fig7-shared-latents.png"))
-    written.append("fig7-shared-latents.png")
-
+    figures["fig7-shared-latents.png"] = torch.cat([sources[0].expand(len(ts), 1, -1, -1, -1), rows], dim=1)
     t = (args.interp_t or max(1, T // 2)) - 1  # the paper interpolates 256x256 images at t = 500 of 1000
-    rows = torch.stack([torch.cat([sources[2 * k][None], interpolate(model, diffusion, sources[2 * k],
-                                                                     sources[2 * k + 1], t, 11, generator),
-                                   sources[2 * k + 1][None]]) for k in range(args.n)])
-    save_rows(rows, os.path.join(out, "fig8-interpolation.png"))
-    written.append("fig8-interpolation.png")
-
+    figures["fig8-interpolation.png"] = torch.stack([torch.cat([sources[2 * k][None], interpolate(
+        model, diffusion, sources[2 * k], sources[2 * k + 1], t, 11, generator), sources[2 * k + 1][None]])
+        for k in range(args.n)])
+    folder.record()  # all drawn: written together, so a failure leaves no figure of a half run
+    for name, rows in figures.items():
+        save_rows(rows, os.path.join(out, name))
+    written = list(figures)
     if metrics and plot_loss_curve(metrics, os.path.join(out, "loss.png")):
         written.append("loss.png")
     print(f"wrote {', '.join(written)} to {out} (Fig. 7 rows: x_0, x_t, samples at paper t = "
@@ -1203,15 +1197,15 @@ SCORE_FLAGS = {"weights_sha256": "weights (--checkpoint/--weights)", "chain_sha2
 
 
 def score_folder(args, model, diffusion, what, **settings):
-    """The output folder of digits-score or steps (`what`): --out, else <checkpoint or weights>-<what> beside it. A
-    ResumeFolder of SCORE_FLAGS (with `settings`), recorded before any work: one folder holds one model's score at
-    one set of settings, so a rerun with others is refused rather than replacing it."""
+    """(the output folder of digits-score or steps (`what`): --out, else <checkpoint or weights>-<what> beside it,
+    its ResumeFolder of SCORE_FLAGS with `settings`): one folder holds one model's score at one set of settings, so
+    a rerun with others is refused before any work, rather than replacing it. The caller records the settings
+    (ResumeFolder.record) when it writes the result."""
     source = args.checkpoint or args.weights
     out = args.out or os.path.splitext(os.path.normpath(source))[0] + f"-{what}"
     settings = dict(weights_sha256=ddpm.weights_sha256(model), chain_sha256=chain_sha256(diffusion), n=args.n,
                     seed=args.seed, bootstrap=args.bootstrap, device=ddpm._model_device(model).type, **settings)
-    ResumeFolder(out, settings, SCORE_FLAGS, f"a {what} result", info={"weights_sha256": source}).record()
-    return out
+    return out, ResumeFolder(out, settings, SCORE_FLAGS, f"a {what} result", info={"weights_sha256": source})
 
 
 def digits_test_nll(model, diffusion, num_images, seed=0):
@@ -1243,7 +1237,7 @@ def cmd_digits_score(args):
     model, diffusion, config = load_for_sampling(args.checkpoint, args.weights, device, args.respacing)
     source = args.checkpoint or args.weights
     check_digits_model(config, source)
-    out = score_folder(args, model, diffusion, "digits-score", nll_images=args.nll_images)
+    out, folder = score_folder(args, model, diffusion, "digits-score", nll_images=args.nll_images)
     d = config.diffusion
     print(f"digits evidence for {source}: {d.model_mean_type} / {d.model_var_type} / {d.loss_type}, "
           f"{diffusion.num_timesteps} sampling steps, EMA weights", flush=True)
@@ -1257,6 +1251,7 @@ def cmd_digits_score(args):
     print(f"    uniform over 256 levels {refs['uniform_256']:.2f}")
     start = time.time()
     images = digits_samples(model, diffusion, args.n, args.seed, digits_samples_folder(out))
+    folder.record()
     ddpm.save_image_grid(images[:64], os.path.join(out, "samples.png"))
     s, scale = score(images), digits_score_scale(score, args.n, args.seed)
     print(f"  samples ({args.n}, {time.time() - start:.0f} s)        digits-FD {pm(s['fd'], s['fd_std']):>16}   "

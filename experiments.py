@@ -257,6 +257,7 @@ def cmd_table2(args):
     settings = dict(steps=args.steps, n=args.n, nll_images=args.nll_images, timesteps=args.timesteps, seed=args.seed,
                     bootstrap=args.bootstrap)
     check_digits_counts(args.n, args.nll_images)
+    ddpm.check_range("--jobs", args.jobs, 1, len(TABLE2_ROWS) * len(TABLE2_TASKS))  # more tasks never exist
     schedule = ddpm.get_preset("digits").diffusion.beta_schedule
     try:
         ddpm.get_beta_schedule(schedule, args.timesteps)
@@ -305,7 +306,7 @@ def cmd_steps(args):
                          f"got {args.counts!r}")
     chains = [(sampler, count, ddpm.respace(diffusion, f"ddim{count}" if sampler == "ddim" else str(count)))
               for sampler in ("ancestral", "ddim") for count in counts]  # a count DDIM cannot stride fails here
-    out = score_folder(args, model, diffusion, "steps", counts=counts)
+    out, folder = score_folder(args, model, diffusion, "steps", counts=counts)
     samples = digits_samples_folder(out)  # shared with digits-score
     scale = digits_score_scale(score, args.n, args.seed)
     print(f"digits-FD against network evaluations for {source} ({args.n} samples each, seed {args.seed})")
@@ -318,6 +319,7 @@ def cmd_steps(args):
               f"digits-IS {pm(rows[-1]['is'], rows[-1]['is_std'])}  ({rows[-1]['seconds']:.0f} s)", flush=True)
     print_digits_scale(scale)
     print_steps_table(rows, counts)
+    folder.record()
     atomic_json(os.path.join(out, "steps.json"), {"rows": rows, "scale": scale, "source": source, "n": args.n})
     if plot_steps(rows, scale, os.path.join(out, "steps.png")):
         print(f"wrote {os.path.join(out, 'steps.png')} and steps.json")

@@ -2296,7 +2296,7 @@ def test_batch_indices_visit_every_example_once_per_epoch(n, batch_size, steps):
 
 
 @pytest.mark.parametrize("section, field, value, message", [
-    ("train", "log_every", 0, "--log-every .*at least 1"), ("train", "lr", -1.0, "--lr .*greater than 0"),
+    ("train", "log_every", 0, "--log-every .*at least 1"), ("train", "lr", -1.0, r"--lr must be in \(0, 1\]"),
     ("train", "ema_decay", 2.0, r"--ema-decay .*in \[0, 1\]"), ("train", "precision", "fp16", "unknown precision"),
     ("model", "ch", 0, "--model.ch .*at least 1"), ("model", "resolution", 0, "--model.resolution must be"),
     ("model", "ch_mult", (), "--model.ch-mult needs one positive"), ("model", "ch", 48, "multiple of 32"),
@@ -2311,8 +2311,8 @@ def test_train_checks_its_config_before_any_work(tmp_path, section, field, value
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--lr", "0"], r"--lr .*greater than 0.* 0\.0\b"),
-    (["--lr=-1e-3"], r"--lr .*greater than 0.* -0\.001\b"),
+    (["--lr", "0"], r"--lr must be in \(0, 1\], got 0\.0\b"),
+    (["--lr=-1e-3"], r"--lr must be in \(0, 1\], got -0\.001\b"),
     (["--grad-clip", "0"], r"--grad-clip .*greater than 0.* 0\.0\b"),
     (["--model.attn-resolutions", "3"], r"--model.attn-resolutions 3 .*no level of this U-Net.*use some of 8,4\b")])
 def test_values_that_would_train_nothing_or_silently_differ_are_refused(tmp_path, capsys, no_work, argv, message):
@@ -2539,13 +2539,23 @@ def test_a_resume_with_nothing_to_do_says_so_and_changes_nothing(tmp_path, image
         assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 
-def test_a_model_too_big_for_memory_is_refused_in_one_sentence(tmp_path, capsys):
-    """--model.ch 4194304 asks for a 256 TiB layer (more than any address space, so it fails at once on every machine):
-    one line with the size asked for and what to lower, no traceback."""
-    _one_line_error(capsys, ddpm.main, ["train", "--preset", "digits", "--model.ch", str(2 ** 22), "--out",
-                                        str(tmp_path / "run")],
-                    r"^error: out of memory: the model or a batch asked for [\d,]+\.\d GiB; lower --batch-size "
-                    r"\(or --n\), or the model's size$")
+def test_a_model_too_big_for_memory_is_refused_in_one_sentence(tmp_path, capsys, no_work, monkeypatch):
+    """--model.ch 4194304 (a U-Net of 2^48 parameters) or 10^12 (past int64) is refused before any data is read, in
+    one line with the memory it needs and what to lower: its size is read on torch's meta device, which takes no
+    memory. Memory that runs out later (a batch too big) ends in one line with the size asked for, not a traceback."""
+    for ch in (2 ** 22, 10 ** 12):
+        _one_line_error(capsys, ddpm.main, ["train", "--preset", "digits", "--model.ch", str(ch), "--out",
+                                            str(tmp_path / "run")],
+                        r"^error: a U-Net of [\d,inf]+ parameters \(fp32 weights, EMA and Adam's two moments\) need "
+                        r"[\d,inf.]+ GiB of memory, more than this machine's [\d,.]+ GiB; lower --model.ch, "
+                        r"--model.ch-mult or --model.num-res-blocks$")
+    assert not (tmp_path / "run").exists()
+    def out_of_memory(args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. "
+                           "Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(ddpm, "sample_checkpoint", out_of_memory)
+    _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", "c.pt"], r"^error: out of memory: the model or a "
+                    r"batch asked for 8.0 GiB; lower --batch-size \(or --n\), or the model's size$")
 
 
 # ---- 14. Configuration and the command line ----
@@ -2656,7 +2666,15 @@ MODEL = ["--checkpoint", "c.pt"]
     (ddpm.main, ["sample", *MODEL, "--ddim-eta", "1.5"], r"--ddim-eta must be in \[0, 1\], got 1.5"),
     (ddpm.main, ["sample", *MODEL, "--ddim-eta", "nan"], r"--ddim-eta must be in \[0, 1\], got nan"),
     (ddpm.main, ["train", "--seed", "-1"], SEED_RANGE + "-1"),
-    (ddpm.main, ["train", "--lr", "inf"], "--lr must be a finite number greater than 0, got inf"),
+    (ddpm.main, ["train", "--lr", "inf"], r"--lr must be in \(0, 1\], got inf"),
+    (ddpm.main, ["train", "--lr", "2"], r"--lr must be in \(0, 1\], got 2.0"),
+    (ddpm.main, ["train", "--model.num-res-blocks", str(10 ** 12)], r"--model.num-res-blocks must be in \[1, 100\]"),
+    (ddpm.main, ["train", "--model.resolution", str(10 ** 12)], r"--model.resolution must be in \[1, 16384\]"),
+    (ddpm.main, ["train", "--diffusion.num-timesteps", str(10 ** 12)], r"--diffusion.num-timesteps must be in \[1, "
+                                                                         r"1000000\]"),
+    (experiments.main, ["table2", "--jobs", str(10 ** 12)], r"--jobs must be in \[1, 21\]"),
+    (experiments.main, ["table2", "--timesteps", str(10 ** 12)], r"--timesteps must be in \[1, 1000000\]"),
+    (evaluate.main, ["digits-score", *MODEL, "--bootstrap", str(10 ** 12)], r"--bootstrap must be in \[2, 100000\]"),
     (ddpm.main, ["train", "--diffusion.num-timesteps", "20"], "--diffusion.num-timesteps 20: .*needs T >= 21"),
     (evaluate.main, ["sample", *MODEL, "--ddim-eta", "-0.1"], r"--ddim-eta must be in \[0, 1\], got -0.1"),
     (evaluate.main, ["sample", *MODEL, "--seed", "-2"], SEED_RANGE + "-2"),
@@ -2665,8 +2683,8 @@ MODEL = ["--checkpoint", "c.pt"]
     (evaluate.main, ["figures", *MODEL, "--frames", "0"], "--frames must be at least 1, got 0"),
     (evaluate.main, ["figures", *MODEL, "--samples-per-latent", "0"], "--samples-per-latent must be at least 1"),
     (evaluate.main, ["figures", *MODEL, "--interp-t", "0"], "--interp-t must be at least 1, got 0"),
-    (evaluate.main, ["digits-score", *MODEL, "--bootstrap", "-1"], "--bootstrap must be at least 2, got -1"),
-    (evaluate.main, ["digits-score", *MODEL, "--bootstrap", "1"], "--bootstrap must be at least 2, got 1"),
+    (evaluate.main, ["digits-score", *MODEL, "--bootstrap", "-1"], r"--bootstrap must be in \[2, 100000\], got -1"),
+    (evaluate.main, ["digits-score", *MODEL, "--bootstrap", "1"], r"--bootstrap must be in \[2, 100000\], got 1"),
     (evaluate.main, ["digits-score", *MODEL, "--nll-images", "-5"], r"--nll-images must be in \[1, 297\]"),
     (evaluate.main, ["digits-score", *MODEL, "--nll-images", "5000"], r"--nll-images must be in \[1, 297\]"),
     (evaluate.main, ["is", "x.npz", "--splits", "0"], "--splits must be at least 1, got 0"),
@@ -2674,8 +2692,8 @@ MODEL = ["--checkpoint", "c.pt"]
     (experiments.main, ["table2", "--steps", "1"], "--steps must be at least 2, got 1"),
     (experiments.main, ["table2", "--jobs", "0"], "--jobs must be at least 1, got 0"),
     (experiments.main, ["table2", "--seed", "-1"], SEED_RANGE + "-1"),
-    (experiments.main, ["table2", "--timesteps", "-3"], "--timesteps must be at least 1, got -3"),
-    (experiments.main, ["steps", *MODEL, "--bootstrap", "0"], "--bootstrap must be at least 2, got 0"),
+    (experiments.main, ["table2", "--timesteps", "-3"], r"--timesteps must be in \[1, 1000000\], got -3"),
+    (experiments.main, ["steps", *MODEL, "--bootstrap", "0"], r"--bootstrap must be in \[2, 100000\], got 0"),
     (experiments.main, ["steps", *MODEL, "--n", "0"], "--n must be at least 1, got 0")])
 def test_every_numeric_flag_is_range_checked_before_any_work(tmp_path, capsys, no_work, main, argv, phrase):
     """Each command's numeric flags at 0, below 0, too large or NaN: one line naming the flag the user typed, its
@@ -3558,7 +3576,7 @@ def test_table2_and_steps_end_to_end_tiny(tmp_path, capsys, monkeypatch, digits_
     ("table2", ["--n", "500"], r"--n 500 must be in \[2, 297\]"),
     ("table2", ["--nll-images", "0"], r"--nll-images must be in \[1, 297\]"),
     ("table2", ["--timesteps", "10"], r"--timesteps 10 \(linear schedule\): .*needs T >= 21 .*use T >= 21"),
-    ("table2", ["--timesteps", "0"], r"--timesteps must be at least 1, got 0"),
+    ("table2", ["--timesteps", "0"], r"--timesteps must be in \[1, 1000000\], got 0"),
     ("digits-score", ["--n", "1"], r"--n 1 must be in \[2, 297\]"),
     ("digits-score", ["--nll-images", "400"], r"--nll-images must be in \[1, 297\], .* got 400"),
     ("steps", ["--n", "298"], r"--n 298 must be in \[2, 297\]")])
