@@ -993,10 +993,12 @@ def lock_folder(folder):
     """Create `folder` if needed and hold it for this process: an exclusive lock on folder/.lock (flock; on Windows
     msvcrt.locking), so a second process that would write the folder is refused at once, in one sentence. The
     kernel drops the lock when the process ends, however it ends, so no stale lock is left. A process may lock a
-    folder it holds again; release_locks() lets all go. Called after the checks, just before the first write."""
+    folder it holds again; release_locks() lets all go (every command does as it ends). Called after the checks,
+    just before the first write."""
     key = os.path.realpath(folder)
     if key in _LOCKS:
         return
+    created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     f = open(os.path.join(folder, ".lock"), "a+")
     try:
@@ -1016,13 +1018,18 @@ def lock_folder(folder):
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {platform.node()}")
     f.flush()
-    _LOCKS[key] = f
+    _LOCKS[key] = f, created
 
 
 def release_locks():
-    """Let go of every folder this process holds (lock_folder)."""
+    """Let go of every folder this process holds (lock_folder), newest first; one it made and wrote nothing into
+    (the command failed first) is removed, so a failure leaves no empty folder."""
     while _LOCKS:
-        _LOCKS.popitem()[1].close()
+        folder, (f, created) = _LOCKS.popitem()
+        if created and os.listdir(folder) == [".lock"]:
+            os.remove(os.path.join(folder, ".lock"))  # still held: no other process can have taken it
+            os.rmdir(folder)
+        f.close()
 
 
 def save_checkpoint(path, state):

@@ -862,6 +862,9 @@ def cmd_figures(args):
     if args.interp_t is not None and not 1 <= args.interp_t <= T:
         raise ValueError(f"--interp-t must be a paper timestep 1..{T}, got {args.interp_t}")
     ddpm.check_range("--frames", args.frames, 1, T)  # Figure 6 shows at most every step
+    images = 2 * args.n + args.n * args.frames + 4 * (2 + args.samples_per_latent) + 13 * args.n  # in the figures
+    ddpm.check_fits(4 * C * R * R * images, f"figures of {images:,} float images ({args.n} rows, {args.frames} frames, "
+                    f"{args.samples_per_latent} samples per latent)", "lower --n, --frames or --samples-per-latent")
     metrics = args.metrics or (os.path.join(os.path.dirname(args.checkpoint), "metrics.jsonl")
                                if args.checkpoint else None)
     if args.metrics and not os.path.isfile(args.metrics):
