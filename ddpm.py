@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +52,9 @@ import torch.nn.functional as F
 BETA_SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
 
 
+MIN_ALPHA_BAR = 1e-60  # x0 from eps multiplies x_t by 1/sqrt(alpha-bar) <= 1e30: float32 (to 3.4e38) holds it
+
+
 def get_beta_schedule(name, num_timesteps):
     """The variances beta_1..beta_T of q(x_t | x_{t-1}) as a float64 numpy array of shape [T].
 
@@ -58,39 +62,53 @@ def get_beta_schedule(name, num_timesteps):
     improved-diffusion's get_named_beta_schedule does, so that the total noise stays comparable.
     'quad', 'const', 'warmup10' and 'warmup50' keep the official fixed ends 1e-4 and 0.02 at any T, as the
     official get_beta_schedule does (only improved-diffusion's 'linear' is rescaled). 'jsd' is 1/T .. 1/2 and
-    'cosine' is improved-diffusion's. Every beta is below 1: at beta = 1, alpha-bar_T = 0 and eps-prediction's
-    x0 = (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar) divides by zero. So 'jsd' ends at 0.999, not the
-    official 1, and 'cosine' is capped at 0.999 as improved-diffusion does; 'linear' needs T >= 21; the rest work
-    at every T >= 1.
+    'cosine' is improved-diffusion's.
+
+    eps-prediction's x0 = (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar) needs alpha-bar_T > 0, so every beta is
+    below 1 ('jsd' ends at 0.999, not the official 1; 'cosine' is capped at 0.999 as improved-diffusion does;
+    'linear' needs T >= 21), and alpha-bar_T >= MIN_ALPHA_BAR, so that float32 holds 1/sqrt(alpha-bar) (the fixed
+    ends of 'const', 'quad' and 'warmup*' lose too much at very large T). A T outside is refused, naming the
+    smallest or largest T that works; 'linear' and 'cosine' work at every larger T.
     """
     T = num_timesteps
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"num_timesteps must be a positive int, got {T!r}")
+    if name == "linear" and T < 21:  # its last beta, 0.02 * 1000/T, is 1 at T = 20: nothing of x_0 is left at t = T
+        raise ValueError(f"the 'linear' schedule, scaled by 1000/T, needs T >= 21 (its last beta 0.02 * 1000/T "
+                         f"reaches 1 at T = 20), got T = {T}; use T >= 21")
+    betas = _betas(name, T)
+    assert betas.shape == (T,) and ((betas > 0) & (betas < 1)).all()
+    if np.log1p(-betas).sum() < np.log(MIN_ALPHA_BAR):  # alpha-bar falls as T grows: find the largest T that works
+        low, high = 1, T
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if np.log1p(-_betas(name, mid)).sum() >= np.log(MIN_ALPHA_BAR) else (low, mid)
+        raise ValueError(f"the '{name}' schedule leaves alpha-bar_T below {MIN_ALPHA_BAR:g} at T = {T}, so x0 from "
+                         f"eps would overflow float32; use T <= {low}")
+    return betas
+
+
+def _betas(name, T):
     beta_start, beta_end = 1e-4, 0.02
     if name == "linear":
         scale = 1000 / T
-        if T < 21:  # its last beta, 0.02 * 1000/T, is 1 at T = 20: nothing of x_0 is left at t = T
-            raise ValueError(f"the 'linear' schedule, scaled by 1000/T, needs T >= 21 (its last beta 0.02 * 1000/T "
-                             f"reaches 1 at T = 20), got T = {T}; use T >= 21, or 'cosine', which works at every T")
-        betas = np.linspace(beta_start * scale, beta_end * scale, T, dtype=np.float64)
-    elif name == "quad":
-        betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float64) ** 2
-    elif name == "const":
-        betas = beta_end * np.ones(T, dtype=np.float64)
-    elif name == "jsd":  # 1/T, 1/(T-1), ..., 1/2, then 0.999 for the official 1 (the cap cosine uses)
-        betas = np.minimum(1.0 / np.linspace(T, 1, T, dtype=np.float64), 0.999)
-    elif name in ("warmup10", "warmup50"):
+        return np.linspace(beta_start * scale, beta_end * scale, T, dtype=np.float64)
+    if name == "quad":
+        return np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float64) ** 2
+    if name == "const":
+        return beta_end * np.ones(T, dtype=np.float64)
+    if name == "jsd":  # 1/T, 1/(T-1), ..., 1/2, then 0.999 for the official 1 (the cap cosine uses)
+        return np.minimum(1.0 / np.linspace(T, 1, T, dtype=np.float64), 0.999)
+    if name in ("warmup10", "warmup50"):
         betas = beta_end * np.ones(T, dtype=np.float64)
         n = int(T * (0.1 if name == "warmup10" else 0.5))
         betas[:n] = np.linspace(beta_start, beta_end, n, dtype=np.float64)
-    elif name == "cosine":  # Nichol & Dhariwal (2021): alphas_cumprod follows cos^2, betas capped at 0.999
+        return betas
+    if name == "cosine":  # Nichol & Dhariwal (2021): alphas_cumprod follows cos^2, betas capped at 0.999
         f = lambda s: np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2
         i = np.arange(T, dtype=np.float64)
-        betas = np.minimum(1 - f((i + 1) / T) / f(i / T), 0.999)
-    else:
-        raise ValueError(f"unknown beta schedule {name!r}; choose one of {', '.join(BETA_SCHEDULES)}")
-    assert betas.shape == (T,) and ((betas > 0) & (betas < 1)).all()
-    return betas
+        return np.minimum(1 - f((i + 1) / T) / f(i / T), 0.999)
+    raise ValueError(f"unknown beta schedule {name!r}; choose one of {', '.join(BETA_SCHEDULES)}")
 
 
 # ---- 2. Gaussian helpers: the KL between Gaussians and the discretised decoder L_0 (nats) --------------------------
@@ -792,7 +810,8 @@ class Config:
         check_range("--seed", t.seed, 0, MAX_SEED)
         if not t.grad_clip > 0:
             raise ValueError(f"--grad-clip must be greater than 0, got {t.grad_clip}")
-        check_range("--ema-decay", t.ema_decay, 0, 1)
+        if not 0 <= t.ema_decay < 1:  # at 1 the EMA would stay the first step's weights
+            raise ValueError(f"--ema-decay must be in [0, 1), got {t.ema_decay}")
         check_range("--model.dropout", m.dropout, 0, 0.999)
         if t.precision not in PRECISIONS:
             raise ValueError(f"--precision: unknown precision {t.precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -808,13 +827,14 @@ class Config:
             get_beta_schedule(d.beta_schedule, d.num_timesteps)
         except ValueError as e:  # the schedule's own rule, in the flags' words
             raise ValueError(f"--diffusion.beta-schedule {d.beta_schedule} --diffusion.num-timesteps "
-                             f"{d.num_timesteps}: {e}") from None
+                             f"{d.num_timesteps}: {e} (or --diffusion.beta-schedule cosine: any T)") from None
         try:
             with torch.device("meta"):  # shapes only: the model's size before any memory is taken
                 params = sum(p.numel() for p in create_model_and_diffusion(self)[0].parameters())
-        except RuntimeError:  # sizes past int64
+        except (RuntimeError, TypeError, OverflowError):  # sizes past int64
             params = math.inf
-        check_fits(16 * params, f"a U-Net of {params:,} parameters (fp32 weights, EMA and Adam's two moments)",
+        check_fits(16 * params, f"a U-Net of {f'{params:,}' if params < math.inf else 'over 2^63'} parameters "
+                                f"(fp32 weights, EMA and Adam's two moments)",
                    "lower --model.ch, --model.ch-mult or --model.num-res-blocks")
 
     def to_dict(self):
@@ -995,12 +1015,12 @@ def lock_folder(folder):
     kernel drops the lock when the process ends, however it ends, so no stale lock is left. A process may lock a
     folder it holds again; release_locks() lets all go (every command does as it ends). Called after the checks,
     just before the first write."""
-    key = os.path.realpath(folder)
+    key, created = os.path.realpath(folder), not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
     if key in _LOCKS:
         return
-    created = not os.path.isdir(folder)
-    os.makedirs(folder, exist_ok=True)
-    f = open(os.path.join(folder, ".lock"), "a+")
+    path = os.path.join(folder, ".lock")
+    f = open(path, "a+")
     try:
         try:
             import fcntl
@@ -1009,12 +1029,15 @@ def lock_folder(folder):
             import msvcrt
             f.seek(0)
             msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-    except OSError:
+    except (BlockingIOError, PermissionError):  # held; any other OSError (no locks on this file system) says itself
         f.seek(0)
         owner = f.read().strip()
         f.close()
         raise ValueError(f"{folder} is being written by another process{f' ({owner})' if owner else ''}; wait for "
                          f"it to end, or pass another --out") from None
+    if not os.path.exists(path) or not os.path.samefile(path, f.fileno()):  # its holder removed it meanwhile
+        f.close()
+        return lock_folder(folder)
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {platform.node()}")
     f.flush()
@@ -1026,10 +1049,14 @@ def release_locks():
     (the command failed first) is removed, so a failure leaves no empty folder."""
     while _LOCKS:
         folder, (f, created) = _LOCKS.popitem()
-        if created and os.listdir(folder) == [".lock"]:
-            os.remove(os.path.join(folder, ".lock"))  # still held: no other process can have taken it
-            os.rmdir(folder)
-        f.close()
+        try:
+            if created and os.listdir(folder) == [".lock"]:
+                os.remove(os.path.join(folder, ".lock"))  # still held: a process that opened it finds it gone
+                os.rmdir(folder)
+        except OSError:  # the folder went meanwhile, or another process made it again: leave it
+            pass
+        finally:
+            f.close()
 
 
 def save_checkpoint(path, state):
@@ -1394,7 +1421,9 @@ def made_with(path, record):
             with np.load(path) as f:
                 text = str(f["record"]) if "record" in f.files else None
         old = json.loads(text) if text else None
-    except Exception as e:  # cut short, empty, not an image or archive
+    except PermissionError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, SyntaxError, zipfile.BadZipFile) as e:  # cut short, empty, ...
         set_aside(path, f"cannot be read ({type(e).__name__})")
         return False
     if old is None:
@@ -1404,8 +1433,8 @@ def made_with(path, record):
     if differ:
         key = differ[0]
         raise ValueError(f"{path} holds samples made with other {SAMPLE_FLAGS.get(key, key)} "
-                         f"({str(old.get(key))[:40]}, now {str(record[key])[:40]}); pass another --out, or delete it "
-                         f"to make it again")
+                         f"({repr(old.get(key))[:40]}, now {repr(record[key])[:40]}); pass another --out, or delete "
+                         f"it to make it again")
     return True
 
 
@@ -1416,8 +1445,8 @@ def check_fits(num_bytes, what, fix="ask for fewer"):
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows): an allocation failure says it later
         return
     if num_bytes > total:
-        raise ValueError(f"{what} need {num_bytes / 2 ** 30:,.1f} GiB of memory, more than this machine's "
-                         f"{total / 2 ** 30:,.1f} GiB; {fix}")
+        size = f"{num_bytes / 2 ** 30:,.1f} GiB" if num_bytes < math.inf else "more than 2^63 bytes"
+        raise ValueError(f"{what} need {size} of memory, more than this machine's {total / 2 ** 30:,.1f} GiB; {fix}")
 
 
 def save_samples(out, images, record):
@@ -1476,9 +1505,12 @@ def sample_command(model, diffusion, out, n, batch_size, seed, progressive, ddim
     shape = check_sample_request(model, n, ddim_eta)
     lock_folder(out)
     path = os.path.join(out, "progressive.png" if progressive else samples_file(shape))
+    if progressive:  # Figure 6 is batch 0 whatever --batch-size is
+        record = {k: v for k, v in record.items() if k != "batch_size"}
     if made_with(path, record):
         print(f"{path} already exists with these settings; nothing to do")
         return path
+    made_with(path[:-4] + ".png", record)  # the samples' picture, left alone: refused if of other settings
     if progressive:
         return save_progressive(model, diffusion, n, seed, path, ddim_eta, record)
     return save_samples(out, sample_batches(model, diffusion, n, batch_size, seed, ddim_eta, done), record)
@@ -1588,7 +1620,7 @@ def resume_train_state(state, config, out, rank, world):
     for path in reversed(list_checkpoints(out) if rank == 0 else []):
         try:
             ckpt = load_checkpoint(path)
-            if not isinstance(ckpt, dict) or not {"config", "optimizer", "rng"} <= ckpt.keys():
+            if not isinstance(ckpt, dict) or not {"config", "model", "ema", "optimizer", "rng"} <= ckpt.keys():
                 raise ValueError(f"{path!r} lacks the config, optimizer or RNG state of a training checkpoint")
             print(f"resuming from {path}")
             break
@@ -1958,7 +1990,7 @@ def run_cli(command, args):
             raise
         size = f" {int(asked[1]) / 2 ** 30:,.1f} GiB" if asked and asked[1] else f" {asked[2]}" if asked else ""
         sys.exit(f"error: out of memory: the model or a batch asked for{size or ' more than there is'}; lower "
-                 f"--batch-size (or --n), or the model's size")
+                 f"--batch-size, or the model's size")
     finally:
         release_locks()
 

@@ -244,21 +244,24 @@ class ResumeFolder:
         if lock:
             ddpm.lock_folder(self.folder)
         self.settings = json.loads(json.dumps(settings))  # as a rerun reads them back: tuples become lists
-        self.recorded, self.unknown, self.written = os.path.isfile(self.path("settings.json")), False, set()
+        self.recorded, self.lost, self.written = os.path.isfile(self.path("settings.json")), None, set()
         if self.recorded:
             try:
                 with open(self.path("settings.json")) as f:
                     old = json.load(f)
-            except (OSError, ValueError) as e:  # its pieces are of unknown settings: each is set aside when read
+            except (OSError, ValueError) as e:  # what was made before now has unknown settings: set aside when met
                 ddpm.set_aside(self.path("settings.json"), f"cannot be read ({type(e).__name__})",
-                               "setting aside each piece made with it")
-                self.recorded, self.unknown, old = False, True, self.settings
+                               "setting aside what was made with it as it is met")
+                # files made before now: a second less, for coarse file times (the run that made them has ended)
+                self.recorded, self.lost, old = False, time.time() - 1, self.settings
+            self.lost = old.get("lost", self.lost)  # kept in the new record, for every later run
             differ = [key for key, value in self.settings.items() if old.get(key) != value]
             if differ:
                 key = differ[0]
                 was, now = _shown(key, old, old.get("info", {})), _shown(key, self.settings, self.info)
                 raise ValueError(f"{self.folder} holds {what} made with other {self.flags.get(key, key)} ({was}, now "
                                  f"{now}); rerun with those settings to continue, or use another --out")
+        self.had_record = self.recorded
 
     def path(self, name):
         return os.path.join(self.folder, name)
@@ -267,8 +270,25 @@ class ResumeFolder:
         """Write settings.json, once: from then on the folder's pieces are known to be made with these settings."""
         if not self.recorded:
             os.makedirs(self.folder, exist_ok=True)
-            atomic_json(self.path("settings.json"), dict(self.settings, info=self.info))
+            lost = {} if self.lost is None else {"lost": self.lost}
+            atomic_json(self.path("settings.json"), dict(self.settings, info=self.info, **lost))
             self.recorded = True
+
+    def claim(self, names):
+        """record(), before this run writes the result files `names` (not pieces) into the folder. One already
+        there is made again when the folder recorded these settings; it is refused when the folder recorded none,
+        and set aside when it was made before a settings.json that could not be read: nothing is written over
+        unasked."""
+        for name in names:
+            path = self.path(name)
+            if not os.path.exists(path) or name in self.written:
+                continue
+            if self.lost is not None and os.path.getmtime(path) <= self.lost:
+                ddpm.set_aside(path, "was made before its folder's settings.json was lost")
+            elif not self.had_record:
+                raise ValueError(f"{path} exists but {self.folder} holds no record of the settings it was made with "
+                                 f"(no settings.json); delete it, or use another --out")
+        self.record()
 
     def save(self, name, value):
         """Write piece `name` (an array or a dict of arrays for *.npz, else JSON) atomically; returns its path."""
@@ -288,12 +308,12 @@ class ResumeFolder:
         path = self.path(name)
         if not os.path.exists(path):
             return None
-        if not self.recorded and not self.unknown:
+        if not self.recorded and self.lost is None:
             raise ValueError(f"{path} exists but {self.folder} holds no record of the settings it was made with "
                              f"(no settings.json); delete it, or use another --out")
         try:
-            if self.unknown and name not in self.written:  # made before the record was lost: settings unknown
-                raise ValueError("its settings.json was unreadable")
+            if self.lost is not None and name not in self.written and os.path.getmtime(path) <= self.lost:
+                raise ValueError("made before its folder's settings.json was lost")
             if not name.endswith(".npz"):
                 with open(path) as f:
                     return json.load(f)
@@ -722,15 +742,21 @@ def cmd_fid_stats(args):
     check_count(images, 2, args.data, "the statistics (a covariance)")
     name = os.path.splitext(os.path.basename(args.data.rstrip("/\\")))[0]
     out = args.out or os.path.join("runs", "eval", f"fid_stats_{name}_{args.split}.npz")
+    old = None
     if os.path.exists(out):  # the same statistics are made again; others are not written over them
         try:
             old = load_fid_stats(out)[2]
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-            old = {}
-        if (old.get("source"), old.get("num_images")) != (f"{args.data} {args.split}", len(images)):
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            ddpm.set_aside(out, f"cannot be read ({type(e).__name__})")
+        if old is not None and (old.get("source"), old.get("num_images")) != (f"{args.data} {args.split}",
+                                                                               len(images)):
             raise ValueError(f"{out} holds other statistics ({old.get('num_images', '?')} images of "
                              f"{old.get('source', '?')}); pass another --out, or delete it to replace it")
     network, digest = load_inception(args.inception, args.device)
+    if old is not None and old.get("inception_sha256") != digest:
+        raise ValueError(f"{out} holds statistics from another Inception network (sha256 "
+                         f"{str(old.get('inception_sha256'))[:12]}, now {digest[:12]}); pass another --out, or delete "
+                         f"it to replace it")
     features = inception_outputs(network, images, batch_size=args.batch_size, device=args.device,
                                  progress=not args.no_progress)
     mu, sigma = feature_statistics(features)
@@ -897,7 +923,7 @@ def cmd_figures(args):
     figures["fig8-interpolation.png"] = torch.stack([torch.cat([sources[2 * k][None], interpolate(
         model, diffusion, sources[2 * k], sources[2 * k + 1], t, 11, generator), sources[2 * k + 1][None]])
         for k in range(args.n)])
-    folder.record()  # all drawn: written together, so a failure leaves no figure of a half run
+    folder.claim([*figures, "loss.png"])  # all drawn: written together, so a failure leaves no figure of a half run
     for name, rows in figures.items():
         save_rows(rows, os.path.join(out, name))
     written = list(figures)
@@ -1254,7 +1280,7 @@ def cmd_digits_score(args):
     print(f"    uniform over 256 levels {refs['uniform_256']:.2f}")
     start = time.time()
     images = digits_samples(model, diffusion, args.n, args.seed, digits_samples_folder(out))
-    folder.record()
+    folder.claim(["samples.png", "digits-score.json"])
     ddpm.save_image_grid(images[:64], os.path.join(out, "samples.png"))
     s, scale = score(images), digits_score_scale(score, args.n, args.seed)
     print(f"  samples ({args.n}, {time.time() - start:.0f} s)        digits-FD {pm(s['fd'], s['fd_std']):>16}   "
@@ -1349,7 +1375,7 @@ def build_parser():
     p.add_argument("--n", type=int, default=DIGITS_SCORE_N, help="samples to score (default: %(default)s)")
     p.add_argument("--nll-images", type=int, default=100, help="held-out digits for the NLL (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="samples, bound noise and bootstrap")
-    p.add_argument("--out", help="output folder (default: digits-score/ next to the checkpoint)")
+    p.add_argument("--out", help="output folder (default: <checkpoint>-digits-score/ beside it)")
     add_bootstrap_arg(p)
     p.set_defaults(func=cmd_digits_score)
 

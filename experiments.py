@@ -267,7 +267,7 @@ def cmd_table2(args):
         table2_config(row, settings, args.out).check()
     score = DigitsScore(args.seed, args.bootstrap)  # the pinned classifier, refused if changed, before any work
     pieces = ResumeFolder(args.out, settings, TABLE2_FLAGS, "rows")  # refuses other settings before any work
-    pieces.record()
+    pieces.claim(["table2-samples.png"])
     start = time.time()
     scale = digits_score_scale(score, args.n, args.seed)
     refs = digits_nll_references(digits_images("test")[:args.nll_images])
@@ -319,7 +319,7 @@ def cmd_steps(args):
               f"digits-IS {pm(rows[-1]['is'], rows[-1]['is_std'])}  ({rows[-1]['seconds']:.0f} s)", flush=True)
     print_digits_scale(scale)
     print_steps_table(rows, counts)
-    folder.record()
+    folder.claim(["steps.json", "steps.png"])
     atomic_json(os.path.join(out, "steps.json"), {"rows": rows, "scale": scale, "source": source, "n": args.n})
     if plot_steps(rows, scale, os.path.join(out, "steps.png")):
         print(f"wrote {os.path.join(out, 'steps.png')} and steps.json")
@@ -393,7 +393,7 @@ def build_parser():
     p.add_argument("--counts", default="1000,250,100,50,25,10", help="network evaluations (default: %(default)s)")
     p.add_argument("--n", type=int, default=DIGITS_SCORE_N, help="samples per score (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output folder (default: steps/ next to the checkpoint); a rerun reuses samples")
+    p.add_argument("--out", help="output folder (default: <checkpoint>-steps/ beside it); a rerun reuses samples")
     add_bootstrap_arg(p)
     p.set_defaults(func=cmd_steps)
     return parser

@@ -459,7 +459,7 @@ def test_schedule_reference_values_and_the_smallest_linear_T():
     assert abs(ddpm.get_beta_schedule("cosine", 4000)[0] - 9.866e-6) < 1e-9
     np.testing.assert_allclose(ddpm.get_beta_schedule("linear", 1000)[[0, -1]], [1e-4, 0.02], rtol=1e-15)
     assert abs(ddpm.get_beta_schedule("linear", 21)[-1] - 20 / 21) < 1e-15
-    with pytest.raises(ValueError, match=r"needs T >= 21 .*got T = 20; use T >= 21, or 'cosine'"):
+    with pytest.raises(ValueError, match=r"needs T >= 21 .*got T = 20; use T >= 21$"):
         ddpm.get_beta_schedule("linear", 20)
     assert ddpm.get_beta_schedule("jsd", 5)[-1] == 0.999 and ddpm.get_beta_schedule("jsd", 5)[-2] == 0.5
 
@@ -468,7 +468,9 @@ def test_schedule_reference_values_and_the_smallest_linear_T():
 def test_every_schedule_at_every_T_works_or_names_the_smallest_T_that_does():
     """Each schedule at every T from 1 to 1000: either every beta is in (0, 1), so alpha-bar_T > 0 and eps-prediction's
     x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) is finite at every step (computed here from the betas in float64),
-    or a ValueError that names the smallest T that works, which does, as does every T above it."""
+    or a ValueError that names the smallest T that works, which does, as does every T above it. At T up to 10^6
+    (the largest --diffusion.num-timesteps): x0 from eps at t = T is finite in float32, or a refusal names the
+    largest T that works (const: 0.98^T >= 1e-60), which does while the next does not."""
     for name in ddpm.BETA_SCHEDULES:
         smallest = None
         for T in range(1, 1001):
@@ -485,6 +487,25 @@ def test_every_schedule_at_every_T_works_or_names_the_smallest_T_that_does():
             assert ((betas > 0) & (betas < 1)).all() and abar[-1] > 0, (name, T)
             assert np.isfinite(np.sqrt(1 / abar)).all() and np.isfinite(np.sqrt(1 / abar - 1)).all(), (name, T)
         assert smallest == (21 if name == "linear" else 1), name
+    x_t, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)  # float32, as models run
+    for name in ddpm.BETA_SCHEDULES:  # and far past the paper's T: the fixed ends of const, quad, warmup lose x_0
+        for T in (2000, 10 ** 4, 10 ** 6):
+            try:
+                betas = ddpm.get_beta_schedule(name, T)
+            except ValueError as e:
+                largest = int(re.search(r"use T <= (\d+)$", str(e))[1])
+                assert name in ("const", "quad", "warmup10", "warmup50") and largest < T, (name, T)
+                ddpm.get_beta_schedule(name, largest)
+                with pytest.raises(ValueError, match=f"use T <= {largest}$"):
+                    ddpm.get_beta_schedule(name, largest + 1)
+                if name == "const":  # 0.98^T >= 1e-60
+                    assert largest == math.floor(math.log(1e-60) / math.log(0.98))
+                continue
+            x0 = ddpm.GaussianDiffusion(betas=betas).predict_start_from_noise(x_t, torch.full((2,), T - 1), eps)
+            assert torch.isfinite(x0).all(), (name, T)  # x0 from eps at t = T, in float32
+    with np.errstate(all="ignore"):  # past the largest T, float32 does overflow: the rule is needed
+        beyond = ddpm.GaussianDiffusion(betas=np.full(10 ** 4, 0.02))
+    assert not torch.isfinite(beyond.predict_start_from_noise(x_t, torch.full((2,), 10 ** 4 - 1), eps)).all()
     for name, T in (("linear", 21), ("jsd", 1), ("cosine", 1), ("const", 1)):  # the smallest chains sample finite x0
         diffusion = ddpm.GaussianDiffusion(betas=ddpm.get_beta_schedule(name, T))
         zero = lambda x, t: torch.zeros_like(x)
@@ -2073,6 +2094,14 @@ def test_a_folder_that_another_process_writes_is_refused_at_once(tmp_path, image
     finally:
         other.kill()
         other.wait()
+    os.makedirs(tmp_path / "empty")  # release_locks removes only a folder it made and nothing was written into
+    for name in ("empty", "new", "written"):
+        ddpm.lock_folder(tmp_path / name)
+        ddpm.lock_folder(tmp_path / name)  # held already: no second lock, no error
+    (tmp_path / "written" / "result.txt").write_text("x")
+    ddpm.release_locks()
+    assert os.listdir(tmp_path / "empty") == [".lock"] and not (tmp_path / "new").exists()
+    assert sorted(os.listdir(tmp_path / "written")) == [".lock", "result.txt"]
 
 
 # ---- 11. Data ----
@@ -2553,22 +2582,23 @@ def test_a_resume_with_nothing_to_do_says_so_and_changes_nothing(tmp_path, image
 
 
 def test_a_model_too_big_for_memory_is_refused_in_one_sentence(tmp_path, capsys, no_work, monkeypatch):
-    """--model.ch 4194304 (a U-Net of 2^48 parameters) or 10^12 (past int64) is refused before any data is read, in
+    """--model.ch 4194304 (a U-Net of 1.2e16 parameters) or 10^12 (past int64) is refused before any data is read, in
     one line with the memory it needs and what to lower: its size is read on torch's meta device, which takes no
     memory. Memory that runs out later (a batch too big) ends in one line with the size asked for, not a traceback."""
-    for ch in (2 ** 22, 10 ** 12):
+    for ch, size in ((2 ** 22, r"11,945,095,116,881,921 parameters .* need 177,995,787.8 GiB"), (10 ** 12, "over 2\\^63 parameters"),
+                     (10 ** 20, r"over 2\^63 parameters .* need more than 2\^63 bytes")):  # 10^20: past int64 too
         _one_line_error(capsys, ddpm.main, ["train", "--preset", "digits", "--model.ch", str(ch), "--out",
                                             str(tmp_path / "run")],
-                        r"^error: a U-Net of [\d,inf]+ parameters \(fp32 weights, EMA and Adam's two moments\) need "
-                        r"[\d,inf.]+ GiB of memory, more than this machine's [\d,.]+ GiB; lower --model.ch, "
-                        r"--model.ch-mult or --model.num-res-blocks$")
+                        rf"^error: a U-Net of {size}", r"\(fp32 weights, EMA and Adam's two moments\) need .* of "
+                        r"memory, more than this machine's [\d,.]+ GiB; lower --model.ch, --model.ch-mult or "
+                        r"--model.num-res-blocks$")
     assert not (tmp_path / "run").exists()
     def out_of_memory(args):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. "
                            "Error code 12 (Cannot allocate memory)")
     monkeypatch.setattr(ddpm, "sample_checkpoint", out_of_memory)
     _one_line_error(capsys, ddpm.main, ["sample", "--checkpoint", "c.pt"], r"^error: out of memory: the model or a "
-                    r"batch asked for 8.0 GiB; lower --batch-size \(or --n\), or the model's size$")
+                    r"batch asked for 8.0 GiB; lower --batch-size, or the model's size$")
 
 
 # ---- 14. Configuration and the command line ----
@@ -2860,7 +2890,7 @@ def test_no_sample_command_writes_over_samples_of_other_settings(tmp_path, capsy
     assert os.stat(out / "samples_3x8x8x1.npz").st_mtime_ns == stamp
     ddpm.main([*plain, "--progressive"])
     _one_line_error(capsys, evaluate.main, [*plain, "--progressive", "--respacing", "5"],
-                    r"progressive.png holds samples made with other --respacing \(, now 5\)")
+                    r"progressive.png holds samples made with other --respacing \('', now '5'\)")
     with Image.open(out / "progressive.png") as image:
         assert json.loads(image.info["ddpm"])["seed"] == 0 and json.loads(image.info["ddpm"])["respacing"] == ""
     (out / "samples_3x8x8x1.npz").write_bytes(b"")  # a copy cut short
@@ -2991,17 +3021,28 @@ def test_resume_folder_refuses_other_settings_and_sets_aside_unreadable_pieces(t
     assert sorted(os.listdir(tmp_path / "out")) == [".lock", "a.npz.unreadable", "b.json.unreadable", "c.npz.unreadable",
                                                     "settings.json"]
     (tmp_path / "out" / "settings.json").write_text('{"seed": 0, "bat')  # a record cut short
-    np.savez(tmp_path / "out" / "a.npz", x=np.arange(3))  # made with it: its settings are unknown now
+    earlier = time.time() - 10
+    for name in ("a.npz", "b.npz", "result.png"):  # made with it by an earlier run: their settings are unknown now
+        (tmp_path / "out" / name).write_bytes(b"made by the earlier run")
+        os.utime(tmp_path / "out" / name, (earlier, earlier))
     folder = evaluate.ResumeFolder(tmp_path / "out", settings, flags, "batches")
     assert folder.pieces({0: "a.npz"}) == {}
     assert capsys.readouterr().out.splitlines() == [
         f"{tmp_path / 'out' / 'settings.json'} cannot be read (JSONDecodeError); renamed it to "
-        f"settings.json.unreadable and setting aside each piece made with it",
-        f"{tmp_path / 'out' / 'a.npz'} cannot be read (ValueError: its settings.json was unreadable); renamed it to "
-        f"a.npz.unreadable2 and making it again"]  # the first a.npz.unreadable is kept
+        f"settings.json.unreadable and setting aside what was made with it as it is met",
+        f"{tmp_path / 'out' / 'a.npz'} cannot be read (ValueError: made before its folder's settings.json was lost); "
+        f"renamed it to a.npz.unreadable2 and making it again"]  # the first a.npz.unreadable is kept
     folder.save("a.npz", np.arange(2))
-    assert np.array_equal(folder.load("a.npz"), np.arange(2))
-    assert np.array_equal(evaluate.ResumeFolder(tmp_path / "out", settings, flags).load("a.npz"), np.arange(2))
+    folder.claim(["result.png"])  # a result file of the lost run is set aside, not written over
+    assert "result.png was made before its folder's settings.json was lost" in capsys.readouterr().out
+    again = evaluate.ResumeFolder(tmp_path / "out", settings, flags)  # a later run, another object: the same rule
+    assert np.array_equal(again.load("a.npz"), np.arange(2)) and again.load("b.npz") is None
+    assert sorted(f for f in os.listdir(tmp_path / "out") if "unreadable" in f) == [
+        "a.npz.unreadable", "a.npz.unreadable2", "b.json.unreadable", "b.npz.unreadable", "c.npz.unreadable",
+        "result.png.unreadable", "settings.json.unreadable"]
+    (tmp_path / "fresh-result.png").write_bytes(b"made by who knows")  # a result in a folder with no record
+    with pytest.raises(ValueError, match="fresh-result.png exists but .* holds no record"):
+        evaluate.ResumeFolder(tmp_path, settings, flags).claim(["fresh-result.png"])
     os.makedirs(tmp_path / "unrecorded")
     np.savez(tmp_path / "unrecorded" / "a.npz", x=np.arange(3))
     with pytest.raises(ValueError, match="a.npz exists but .*unrecorded holds no record of the settings it was made "
