@@ -2338,7 +2338,7 @@ def test_batch_indices_visit_every_example_once_per_epoch(n, batch_size, steps):
 
 @pytest.mark.parametrize("section, field, value, message", [
     ("train", "log_every", 0, "--log-every .*at least 1"), ("train", "lr", -1.0, r"--lr must be in \(0, 1\]"),
-    ("train", "ema_decay", 2.0, r"--ema-decay .*in \[0, 1\]"), ("train", "precision", "fp16", "unknown precision"),
+    ("train", "ema_decay", 2.0, r"--ema-decay .*in \[0, 1\)"), ("train", "ema_decay", 1.0, r"--ema-decay .*in \[0, 1\), got 1.0"), ("train", "precision", "fp16", "unknown precision"),
     ("model", "ch", 0, "--model.ch .*at least 1"), ("model", "resolution", 0, "--model.resolution must be"),
     ("model", "ch_mult", (), "--model.ch-mult needs one positive"), ("model", "ch", 48, "multiple of 32"),
     ("diffusion", "beta_schedule", "linear", "--diffusion.beta-schedule linear --diffusion.num-timesteps 10: .*needs T >= 21"), ("diffusion", "loss_type", "kl2", "unknown loss_type")])
