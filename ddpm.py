@@ -1753,12 +1753,14 @@ def _refuse_another_run(out, resume):
 
 def write_run_config(config, out, model, data, world, device):
     """Print the resolved config and write it to out/config.json; print the run's size and where it runs."""
-    os.makedirs(out, exist_ok=True)
-    print(json.dumps(config.to_dict(), indent=1))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=1)
+    text, tc = json.dumps(config.to_dict(), indent=1), config.train
+    print(text)
+    atomic_write(os.path.join(out, "config.json"), lambda f: f.write(text.encode()))
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(data):,} images; {world} rank(s) "
-          f"on {device.type}; {config.train.precision}; run directory {out}")
+          f"on {device.type}; {tc.precision}; run directory {out}")
+    if 0 < tc.steps < tc.warmup:  # allowed: a run that a --resume with more --steps will continue
+        print(f"note: --warmup {tc.warmup} is longer than --steps {tc.steps}, so the lr stays below --lr {tc.lr:g} "
+              f"for the whole run")
 
 
 def start_train_state(config, out, rank, world, device):

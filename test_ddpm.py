@@ -2568,8 +2568,11 @@ def test_a_resume_with_nothing_to_do_says_so_and_changes_nothing(tmp_path, image
     """--resume with a --steps the run has reached (1 or 2 for a run at step 2) says so in one line and trains
     nothing: every file of the run, config.json and metrics.jsonl included, keeps its bytes."""
     out = tmp_path / "run"
-    argv = ["train", *TINY_FLAGS, "--data", images, "--out", str(out), "--steps", "2", "--log-every", "1"]
+    argv = ["train", *TINY_FLAGS, "--data", images, "--out", str(out), "--steps", "2", "--log-every", "1",
+            "--warmup", "5"]
     ddpm.main(argv)
+    assert "note: --warmup 5 is longer than --steps 2, so the lr stays below --lr 0.002 for the whole run" in \
+        capsys.readouterr().out  # allowed (a --resume may go on), and said
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     for steps in ("1", "2"):
         capsys.readouterr()
