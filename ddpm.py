@@ -792,27 +792,26 @@ class Config:
     def check(self):
         """Raise a ValueError that names the first bad value by its flag, before any data is read or file written."""
         t, m, d = self.train, self.model, self.diffusion
-        for flag, value in (("--batch-size", t.batch_size), ("--log-every", t.log_every),
-                            ("--ckpt-every", t.ckpt_every), ("--keep-ckpts", t.keep_ckpts), ("--model.ch", m.ch),
-                            ("--model.num-res-blocks", m.num_res_blocks), ("--model.in-channels", m.in_channels),
-                            ("--model.resolution", m.resolution), ("--diffusion.num-timesteps", d.num_timesteps)):
-            check_range(flag, value, 1)
-        for flag, value in (("--steps", t.steps), ("--warmup", t.warmup), ("--sample-every", t.sample_every)):
-            check_range(flag, value, 0)  # 0 means: until stopped, no warmup, no grids
-        for flag, value, high in (("--diffusion.num-timesteps", d.num_timesteps, MAX_TIMESTEPS),
-                                  ("--model.num-res-blocks", m.num_res_blocks, 100), ("--model.resolution",
-                                                                                      m.resolution, 16384)):
-            check_range(flag, value, 1, high)  # far past any published model, and each builds at once
+        # 0 for --steps, --warmup, --sample-every means: until stopped, no warmup, no grids. The upper bounds of T,
+        # resblocks and resolution lie far past any published model, and keep each model quick to build.
+        for flag, value, low, high in (
+                ("--batch-size", t.batch_size, 1, math.inf), ("--log-every", t.log_every, 1, math.inf),
+                ("--ckpt-every", t.ckpt_every, 1, math.inf), ("--keep-ckpts", t.keep_ckpts, 1, math.inf),
+                ("--steps", t.steps, 0, math.inf), ("--warmup", t.warmup, 0, math.inf),
+                ("--sample-every", t.sample_every, 0, math.inf), ("--seed", t.seed, 0, MAX_SEED),
+                ("--model.ch", m.ch, 1, math.inf), ("--model.num-res-blocks", m.num_res_blocks, 1, 100),
+                ("--model.in-channels", m.in_channels, 1, math.inf), ("--model.resolution", m.resolution, 1, 16384),
+                ("--model.dropout", m.dropout, 0, 0.999), ("--diffusion.num-timesteps", d.num_timesteps, 1,
+                                                           MAX_TIMESTEPS)):
+            check_range(flag, value, low, high)
         if m.in_channels not in (1, 3):  # what images have (load_data)
             raise ValueError(f"--model.in-channels must be 1 (grayscale) or 3 (RGB), got {m.in_channels}")
         if not 0 < t.lr <= 1:  # 0 leaves the weights as initialised; Adam moves each weight by up to lr a step
             raise ValueError(f"--lr must be in (0, 1], got {t.lr}")
-        check_range("--seed", t.seed, 0, MAX_SEED)
         if not t.grad_clip > 0:
             raise ValueError(f"--grad-clip must be greater than 0, got {t.grad_clip}")
         if not 0 <= t.ema_decay < 1:  # at 1 the EMA would stay the first step's weights
             raise ValueError(f"--ema-decay must be in [0, 1), got {t.ema_decay}")
-        check_range("--model.dropout", m.dropout, 0, 0.999)
         if t.precision not in PRECISIONS:
             raise ValueError(f"--precision: unknown precision {t.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if not m.ch_mult or min(m.ch_mult) < 1:
@@ -1489,8 +1488,8 @@ def save_progressive(model, diffusion, n, seed, path, ddim_eta=None, record=None
 def check_sample_request(model, n, ddim_eta):
     """The shape [n, H, W, C] of n samples of `model`, after refusing a --ddim-eta outside [0, 1] and samples that
     cannot fit in memory."""
-    if ddim_eta is not None:
-        check_range("--ddim-eta", ddim_eta, 0, 1)  # DDIM's eta: 0 is deterministic, 1 the posterior's variance
+    if ddim_eta is not None:  # the command lines' check (check_flags), for callers from Python
+        check_range("--ddim-eta", ddim_eta, *FLAG_RANGES["ddim_eta"])
     shape = (n, model.resolution, model.resolution, model.in_channels)
     check_fits(math.prod(shape), f"--n {n} samples of {'x'.join(map(str, shape[1:]))} (uint8)")
     return shape
@@ -1510,9 +1509,9 @@ def sample_command(model, diffusion, out, n, batch_size, seed, progressive, ddim
     if made_with(path, record):
         print(f"{path} already exists with these settings; nothing to do")
         return path
-    made_with(path[:-4] + ".png", record)  # the samples' picture, left alone: refused if of other settings
     if progressive:
         return save_progressive(model, diffusion, n, seed, path, ddim_eta, record)
+    made_with(path[:-4] + ".png", record)  # the samples' picture, without its .npz: refused if of other settings
     return save_samples(out, sample_batches(model, diffusion, n, batch_size, seed, ddim_eta, done), record)
 
 

@@ -283,12 +283,18 @@ class ResumeFolder:
             path = self.path(name)
             if not os.path.exists(path) or name in self.written:
                 continue
-            if self.lost is not None and os.path.getmtime(path) <= self.lost:
+            if self._before_loss(name):
                 ddpm.set_aside(path, "was made before its folder's settings.json was lost")
             elif not self.had_record:
                 raise ValueError(f"{path} exists but {self.folder} holds no record of the settings it was made with "
                                  f"(no settings.json); delete it, or use another --out")
         self.record()
+
+    def _before_loss(self, name):
+        """Whether file `name` was made before this folder's settings.json was found unreadable (its settings are
+        unknown), by an earlier run: not one this object wrote."""
+        return (self.lost is not None and name not in self.written
+                and os.path.getmtime(self.path(name)) <= self.lost)
 
     def save(self, name, value):
         """Write piece `name` (an array or a dict of arrays for *.npz, else JSON) atomically; returns its path."""
@@ -312,7 +318,7 @@ class ResumeFolder:
             raise ValueError(f"{path} exists but {self.folder} holds no record of the settings it was made with "
                              f"(no settings.json); delete it, or use another --out")
         try:
-            if self.lost is not None and name not in self.written and os.path.getmtime(path) <= self.lost:
+            if self._before_loss(name):
                 raise ValueError("made before its folder's settings.json was lost")
             if not name.endswith(".npz"):
                 with open(path) as f:
@@ -1228,8 +1234,8 @@ SCORE_FLAGS = {"weights_sha256": "weights (--checkpoint/--weights)", "chain_sha2
 def score_folder(args, model, diffusion, what, **settings):
     """(the output folder of digits-score or steps (`what`): --out, else <checkpoint or weights>-<what> beside it,
     its ResumeFolder of SCORE_FLAGS with `settings`): one folder holds one model's score at one set of settings, so
-    a rerun with others is refused before any work, rather than replacing it. The caller records the settings
-    (ResumeFolder.record) when it writes the result."""
+    a rerun with others is refused before any work, rather than replacing it. The caller claims its result files
+    (ResumeFolder.claim) when it writes them."""
     source = args.checkpoint or args.weights
     out = args.out or os.path.splitext(os.path.normpath(source))[0] + f"-{what}"
     settings = dict(weights_sha256=ddpm.weights_sha256(model), chain_sha256=chain_sha256(diffusion), n=args.n,
