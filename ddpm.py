@@ -827,11 +827,7 @@ class Config:
         except ValueError as e:  # the schedule's own rule, in the flags' words
             raise ValueError(f"--diffusion.beta-schedule {d.beta_schedule} --diffusion.num-timesteps "
                              f"{d.num_timesteps}: {e} (or --diffusion.beta-schedule cosine: any T)") from None
-        try:
-            with torch.device("meta"):  # shapes only: the model's size before any memory is taken
-                params = sum(p.numel() for p in create_model_and_diffusion(self)[0].parameters())
-        except (RuntimeError, TypeError, OverflowError):  # sizes past int64
-            params = math.inf
+        params = _parameter_count(json.dumps({k: v for k, v in self.to_dict().items() if k in ("model", "diffusion")}))
         check_fits(16 * params, f"a U-Net of {f'{params:,}' if params < math.inf else 'over 2^63'} parameters "
                                 f"(fp32 weights, EMA and Adam's two moments)",
                    "lower --model.ch, --model.ch-mult or --model.num-res-blocks")
@@ -906,6 +902,19 @@ def create_model_and_diffusion(config):
                                   model_mean_type=d.model_mean_type, model_var_type=d.model_var_type,
                                   loss_type=d.loss_type)
     return model, diffusion
+
+
+@functools.lru_cache(maxsize=16)
+def _parameter_count(sections):
+    """The number of parameters of the U-Net of a config's model and diffusion sections (as JSON), counted on torch's
+    meta device, which takes no memory, once per process (Config.check runs before every command); math.inf for
+    sizes past int64."""
+    try:
+        with torch.device("meta"):  # shapes only
+            return sum(p.numel() for p in create_model_and_diffusion(Config.from_dict(json.loads(sections)))[0]
+                       .parameters())
+    except (RuntimeError, TypeError, OverflowError):
+        return math.inf
 
 
 # ---- 7. Checkpoints and progress: plain tensors and Python values, written atomically; a bar for long loops -------
